@@ -1,0 +1,68 @@
+"""Shared test helpers: where ../shared is, golden cases, and the golden tolerance check."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # the read-only spec folder beside the repo (CI has it at the same place)
+GOLDEN = SHARED / "golden"
+BENCHMARKS = SHARED / "benchmarks"
+AGDN_PTH = SHARED / "weights" / "agdn"
+
+
+def need(path: Path) -> Path:
+    """Skip (with the reason) when a ../shared folder is missing; never fail for it."""
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(REPO.parent)} is missing (the ../shared spec folder is not beside the repo)")
+    return path
+
+
+@dataclass
+class GoldenCase:
+    name: str
+    folder: Path
+    meta: dict
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        # ESC stores its weights in float16 (exact values); every model runs in float32
+        return {k: v.float() for k, v in load_file(self.folder / "weights.safetensors").items()}
+
+    @property
+    def io(self) -> dict[str, torch.Tensor]:
+        return load_file(self.folder / "io.safetensors")
+
+    @property
+    def tolerance(self) -> tuple[float, float]:
+        tol = self.meta.get("tolerance", {})
+        return tol.get("max_abs", 1e-4), tol.get("mean_abs", 1e-6)
+
+
+def golden_case_names(family: str) -> list[str]:
+    """Every case folder of a family (new cases get picked up by the tests without edits)."""
+    folder = GOLDEN / family
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / "case.json").is_file())
+
+
+def load_golden(family: str, name: str) -> GoldenCase:
+    folder = need(GOLDEN / family / name)
+    return GoldenCase(name, folder, json.loads((folder / "case.json").read_text()))
+
+
+def assert_matches_golden(ours: torch.Tensor, golden: torch.Tensor, tolerance: tuple[float, float], what: str):
+    """Both limits of the golden README: max |diff| and mean |diff| (the mean catches eps/GELU mistakes)."""
+    assert ours.shape == golden.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(golden.shape)}"
+    diff = (ours.double() - golden.double()).abs()
+    max_tol, mean_tol = tolerance
+    assert diff.max() <= max_tol and diff.mean() <= mean_tol, (
+        f"{what}: max |diff| {diff.max():.3g} (limit {max_tol:g}), mean {diff.mean():.3g} (limit {mean_tol:g})"
+    )

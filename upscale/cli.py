@@ -1,0 +1,279 @@
+"""The `upscale` command line: parse, call the library, report. No model maths here.
+
+`upscale INPUT...` upscales images (the default command, also reachable as `upscale run`); the other
+subcommands are `models`, `fetch`, `convert` and `eval`. A file that happens to be named like a subcommand
+is reached as `./models`.
+
+Exit codes: 0 every input done; 1 some input failed (each failure is one line on stderr); 2 usage error
+(unknown model, wrong scale, bad option); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__, registry
+from .imageio import FORMATS, ImageError, output_path_for, read_image, save_image
+
+EXIT_CODES = "Exit codes: 0 all done, 1 some inputs failed, 2 usage error, 130 interrupted."
+
+
+class UsageProblem(click.ClickException):
+    """A one-line usage error (exit code 2), without click's multi-line usage banner."""
+
+    exit_code = 2
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose first argument, when it is not a subcommand, goes to the default `run` command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _entry(model: str | None, scale: int | None, weights: str | None = None) -> registry.ModelEntry:
+    """The registry entry for -m/-s; with only --weights, the model is detected from the file."""
+    from .weights import WeightsError, detect, read_safetensors
+
+    try:
+        if model is None and weights is not None:
+            try:
+                entry = detect(read_safetensors(Path(weights)))
+            except WeightsError as e:
+                raise UsageProblem(str(e)) from None
+            if entry is None:
+                raise UsageProblem(f"{weights}: cannot tell which model these weights belong to; pass -m MODEL -s SCALE")
+            if scale is not None and scale != entry.scale:
+                raise UsageProblem(f"{weights}: holds {entry.label} weights, not x{scale}")
+            return entry
+        return registry.resolve(model or registry.DEFAULT_MODEL, scale)
+    except registry.UnknownModelError as e:
+        raise UsageProblem(str(e)) from None
+
+
+def _load_upscaler(entry, weights, device, protocol="reference", offline=False):
+    from .engine import Upscaler
+    from .weights import WeightsError
+
+    try:
+        return Upscaler.load(entry, weights, device=device, protocol=protocol, offline=offline)
+    except WeightsError as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:
+        raise UsageProblem(str(e)) from None
+
+
+def _err(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+
+
+model_option = click.option("-m", "--model", default=None, metavar="MODEL",
+                            help=f"Model variant (default {registry.DEFAULT_MODEL}); see `upscale models`.")
+scale_option = click.option("-s", "--scale", type=int, default=None,
+                            help=f"Upscaling factor (default {registry.DEFAULT_SCALE} where the model has it).")
+weights_option = click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                              help="A .safetensors weights file (the model is detected from it if -m is not given).")
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
+offline_option = click.option("--offline", is_flag=True, help="Never touch the network (HF_HUB_OFFLINE=1 too).")
+
+
+@click.group(cls=DefaultCommandGroup, epilog=EXIT_CODES)
+@click.version_option(__version__, prog_name="upscale")
+def main():
+    """Super-resolution upscaler: AGDN, ESC and ASID on your images.
+
+    \b
+    upscale photo.jpg                  writes photo_x4.png beside it (AGDN x4)
+    upscale photo.jpg -m esc -s 2 -o big.png
+    upscale models | fetch | convert | eval
+    """
+
+
+@main.command("run", epilog=EXIT_CODES)
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Output file (one input) or folder. Default: NAME_x<scale>.png beside each input.")
+@model_option
+@scale_option
+@weights_option
+@device_option
+@offline_option
+@click.option("--format", "fmt", type=click.Choice(sorted({k for k in FORMATS if k not in ('jpg', 'tif')})),
+              default=None, help="Output format (default: from -o's extension, else png).")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
+@click.option("--suffix", default=None, help="Output name suffix (default _x<scale>).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (an input is never overwritten).")
+@click.option("--protocol", type=click.Choice(["reference", "whole"]), default="reference", show_default=True,
+              help="reference: the family's official test procedure; whole: one plain forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def run(inputs, output, model, scale, weights, device, offline, fmt, quality, suffix, overwrite, protocol,
+        as_json, quiet):
+    """Upscale INPUT images."""
+    entry = _entry(model, scale, weights)
+    paths = [Path(p) for p in inputs]
+    out = Path(output) if output else None
+    if out is not None and len(paths) > 1 and not out.is_dir():
+        raise UsageProblem(f"{out}: with several inputs, -o must be an existing folder")
+    upscaler = _load_upscaler(entry, weights, device, protocol, offline)
+    ext = "." + (fmt or "png").replace("jpeg", "jpg").replace("tiff", "tif")
+    failed = 0
+    for src in paths:
+        start = time.perf_counter()
+        if out is None:
+            dest = output_path_for(src, entry.scale, suffix, ext)
+        elif out.is_dir():
+            dest = out / output_path_for(src, entry.scale, suffix, ext).name
+        else:
+            dest = out
+        record = {"input": str(src), "output": str(dest), "model": entry.name, "scale": entry.scale,
+                  "device": str(upscaler.device)}
+        try:
+            image = read_image(src)
+            if dest.exists() and not overwrite:
+                raise ImageError(f"{dest}: already exists (use --overwrite to replace it)")
+            sr = upscaler.upscale_array(image.rgb)
+            save_image(sr, dest, fmt=FORMATS.get(fmt) if fmt else None, overwrite=overwrite, protect=(src,),
+                       quality=quality, pnginfo={"Software": f"upscale {__version__}",
+                                                 "upscale:model": entry.label, "upscale:protocol": protocol})
+            record.update(status="ok", seconds=round(time.perf_counter() - start, 3))
+            if not quiet and not as_json:
+                click.echo(f"{src} -> {dest} ({entry.label}, {record['seconds']:.2f} s)", err=True)
+        except ImageError as e:
+            failed += 1
+            record.update(status="failed", error=str(e))
+            _err(str(e))
+        if as_json:
+            click.echo(json.dumps(record))
+    if failed:
+        sys.exit(1)
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output .safetensors (default: beside the input, same name).")
+@model_option
+@scale_option
+@click.option("--key", default=None, help="Checkpoint entry holding the weights (default: the registry's, else auto).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def convert(checkpoint, output, model, scale, key, overwrite):
+    """Convert an official .pth CHECKPOINT to .safetensors, checking every key and shape."""
+    from .weights import WeightsError, convert_checkpoint
+
+    src = Path(checkpoint)
+    if not src.is_file():
+        raise click.ClickException(f"{src}: no such file")
+    dst = Path(output) if output else src.with_suffix(".safetensors")
+    if dst.exists() and not overwrite:
+        raise click.ClickException(f"{dst}: already exists (use --overwrite to replace it)")
+    entry = None
+    if model is not None or scale is not None:
+        entry = _entry(model, scale)
+    try:
+        used = convert_checkpoint(src, dst, entry, key=key)
+    except WeightsError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{src} -> {dst} ({used.label})", err=True)
+
+
+@main.command("eval", epilog=EXIT_CODES)
+@model_option
+@scale_option
+@weights_option
+@device_option
+@offline_option
+@click.option("--hr", "hr_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Folder of high-resolution ground-truth images.")
+@click.option("--lr", "lr_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of LR images (default: made from HR with MATLAB-style bicubic).")
+@click.option("--protocol", type=click.Choice(["reference", "whole"]), default="reference", show_default=True,
+              help="reference: the family's official test procedure (what the papers report).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protocol, as_json):
+    """PSNR / SSIM (Y channel, border = scale) of a model on an HR folder."""
+    from .evaluation import evaluate
+
+    upscaler = _load_upscaler(_entry(model, scale, weights), weights, device, protocol, offline)
+    try:
+        result = evaluate(upscaler, hr_dir, lr_dir)
+    except ImageError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{upscaler.entry.label}, protocol {protocol}, LR: {result.lr_source}")
+    for col in ("image", "LR size", "PSNR-Y (dB)", "SSIM-Y"):
+        table.add_column(col, justify="left" if col == "image" else "right")
+    for s in result.images:
+        table.add_row(s.name, f"{s.lr_size[0]}x{s.lr_size[1]}", f"{s.psnr:.4f}", f"{s.ssim:.5f}")
+    table.add_section()
+    table.add_row("mean", "", f"{result.psnr:.4f}", f"{result.ssim:.5f}")
+    Console(soft_wrap=True).print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the zoo as JSON lines.")
+def models(as_json):
+    """List every model in the zoo, and whether its weights are present."""
+    from .weights import candidate_paths
+
+    rows = []
+    for e in registry.all_entries():
+        present = next((str(p) for p in candidate_paths(e) if p.is_file()), None)
+        rows.append({"model": e.name, "family": e.family, "title": e.title, "scale": e.scale, "params": e.params,
+                     "license": e.license, "weights": present, "psnr": dict(e.psnr)})
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for col in ("model", "scale", "params", "weights", "published PSNR (dB)", "licence"):
+        table.add_column(col)
+    for r in rows:
+        psnr = ", ".join(f"{k} {v:.2f}" for k, v in r["psnr"].items())
+        table.add_row(r["model"], f"x{r['scale']}", f"{r['params']:,}", "present" if r["weights"] else "absent",
+                      psnr, r["license"].split(";")[0])
+    Console(soft_wrap=True).print(table)
+
+
+@main.command()
+@click.argument("model")
+@scale_option
+def fetch(model, scale):
+    """Download, verify (sha256) and convert the official weights of MODEL into the cache."""
+    from .weights import WeightsError, resolve_weights
+
+    try:
+        entries = [registry.resolve(model, scale)] if scale else [
+            registry.resolve(model, s) for s in registry.scales_of(model)]
+    except registry.UnknownModelError as e:
+        raise UsageProblem(str(e)) from None
+    failed = 0
+    for entry in entries:
+        try:
+            path = resolve_weights(entry)
+            click.echo(f"{entry.label}: {path}", err=True)
+        except WeightsError as e:
+            failed += 1
+            _err(str(e))
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
