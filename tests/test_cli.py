@@ -1,0 +1,146 @@
+"""The single-image command line, run as a user runs it: the real console script in a subprocess."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+EXAMPLE = REPO / "examples" / "cat.png"
+
+
+def upscale_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "upscale"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "upscale.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*upscale_cmd(), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    """A small real photograph (a crop of the example) in a private folder."""
+    dest = tmp_path / "photo.png"
+    Image.open(EXAMPLE).crop((40, 20, 88, 60)).save(dest)
+    return dest
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_default_job_writes_a_4x_png_beside_the_input(photo):
+    result = run(photo)
+    assert result.returncode == 0, result.stderr
+    out = photo.with_name("photo_x4.png")
+    with Image.open(out) as im:
+        assert im.size == (48 * 4, 40 * 4) and im.mode == "RGB"
+        assert im.text["upscale:model"] == "agdn x4"
+        sr = np.asarray(im, dtype=np.float64)
+    # the upscale must look like the input: downscaled back, it is close to the source
+    small = np.asarray(Image.fromarray(sr.astype(np.uint8)).resize((48, 40), Image.BICUBIC), dtype=np.float64)
+    src = np.asarray(Image.open(photo), dtype=np.float64)
+    assert np.abs(small - src).mean() < 4.0
+    assert files_in(photo.parent) == {"photo.png", "photo_x4.png"}
+
+
+def test_output_path_scale_and_json(photo, tmp_path):
+    out = tmp_path / "big.png"
+    result = run(photo, "-s", "2", "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["status"] == "ok" and record["output"] == str(out) and record["scale"] == 2
+    assert Image.open(out).size == (96, 80)
+
+
+def test_existing_output_is_kept_unless_overwrite(photo):
+    existing = photo.with_name("photo_x4.png")
+    existing.write_bytes(b"precious")
+    result = run(photo)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {existing}: already exists (use --overwrite to replace it)"
+    assert existing.read_bytes() == b"precious"
+    assert run(photo, "--overwrite").returncode == 0
+    assert Image.open(existing).size == (192, 160)
+
+
+def test_never_writes_over_the_input_even_with_overwrite(photo):
+    before = photo.read_bytes()
+    result = run(photo, "-o", photo, "--overwrite")
+    assert result.returncode == 1
+    assert "refusing to write over the input image" in result.stderr
+    assert photo.read_bytes() == before
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.png"
+    result = run(missing)
+    _one_line_error(result, str(missing), "no such file")
+    assert result.returncode == 1 and files_in(tmp_path) == set()
+
+
+def test_not_an_image(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture\n")
+    result = run(text)
+    _one_line_error(result, str(text), "not an image")
+    assert files_in(tmp_path) == {"notes.png"}
+
+
+def test_truncated_png(tmp_path, photo):
+    data = photo.read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) // 2])
+    result = run(cut)
+    _one_line_error(result, str(cut), "truncated")
+    assert files_in(tmp_path) == {"photo.png", "cut.png"}
+
+
+def test_unknown_model(photo):
+    result = run(photo, "-m", "agdn-xxl")
+    _one_line_error(result, "unknown model 'agdn-xxl'", "agdn, agdn-s")
+    assert result.returncode == 2 and files_in(photo.parent) == {"photo.png"}
+
+
+def test_wrong_scale_for_a_model(photo):
+    result = run(photo, "-m", "agdn-s", "-s", "2")
+    _one_line_error(result, "'agdn-s' has no x2 weights; valid scales: x4")
+    assert result.returncode == 2 and files_in(photo.parent) == {"photo.png"}
+
+
+def test_subcommands_sit_beside_the_default_command(tmp_path):
+    help_text = run("--help").stdout
+    for sub in ("models", "fetch", "convert", "eval"):
+        assert sub in help_text
+    listing = run("models", "--json")
+    assert listing.returncode == 0
+    rows = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert len(rows) == 26
+    agdn4 = next(r for r in rows if r["model"] == "agdn" and r["scale"] == 4)
+    assert agdn4["weights"] and agdn4["params"] == 294174
+
+
+def test_weights_file_without_model_is_detected(photo, tmp_path):
+    from upscale.weights import packaged_weights_dir
+
+    w = tmp_path / "mine.safetensors"
+    shutil.copy(packaged_weights_dir() / "agdn_x2.safetensors", w)
+    out = tmp_path / "o.png"
+    result = run(photo, "--weights", w, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (96, 80)
