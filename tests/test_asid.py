@@ -1,0 +1,244 @@
+"""ASID / ASID-d8: shapes and parameter counts, golden outputs (raw and official tiled protocol), the official
+tiling grid in `upscale.tiling`, small and odd inputs, batch independence and checkpoint detection."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_matches_golden, golden_case_names, load_golden
+from upscale import registry
+from upscale.models import get_architecture
+from upscale.models.asid import ARCHITECTURE, ASID, ASIDArchitecture
+from upscale.tiling import grid_origins, plan_tiles, tiled_forward
+
+CASES = golden_case_names("asid")
+OFFICIAL_CLASS_TO_VARIANT = {"ASID": "asid", "ASIDd8": "asid-d8"}
+
+PARAMS = {
+    ("asid", 2): 297_516,
+    ("asid", 3): 304_011,
+    ("asid", 4): 313_104,
+    ("asid-d8", 2): 732_146,
+    ("asid-d8", 3): 738_641,
+    ("asid-d8", 4): 747_734,
+}
+STATE_DICT_ENTRIES = {"asid": 366, "asid-d8": 956}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Run this module on one intra-op thread: these small convs gain little from two threads, and with two
+    threads a busy 2-core machine (parallel test runs) makes OpenMP spin and slows each forward 10-50x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@functools.cache
+def random_model(variant: str, scale: int) -> ASID:
+    torch.manual_seed(1234 + scale)
+    return ARCHITECTURE.build(variant, scale, registry.resolve(variant, scale).hparams)
+
+
+@functools.cache
+def golden_model(name: str) -> ASID:
+    case = load_golden("asid", name)
+    variant = OFFICIAL_CLASS_TO_VARIANT[case.meta["variant"]]
+    model = ARCHITECTURE.build(variant, case.meta["scale"], registry.resolve(variant, case.meta["scale"]).hparams)
+    model.load_state_dict(case.weights, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# construction
+
+
+def test_architecture_object():
+    assert get_architecture("asid") is ARCHITECTURE
+    assert isinstance(ARCHITECTURE, ASIDArchitecture)
+    assert ARCHITECTURE.family == "asid"
+    assert ARCHITECTURE.variants == ("asid", "asid-d8")
+
+
+@pytest.mark.parametrize(("variant", "scale"), sorted(PARAMS))
+def test_parameter_count_matches_registry(variant, scale):
+    entry = registry.resolve(variant, scale)
+    assert entry.family == "asid"
+    model = ARCHITECTURE.build(variant, scale, entry.hparams)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == PARAMS[variant, scale] == entry.params
+    assert len(model.state_dict()) == STATE_DICT_ENTRIES[variant]
+    assert not model.training
+    assert model.scale == scale
+
+
+def test_build_rejects_inconsistent_hparams():
+    with pytest.raises(ValueError):
+        ARCHITECTURE.build("asid", 4, {"groups": 8})
+    with pytest.raises(ValueError):
+        ARCHITECTURE.build("asid-xl", 4, {})
+    with pytest.raises(ValueError):
+        ARCHITECTURE.build("asid", 4, {"window_size": 16})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# golden outputs
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_raw(name):
+    """sr_raw is the official forward on lr_raw_input, both in [-1, 1]: compare through forward_raw."""
+    case = load_golden("asid", name)
+    io = case.io
+    model = golden_model(name)
+    # the golden raw input is exactly what our [0, 1] -> [-1, 1] mapping produces
+    assert torch.equal((io["lr"] - 0.5) / 0.5, io["lr_raw_input"])
+    with torch.no_grad():
+        raw = model.forward_raw(io["lr_raw_input"])
+        unit = model(io["lr"])
+    assert_matches_golden(raw, io["sr_raw"], case.tolerance, f"{name} sr_raw")
+    # the [0, 1] contract path is the same network: (sr_raw + 1) / 2, unclamped
+    assert_matches_golden(unit, (io["sr_raw"] + 1) / 2, case.tolerance, f"{name} forward on [0,1]")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_protocol(name):
+    """sr_protocol is the official tiled procedure's output in [0, 1] AFTER the official clip to [0, 1];
+    reference_forward returns it unclamped, so clamp before comparing."""
+    case = load_golden("asid", name)
+    io = case.io
+    proto = case.meta["protocol"]
+    h, w = io["lr_protocol"].shape[-2:]
+    tile = min(64, h, w)
+    assert proto["tile"] == tile and proto["overlap"] == 24
+    assert grid_origins(h, tile, 24) == proto["row_starts"]
+    assert grid_origins(w, tile, 24) == proto["col_starts"]
+    ours = ARCHITECTURE.reference_forward(golden_model(name), io["lr_protocol"])
+    assert_matches_golden(ours.clamp(0, 1), io["sr_protocol"], case.tolerance, f"{name} sr_protocol")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_detect_golden_weights(name):
+    case = load_golden("asid", name)
+    variant = OFFICIAL_CLASS_TO_VARIANT[case.meta["variant"]]
+    assert ARCHITECTURE.detect(case.weights) == (variant, case.meta["scale"])
+
+
+def test_detect_rejects_other_state_dicts():
+    sd = random_model("asid", 2).state_dict()
+    assert ARCHITECTURE.detect(sd) == ("asid", 2)
+    assert ARCHITECTURE.detect({}) is None
+    assert ARCHITECTURE.detect({"conv_first.weight": torch.zeros(64, 3, 3, 3)}) is None
+    two_groups = {k: v for k, v in sd.items() if not k.startswith("block2.")}
+    assert ARCHITECTURE.detect(two_groups) is None
+    odd_scale = dict(sd, **{"up.0.weight": torch.zeros(3 * 25, 48, 3, 3)})
+    assert ARCHITECTURE.detect(odd_scale) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the official tiling grid (upscale.tiling)
+
+
+def test_grid_origins_official_examples():
+    assert grid_origins(83, 64, 24) == [0, 19]
+    assert grid_origins(101, 64, 24) == [0, 37]
+    assert grid_origins(170, 64, 24) == [0, 40, 80, 106]
+    assert grid_origins(104, 64, 24) == [0, 40]  # a step landing on the end is not repeated
+    assert grid_origins(64, 64, 24) == [0]
+    assert grid_origins(76, 57, 24) == [0, 19]
+    assert grid_origins(30, 25, 24) == [0, 1, 2, 3, 4, 5]
+    assert plan_tiles(83, 101, 64, 24) == [(0, 0), (0, 37), (19, 0), (19, 37)]
+    with pytest.raises(ValueError):
+        grid_origins(30, 24, 24)  # no stride
+    with pytest.raises(ValueError):
+        grid_origins(20, 24, 8)  # tile longer than the axis
+
+
+def _official_loop(fn, x, scale, tile, overlap):
+    """The loop of the official tester written out naively (full-size E and W tensors)."""
+    h, w = x.shape[-2:]
+    stride = tile - overlap
+    rows = list(range(0, h - tile, stride)) + [h - tile]
+    cols = list(range(0, w - tile, stride)) + [w - tile]
+    e = torch.zeros(x.shape[0], 3, h * scale, w * scale)
+    wt = torch.zeros_like(e)
+    for r in rows:
+        for c in cols:
+            y = fn(x[..., r : r + tile, c : c + tile])
+            e[..., r * scale : (r + tile) * scale, c * scale : (c + tile) * scale] += y
+            wt[..., r * scale : (r + tile) * scale, c * scale : (c + tile) * scale] += 1
+    return e / wt
+
+
+def test_tiled_forward_matches_official_loop_bitwise():
+    # a tile-dependent function, so that wrong placement or weighting shows
+    def fn(t):
+        return F.interpolate(t - t.mean(dim=(2, 3), keepdim=True) * 0.3, scale_factor=3, mode="nearest") + t.std()
+
+    x = torch.rand(2, 3, 83, 170)
+    ours = tiled_forward(fn, x, 3, 64, 24)
+    assert torch.equal(ours, _official_loop(fn, x, 3, 64, 24))
+
+
+def test_tiled_forward_pointwise_fn_is_seamless():
+    x = torch.rand(1, 3, 50, 90)
+    up = functools.partial(F.interpolate, scale_factor=2, mode="nearest")
+    torch.testing.assert_close(tiled_forward(up, x, 2, (32, 40), (8, 16)), up(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError):
+        tiled_forward(up, x, 2, 32, 8, blend="gaussian-unknown")
+    with pytest.raises(ValueError):
+        tiled_forward(up, x, 3, 32, 8)  # fn output does not match the scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small / odd inputs, single tiles, batches
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_small_and_odd_sizes(scale):
+    model = random_model("asid", scale)
+    torch.manual_seed(0)
+    for h, w in [(8, 8), (13, 17), (64, 65), (200, 9)]:
+        x = torch.rand(1, 3, h, w)
+        with torch.no_grad():
+            y = model(x)
+        p = ARCHITECTURE.reference_forward(model, x)
+        for out, what in ((y, "model(x)"), (p, "reference_forward")):
+            assert out.shape == (1, 3, h * scale, w * scale), (what, h, w)
+            assert torch.isfinite(out).all(), (what, h, w)
+        if max(h, w) <= 24:  # a single tile: the protocol is the plain forward
+            torch.testing.assert_close(p, y, rtol=0, atol=1e-6)
+
+
+def test_raw_network_rejects_sides_of_8_or_less():
+    model = random_model("asid", 2)
+    with pytest.raises(ValueError):
+        model.forward_raw(torch.zeros(1, 3, 8, 40))
+    with torch.no_grad():
+        assert model.forward_raw(torch.zeros(1, 3, 9, 40)).shape == (1, 3, 18, 80)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (40, 40)])
+def test_single_tile_protocol_equals_forward(size):
+    model = random_model("asid", 4)
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(7))
+    assert plan_tiles(*size, min(64, *size), 24) == [(0, 0)]
+    with torch.no_grad():
+        y = model(x)
+    p = ARCHITECTURE.reference_forward(model, x)
+    torch.testing.assert_close(p, y, rtol=0, atol=1e-6)
+
+
+def test_batch_matches_single_images():
+    model = random_model("asid", 3)
+    x = torch.rand(3, 3, 20, 29, generator=torch.Generator().manual_seed(3))  # odd sizes: padding inside
+    with torch.no_grad():
+        batched = model(x)
+        singles = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, singles, rtol=0, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])  # really different images
