@@ -66,3 +66,13 @@ def assert_matches_golden(ours: torch.Tensor, golden: torch.Tensor, tolerance: t
     assert diff.max() <= max_tol and diff.mean() <= mean_tol, (
         f"{what}: max |diff| {diff.max():.3g} (limit {max_tol:g}), mean {diff.mean():.3g} (limit {mean_tol:g})"
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """Tests run on one intra-op thread: these small networks gain little from two, and on a shared 2-core
+    machine two OpenMP threads competing with other processes slowed forwards 10-50x (measured 75 s vs 7 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

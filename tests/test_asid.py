@@ -29,16 +29,6 @@ PARAMS = {
 STATE_DICT_ENTRIES = {"asid": 366, "asid-d8": 956}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Run this module on one intra-op thread: these small convs gain little from two threads, and with two
-    threads a busy 2-core machine (parallel test runs) makes OpenMP spin and slows each forward 10-50x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @functools.cache
 def random_model(variant: str, scale: int) -> ASID:
     torch.manual_seed(1234 + scale)
