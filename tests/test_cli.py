@@ -42,7 +42,7 @@ def test_default_job_writes_a_4x_png_beside_the_input(photo):
     out = photo.with_name("photo_x4.png")
     with Image.open(out) as im:
         assert im.size == (48 * 4, 40 * 4) and im.mode == "RGB"
-        assert im.text["upscale:model"] == "agdn x4"
+        assert im.text["upscale:model"] == "agdn" and im.text["upscale:scale"] == "4"
         sr = np.asarray(im, dtype=np.float64)
     # the upscale must look like the input: downscaled back, it is close to the source
     small = np.asarray(Image.fromarray(sr.astype(np.uint8)).resize((48, 40), Image.BICUBIC), dtype=np.float64)
@@ -55,8 +55,9 @@ def test_output_path_scale_and_json(photo, tmp_path):
     out = tmp_path / "big.png"
     result = run(photo, "-s", "2", "-o", out, "--json")
     assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout.strip().splitlines()[-1])
+    record, summary = map(json.loads, result.stdout.strip().splitlines())
     assert record["status"] == "ok" and record["output"] == str(out) and record["scale"] == 2
+    assert summary["summary"] and summary["ok"] == 1 and summary["failed"] == 0
     assert Image.open(out).size == (96, 80)
 
 

@@ -11,6 +11,7 @@ Exit codes: 0 every input done; 1 some input failed (each failure is one line on
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import click
 
 from . import __version__, registry
-from .imageio import FORMATS, ImageError, output_path_for, read_image, save_image
+from .imageio import FORMATS, ImageError
 
 EXIT_CODES = "Exit codes: 0 all done, 1 some inputs failed, 2 usage error, 130 interrupted."
 
@@ -98,63 +99,136 @@ def main():
 
 
 @main.command("run", epilog=EXIT_CODES)
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", type=click.Path(), default=None,
-              help="Output file (one input) or folder. Default: NAME_x<scale>.png beside each input.")
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
+@click.option("-o", "--output", default=None,
+              help="Output file (one input), folder, or - for stdout. Default: NAME_x<scale>.<ext> beside each input.")
+@click.option("--from-list", "from_list", default=None, metavar="FILE|-",
+              help="Read input paths from FILE (or stdin), one per line.")
+@click.option("-r", "--recursive", is_flag=True, help="Walk sub-folders of folder inputs, mirroring them under -o.")
 @model_option
 @scale_option
 @weights_option
 @device_option
 @offline_option
-@click.option("--format", "fmt", type=click.Choice(sorted({k for k in FORMATS if k not in ('jpg', 'tif')})),
-              default=None, help="Output format (default: from -o's extension, else png).")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]), default=None,
+              help="Output format (default: from -o's extension, else the input's format, else png).")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
 @click.option("--suffix", default=None, help="Output name suffix (default _x<scale>).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (an input is never overwritten).")
+@click.option("--skip-existing/--no-skip-existing", "skip_existing", default=None,
+              help="Skip inputs whose output exists (default for folder inputs; a named file fails instead).")
 @click.option("--protocol", type=click.Choice(["reference", "whole"]), default="reference", show_default=True,
               help="reference: the family's official test procedure; whole: one plain forward pass.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
+@click.option("--allow-large", is_flag=True, help="Accept images above Pillow's decompression-bomb limit.")
+@click.option("--dry-run", is_flag=True, help="Print what would be done, touch nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout, then a summary object.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def run(inputs, output, model, scale, weights, device, offline, fmt, quality, suffix, overwrite, protocol,
-        as_json, quiet):
-    """Upscale INPUT images."""
-    entry = _entry(model, scale, weights)
-    paths = [Path(p) for p in inputs]
-    out = Path(output) if output else None
-    if out is not None and len(paths) > 1 and not out.is_dir():
-        raise UsageProblem(f"{out}: with several inputs, -o must be an existing folder")
-    upscaler = _load_upscaler(entry, weights, device, protocol, offline)
-    ext = "." + (fmt or "png").replace("jpeg", "jpg").replace("tiff", "tif")
-    failed = 0
-    for src in paths:
-        start = time.perf_counter()
-        if out is None:
-            dest = output_path_for(src, entry.scale, suffix, ext)
-        elif out.is_dir():
-            dest = out / output_path_for(src, entry.scale, suffix, ext).name
-        else:
-            dest = out
-        record = {"input": str(src), "output": str(dest), "model": entry.name, "scale": entry.scale,
-                  "device": str(upscaler.device)}
+def run(inputs, output, from_list, recursive, model, scale, weights, device, offline, fmt, quality, suffix,
+        overwrite, skip_existing, protocol, allow_large, dry_run, as_json, quiet):
+    """Upscale INPUT images: files, folders, globs, or - for image bytes on stdin."""
+    from .batch import STDIO, plan_jobs, read_list, run_jobs
+
+    if overwrite and skip_existing:
+        raise UsageProblem("--overwrite and --skip-existing contradict each other")
+    names = list(inputs)
+    if from_list:
+        if from_list == "-" and "-" in names:
+            raise UsageProblem("stdin cannot hold both the image list and an image")
         try:
-            image = read_image(src)
-            if dest.exists() and not overwrite:
-                raise ImageError(f"{dest}: already exists (use --overwrite to replace it)")
-            sr = upscaler.upscale_array(image.rgb)
-            save_image(sr, dest, fmt=FORMATS.get(fmt) if fmt else None, overwrite=overwrite, protect=(src,),
-                       quality=quality, pnginfo={"Software": f"upscale {__version__}",
-                                                 "upscale:model": entry.label, "upscale:protocol": protocol})
-            record.update(status="ok", seconds=round(time.perf_counter() - start, 3))
-            if not quiet and not as_json:
-                click.echo(f"{src} -> {dest} ({entry.label}, {record['seconds']:.2f} s)", err=True)
-        except ImageError as e:
-            failed += 1
-            record.update(status="failed", error=str(e))
-            _err(str(e))
+            names += read_list(from_list, lambda: sys.stdin.read())
+        except OSError as e:
+            raise UsageProblem(f"{from_list}: cannot read the list ({e.strerror})") from None
+    if not names:
+        raise UsageProblem("no input given (pass images, folders, globs, - for stdin, or --from-list)")
+    if names.count("-") > 1:
+        raise UsageProblem("stdin (-) can be given once")
+    entry = _entry(model, scale, weights)
+    ext = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tif", "bmp": ".bmp"}.get(fmt)
+    plan = plan_jobs(names, output, entry.scale, suffix=suffix, ext=ext, recursive=recursive)
+    if output == "-" and len(plan.jobs) != 1:
+        raise UsageProblem(f"-o - (stdout) takes exactly one input, got {len(plan.jobs)}")
+    if output and output != "-" and len(plan.jobs) > 1 and Path(output).is_file():
+        raise UsageProblem(f"{output}: with several inputs, -o must be a folder")
+    if dry_run:
+        for job in plan.jobs:
+            state = "exists" if job.dest != STDIO and job.dest.exists() else "new"
+            click.echo(json.dumps({"input": str(job.source), "output": str(job.dest), "output_state": state})
+                       if as_json else f"{job.source} -> {job.dest} ({state})")
+        for path in plan.not_images:
+            click.echo(json.dumps({"input": str(path), "status": "skipped", "error": "not an image"})
+                       if as_json else f"{path}: not an image, skipped")
+        return
+
+    upscaler = _load_upscaler(entry, weights, device, protocol, offline)
+    protect = tuple(job.source for job in plan.jobs if job.source != STDIO)
+    provenance = {"model": entry.name, "variant": entry.title, "scale": entry.scale, "protocol": protocol,
+                  "device": str(upscaler.device), "precision": "fp32", "upscale": __version__}
+    base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
+                   "precision": "fp32", "protocol": protocol}
+
+    def process(job):
+        from .api import upscale_image
+        from .imageio import format_for, read_image, save_image
+
+        source = sys.stdin.buffer.read() if job.source == STDIO else job.source
+        image = read_image(source, allow_large=allow_large, name="<stdin>" if job.source == STDIO else None)
+        result = upscale_image(upscaler, image)
+        out_fmt = FORMATS[fmt] if fmt else (format_for(job.dest) if job.dest != STDIO else None) or "PNG"
+        save_image(result, "-" if job.dest == STDIO else job.dest, out_fmt, quality=quality, overwrite=overwrite,
+                   protect=protect, provenance=provenance)
+        return {}
+
+    progress = None
+    if not quiet and sys.stderr.isatty() and len(plan.jobs) > 1:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        progress = Progress(console=Console(stderr=True), transient=True)
+        task = progress.add_task("upscaling", total=len(plan.jobs))
+        progress.start()
+
+    def report(outcome):
+        record = {**outcome.record(), **base_record}
         if as_json:
             click.echo(json.dumps(record))
-    if failed:
+        if outcome.status == "failed":
+            _err(outcome.error.splitlines()[0] if outcome.error else "failed")
+        elif not quiet and not as_json and outcome.status == "ok" and output != "-":
+            click.echo(f"{outcome.job.source} -> {outcome.job.dest} ({entry.label}, {outcome.seconds:.2f} s)", err=True)
+        if progress is not None:
+            progress.advance(task)
+
+    interrupted = False
+    start = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        outcomes = run_jobs(plan.jobs, process, overwrite=overwrite, skip_existing=skip_existing,
+                            on_outcome=report, errors=(ImageError, OSError, ValueError, RuntimeError))
+    except KeyboardInterrupt as e:
+        interrupted, outcomes = True, getattr(e, "outcomes", [])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if progress is not None:
+            progress.stop()
+    counts = {k: sum(o.status == k for o in outcomes) for k in ("ok", "skipped", "failed")}
+    summary = {"summary": True, **counts, "not_images": len(plan.not_images), "total": len(plan.jobs),
+               "not_started": len(plan.jobs) - len(outcomes), "interrupted": interrupted,
+               "seconds": round(time.perf_counter() - start, 3)}
+    if as_json:
+        click.echo(json.dumps(summary))
+    if interrupted:
+        click.echo(f"interrupted: {counts['ok']} done, {counts['failed']} failed, "
+                   f"{summary['not_started']} not started; no partial file left", err=True)
+        sys.exit(130)
+    if not quiet and not as_json and (len(plan.jobs) > 1 or plan.not_images):
+        click.echo(f"{counts['ok']} upscaled, {counts['skipped']} skipped (output exists), {counts['failed']} failed, "
+                   f"{len(plan.not_images)} not images", err=True)
+    if counts["failed"]:
         sys.exit(1)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 @main.command(epilog=EXIT_CODES)
