@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +71,23 @@ def assert_matches_golden(ours: torch.Tensor, golden: torch.Tensor, tolerance: t
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _single_thread():
-    """Tests run on one intra-op thread: these small networks gain little from two, and on a shared 2-core
-    machine two OpenMP threads competing with other processes slowed forwards 10-50x (measured 75 s vs 7 s)."""
+def _test_threads():
+    """UPSCALE_TEST_THREADS=1 when other heavy processes share the machine: there, two OpenMP threads
+    competing for two cores slowed forwards 10-50x (measured 75 s vs 7 s). Unset: PyTorch's default."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("UPSCALE_TEST_THREADS", 0)) or previous)
     yield
     torch.set_num_threads(previous)
+
+
+@functools.cache
+def agdn_eval(dataset: str, scale: int, protocol: str = "reference", tile: int | None = None, overlap: int = 16):
+    """`upscale eval`'s code path (Upscaler + evaluate) on a benchmark set; cached across test modules."""
+    from upscale import registry
+    from upscale.engine import Upscaler
+    from upscale.evaluation import evaluate
+
+    root = need(BENCHMARKS / dataset)
+    upscaler = Upscaler.load(registry.resolve("agdn", scale), device="cpu", protocol=protocol, tile=tile,
+                             overlap=overlap)
+    return evaluate(upscaler, root / "HR", root / "LR_bicubic" / f"X{scale}")

@@ -6,25 +6,16 @@ import sys
 
 import pytest
 
-from conftest import BENCHMARKS, load_golden, need
+from conftest import BENCHMARKS, agdn_eval, load_golden, need
 from test_cli import upscale_cmd
-from upscale import registry
-from upscale.engine import Upscaler
-from upscale.evaluation import evaluate
 
 PAPER = {("Set5", 2): 38.21, ("Set5", 3): 34.63, ("Set5", 4): 32.43,
          ("Set14", 2): 34.02, ("Set14", 3): 30.55, ("Set14", 4): 28.80}
 
 
-def _eval(dataset, scale, generate_lr=False):
-    root = need(BENCHMARKS / dataset)
-    upscaler = Upscaler.load(registry.resolve("agdn", scale), device="cpu")
-    return evaluate(upscaler, root / "HR", None if generate_lr else root / "LR_bicubic" / f"X{scale}")
-
-
 @pytest.mark.parametrize("dataset,scale", sorted(PAPER))
 def test_agdn_reproduces_the_paper(dataset, scale):
-    result = _eval(dataset, scale)
+    result = agdn_eval(dataset, scale)
     print(f"AGDN x{scale} {dataset}: PSNR {result.psnr:.4f} SSIM {result.ssim:.5f} (paper {PAPER[dataset, scale]})")
     assert abs(result.psnr - PAPER[dataset, scale]) <= 0.01
     if dataset == "Set5":  # the official code's own figures on this data, per image

@@ -1,27 +1,39 @@
-"""Running a loaded network on images: device, precision, size guards and the execution protocol.
+"""Running a loaded network on images: device, precision, protocol, whole-image or tiled execution.
 
 `Upscaler` is what the CLI, `upscale eval` and the Python API all call, so a test of it is a test of them.
 Protocols:
 - "reference": the family's official test-time procedure (`Architecture.reference_forward`): what the
   papers measured and what `upscale eval` uses by default.
-- "whole": one plain forward pass of the network over the whole image.
-Tiled execution with local statistics plugs in here as another protocol (see `tiling.py`).
+- "whole": one plain forward pass over the whole image.
+- "tiled": tiles with local statistics (see `tiling.py` and `Architecture.local_mode`), so that memory grows
+  with the tile, not the image, and a pixel gets the same statistics whichever tile computes it.
+- "auto": "reference" when the whole image fits the memory budget, else "tiled".
+Precision: fp32, fp16, bf16 or auto (fp16 on CUDA, fp32 on the CPU). A tile whose half-precision output is not
+finite is recomputed in fp32 and counted in `stats.fp32_fallbacks`.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import tiling
 from .models import Architecture, get_architecture
+from .models.base import Placement
+from .models.layers import mirror_pad, pad_to_multiple
 from .registry import ModelEntry
 from .weights import load_model, resolve_weights
 
-PROTOCOLS = ("reference", "whole")
+PROTOCOLS = ("auto", "reference", "whole", "tiled")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_OVERLAP = 16
+MIN_TILE = 32
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -35,29 +47,55 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def pad_to_min_size(x: torch.Tensor, min_size: int) -> torch.Tensor:
-    """Extend an image smaller than the network's minimum by mirroring (replicating if too thin to mirror)."""
+    """Extend an image smaller than the network's minimum by mirroring at the bottom/right."""
     h, w = x.shape[-2:]
-    ph, pw = max(0, min_size - h), max(0, min_size - w)
-    if not (ph or pw):
-        return x
-    while ph or pw:  # reflect can add at most size-1 pixels per pass
-        h, w = x.shape[-2:]
-        step_h, step_w = min(ph, h - 1), min(pw, w - 1)
-        if step_h == 0 and step_w == 0:
-            return F.pad(x, (0, pw, 0, ph), mode="replicate")
-        x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
-        ph, pw = ph - step_h, pw - step_w
-    return x
+    return mirror_pad(x, 0, max(0, min_size - w), 0, max(0, min_size - h))
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes the engine lets one forward pass use: most of the free GPU memory; on the CPU a share of the
+    available RAM, capped so that a whole photo's output buffer still fits beside it."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.7)
+    available = 4 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    return int(min(available * 0.25, 1 << 30))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+@dataclass
+class RunStats:
+    """What the last `run` did, for `--json` and the user: protocol, tile, precision, fallbacks."""
+
+    protocol: str = ""
+    tile: int | None = None
+    precision: str = "fp32"
+    tiles: int = 1
+    fp32_fallbacks: int = 0
 
 
 @dataclass
 class Upscaler:
-    """A network ready to run: registry entry, loaded model, device, protocol."""
+    """A network ready to run: registry entry, loaded model, device, protocol, precision, tiling."""
 
     entry: ModelEntry
     model: nn.Module
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     protocol: str = "reference"
+    precision: str = "auto"
+    tile: int | None = None  # LR px per tile core; None: from the memory budget
+    overlap: int = DEFAULT_OVERLAP  # blend width across tile seams, LR px
+    stats: RunStats = field(default_factory=RunStats)
+    warn: bool = True  # say on stderr when a tile falls back to fp32
 
     @property
     def architecture(self) -> Architecture:
@@ -69,23 +107,108 @@ class Upscaler:
 
     @classmethod
     def load(cls, entry: ModelEntry, weights: str | None = None, device: str | None = None,
-             protocol: str = "reference", offline: bool = False) -> "Upscaler":
+             protocol: str = "reference", offline: bool = False, precision: str = "auto",
+             tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> "Upscaler":
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if tile is not None and tile < MIN_TILE:
+            raise ValueError(f"--tile must be at least {MIN_TILE} LR pixels")
+        if overlap < 0:
+            raise ValueError("--overlap must be >= 0")
         dev = pick_device(device)
         model = load_model(entry, resolve_weights(entry, weights, offline=offline)).to(dev)
-        return cls(entry, model, dev, protocol)
+        return cls(entry, model, dev, protocol, precision, tile, overlap)
+
+    # -- precision ---------------------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype:
+        if self.precision == "auto":
+            return torch.float16 if self.device.type == "cuda" else torch.float32
+        return DTYPES[self.precision]
+
+    def _forward(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """fn(x) in the working precision; a non-finite result is recomputed in fp32."""
+        dtype = self._dtype()
+        if dtype == torch.float32:
+            return fn(x)
+        with torch.autocast(self.device.type, dtype=dtype):
+            y = fn(x)
+        if torch.isfinite(y).all():
+            return y.float()
+        self.stats.fp32_fallbacks += 1
+        if self.warn:
+            print(f"upscale: non-finite {self.stats.precision} output in a tile, recomputed in fp32", file=sys.stderr)
+        return fn(x).float()
+
+    # -- execution -----------------------------------------------------------------------------------------
+    def _bytes_per_pixel(self) -> int:
+        """Rough peak memory of one forward pass per LR input pixel (measured on CPU, fp32)."""
+        params = sum(p.numel() for p in self.model.parameters())
+        return int(os.environ.get("UPSCALE_BYTES_PER_PIXEL", 0)) or (24_000 if params > 5_000_000 else 8_000)
+
+    def _auto_tile(self) -> int:
+        side = int((memory_budget(self.device) / self._bytes_per_pixel()) ** 0.5)
+        return max(MIN_TILE, min(side, 1024))
 
     @torch.inference_mode()
     def run(self, lr: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) float in [0, 1] -> (N, 3, s*h, s*w) on the [0, 1] scale, unclamped, on the CPU."""
         h, w = lr.shape[-2:]
-        x = pad_to_min_size(lr.to(self.device, torch.float32), self.architecture.min_size)
-        if self.protocol == "reference":
-            y = self.architecture.reference_forward(self.model, x)
+        arch = self.architecture
+        x = pad_to_min_size(lr.to(torch.float32), arch.min_size)
+        protocol = self.protocol
+        if protocol == "auto":
+            fits = x.shape[-2] * x.shape[-1] * self._bytes_per_pixel() <= memory_budget(self.device)
+            protocol = "reference" if fits and self.tile is None else "tiled"
+        self.stats = RunStats(protocol=protocol, precision=str(self._dtype()).replace("torch.", ""))
+        if protocol == "tiled":
+            y = self._run_tiled(x)
         else:
-            y = self.model(x)
-        return y[..., : h * self.scale, : w * self.scale].float().cpu()
+            fn = (lambda t: arch.reference_forward(self.model, t)) if protocol == "reference" else self.model
+            y = self._forward(fn, x.to(self.device)).cpu()
+        return y[..., : h * self.scale, : w * self.scale].float()
+
+    def _run_tiled(self, x: torch.Tensor) -> torch.Tensor:
+        tile = self.tile or self._auto_tile()
+        while True:
+            try:
+                return self._tiled_pass(x, tile)
+            except RuntimeError as e:  # out of memory: retry with a smaller tile
+                if not is_out_of_memory(e) or tile <= MIN_TILE:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                tile = max(MIN_TILE, tile // 2)
+                print(f"upscale: out of memory, retrying with --tile {tile}", file=sys.stderr)
+
+    def _tiled_pass(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        arch = self.architecture
+        spec = arch.tiling_spec(self.model)
+        h, w = x.shape[-2:]
+        x = pad_to_multiple(x, spec.pad_multiple)
+        big_h, big_w = x.shape[-2:]
+        if spec.local_mode == "placement":
+            halo = max(spec.halo, -(-self.overlap // 2))
+            tiles = tiling.plan_halo_tiles(big_h, big_w, tile, halo, spec.alignment)
+
+            def fn(inputs, chunk):
+                t = chunk[0]
+                placement = Placement((big_h, big_w), (t.input[0], t.input[2]))
+                return self._forward(lambda z: arch.local_forward(self.model, z, placement), inputs.to(self.device))
+
+            batch = 1
+        else:
+            tiles = tiling.plan_blocks(big_h, big_w, spec.block, spec.block_overlap)
+
+            def fn(inputs, chunk):
+                return self._forward(self.model, inputs.to(self.device))
+
+            batch = max(1, (tile // spec.block) ** 2) if self.device.type == "cuda" else 1
+        self.stats.tile, self.stats.tiles = tile, len(tiles)
+        blend = self.overlap if spec.local_mode == "placement" else spec.block_overlap
+        y = tiling.run_tiles(fn, x, tiles, self.scale, blend, batch=batch)
+        return y[..., : h * self.scale, : w * self.scale]
 
     def upscale_array(self, rgb: np.ndarray) -> np.ndarray:
         """HxWx3 float32 in [0, 1] -> (s*H)x(s*W)x3 float32, clamped to [0, 1]."""

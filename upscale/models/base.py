@@ -15,10 +15,33 @@ The network contract, the same for every family:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a tile sits: the whole image's size and the tile input's top-left corner, in LR pixels.
+
+    Networks that take a placement compute every position-dependent or global operation in the image's
+    absolute coordinates, so that a pixel gets the same result whichever tile computes it.
+    """
+
+    image_size: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    local_mode: str  # "placement" or "blocks" (see Architecture.local_mode)
+    alignment: int
+    halo: int
+    block: int
+    block_overlap: int
+    pad_multiple: int
 
 
 class Architecture:
@@ -29,6 +52,19 @@ class Architecture:
     variants: tuple[str, ...] = ()
     #: minimum LR side the raw network accepts (the engine pads smaller inputs up to it)
     min_size: int = 1
+
+    #: how the tiled engine keeps tiles consistent with each other (see `engine.py` / `tiling.py`):
+    #: "placement": `local_forward` gets each tile's `Placement`; tile inputs start on multiples of
+    #: `tile_alignment` and carry `halo` pixels of context on inner edges.
+    #: "blocks": the image is cut into fixed blocks of `block` px on a grid anchored at (0, 0) (stride
+    #: block - block_overlap), each run on its own and blended smoothly; execution tiles are unions of blocks.
+    local_mode: str = "blocks"
+    tile_alignment: int = 1
+    halo: int = 16
+    block: int = 64
+    block_overlap: int = 16
+    #: reflect-pad the whole image to a multiple of this before tiling (window grids anchored at (0, 0))
+    pad_multiple: int = 1
 
     def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> nn.Module:
         """A network in eval mode with random weights, shaped like the official one for this variant."""
@@ -41,6 +77,15 @@ class Architecture:
         and what the `sr_protocol` golden tensors hold.
         """
         return model(lr)
+
+    def tiling_spec(self, model: nn.Module) -> "TilingSpec":
+        """How the tiled engine cuts images for this model (a method: ESC's window size varies by variant)."""
+        return TilingSpec(self.local_mode, self.tile_alignment, self.halo, self.block, self.block_overlap,
+                          self.pad_multiple)
+
+    def local_forward(self, model: nn.Module, x: torch.Tensor, placement: Placement) -> torch.Tensor:
+        """The local-statistics forward of one tile (or of the whole image, with offset (0, 0))."""
+        return model(x)
 
     def detect(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
         """(variant, scale) if these keys and shapes belong to this family, else None."""

@@ -24,54 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Architecture
+from .base import Architecture, TilingSpec
+from .layers import mirror_pad, pad_to_multiple
 
 BACKENDS = ("auto", "naive", "sdpa", "flex")
 
 # naive (and CPU sdpa) attention is evaluated in chunks of windows so that the score tensor of one chunk stays
 # below this many bytes; windows are independent, so chunking never changes the result
 _SCORE_BUDGET_BYTES = 256 * 2**20
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# padding
-
-
-def _mirror_index(n: int, before: int, after: int, device: torch.device) -> torch.Tensor:
-    """Source indices of a mirror ("reflect", edge not repeated) extension of a length-n axis.
-
-    Identical to PyTorch's reflect padding while the pad is smaller than n; beyond that the mirror is repeated
-    (the sequence is periodic with period 2(n-1)), which is what applying reflect padding again and again until
-    the axis is long enough gives. A length-1 axis is replicated.
-    """
-    pos = torch.arange(-before, n + after, device=device)
-    if n == 1:
-        return torch.zeros_like(pos)
-    period = 2 * (n - 1)
-    pos = torch.remainder(pos, period)
-    return torch.where(pos >= n, period - pos, pos)
-
-
-def mirror_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
-    """Reflect padding of the last two axes that also works when a pad is >= the axis size.
-
-    Uses `F.pad(mode="reflect")` whenever PyTorch accepts the pad (bit-identical there), else repeated mirroring
-    (see `_mirror_index`).
-    """
-    if left == right == top == bottom == 0:
-        return x
-    h, w = x.shape[-2:]
-    if max(top, bottom) < h and max(left, right) < w:
-        return F.pad(x, (left, right, top, bottom), mode="reflect")
-    rows = _mirror_index(h, top, bottom, x.device)
-    cols = _mirror_index(w, left, right, x.device)
-    return x.index_select(-2, rows).index_select(-1, cols)
-
-
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Mirror-pad bottom/right so that both spatial sides become multiples of `multiple` (§3.5 step 1, §7)."""
-    h, w = x.shape[-2:]
-    return mirror_pad(x, 0, (-w) % multiple, 0, (-h) % multiple)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,7 +300,7 @@ class WindowAttention(nn.Module):
     def forward(self, x):
         n, c, h, w = x.shape
         ws, heads = self.window_size, self.num_heads
-        x = _pad_to_multiple(x, ws)
+        x = pad_to_multiple(x, ws)
         hp, wp = x.shape[-2:]
         nh, nw = hp // ws, wp // ws
         # channels are laid out (qkv, head, d); windows ordered (batch, row-block, col-block), tokens row-major
@@ -612,7 +572,7 @@ def reference_forward(model: nn.Module, lr: torch.Tensor) -> torch.Tensor:
     h, w = lr.shape[-2:]
     s = model.scale
     with torch.no_grad():
-        out = model(_pad_to_multiple(lr, model.window_size))
+        out = model(pad_to_multiple(lr, model.window_size))
     return out[..., : h * s, : w * s]
 
 
@@ -624,6 +584,13 @@ class ESCArchitecture(Architecture):
     family = "esc"
     variants = ("esc-light", "esc", "esc-dflip", "esc-fp", "esc-xl", "esc-real")
     min_size = 1  # padding inside the network (`mirror_pad`) accepts any size
+
+    def tiling_spec(self, model: nn.Module) -> TilingSpec:
+        # blocks of 4 windows with one window of overlap: block origins (stride 3 windows) and the image padded
+        # to whole windows keep every attention window on the whole image's grid; each block's pooled mean
+        # (the dynamic kernels) is its local statistic
+        ws = model.window_size
+        return TilingSpec("blocks", ws, 0, block=4 * ws, block_overlap=ws, pad_multiple=ws)
 
     def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> nn.Module:
         if variant not in self.variants:

@@ -1,0 +1,164 @@
+"""Tiled inference: quality against the reference protocol, tile-size invariance, seams, precision, sizes."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, agdn_eval, load_golden
+from upscale import registry
+from upscale.engine import Upscaler
+from upscale.models.base import Placement
+from upscale.tiling import Tile, plan_blocks, plan_halo_tiles, ramp, run_tiles
+from upscale.weights import build_model
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(-10 * torch.log10(((a - b) ** 2).mean()))
+
+
+def photo(name="coffee.png", box=None) -> torch.Tensor:
+    im = Image.open(REPO / "examples" / name).convert("RGB")
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    return x if box is None else x[..., box[0] : box[1], box[2] : box[3]]
+
+
+@pytest.fixture(scope="module")
+def agdn2():
+    return Upscaler.load(registry.resolve("agdn", 2), device="cpu")
+
+
+# -- planning and blending ---------------------------------------------------------------------------------
+
+def test_halo_tiles_partition_the_image_and_start_on_the_alignment():
+    tiles = plan_halo_tiles(130, 101, 48, 36, 6)
+    covered = torch.zeros(130, 101, dtype=torch.int32)
+    for t in tiles:
+        covered[t.core[0] : t.core[1], t.core[2] : t.core[3]] += 1
+        assert t.input[0] % 6 == 0 and t.input[2] % 6 == 0
+        assert t.input[0] <= max(0, t.core[0] - 36) and t.input[1] >= min(130, t.core[1] + 36)
+    assert bool((covered == 1).all())
+
+
+def test_blocks_sit_on_a_grid_anchored_at_the_origin():
+    tiles = plan_blocks(200, 64, 64, 24)
+    assert sorted({t.input[0] for t in tiles}) == [0, 40, 80, 120, 136]
+    assert all(t.input[1] - t.input[0] == 64 for t in tiles)
+
+
+def test_blend_weights_sum_to_one_across_a_seam():
+    a = Tile((0, 48, 0, 10), (0, 60, 0, 10))
+    b = Tile((48, 100, 0, 10), (36, 100, 0, 10))
+    total = torch.zeros(200, dtype=torch.float64)
+    for t in (a, b):
+        total[t.input[0] * 2 : t.input[1] * 2] += ramp(t.core[:2], t.input[:2], 100, 2, 16)
+    assert torch.allclose(total, torch.ones(200, dtype=torch.float64))
+
+
+def test_run_tiles_reproduces_a_pointwise_network_exactly():
+    x = torch.rand(1, 3, 70, 90)
+    fn = lambda inputs, chunk: torch.nn.functional.interpolate(inputs, scale_factor=2, mode="nearest")  # noqa: E731
+    y = run_tiles(fn, x, plan_halo_tiles(70, 90, 32, 8, 1), 2, blend=8)
+    assert torch.allclose(y, fn(x, None), atol=1e-6)
+
+
+# -- quality against the reference protocol (the measurement `upscale eval --tile 64 --overlap 16` prints) --
+
+@pytest.mark.parametrize("dataset,scale", [("Set5", 2), ("Set5", 4), ("Set14", 2), ("Set14", 4)])
+def test_tiled_agdn_matches_the_reference_protocol(dataset, scale):
+    reference = agdn_eval(dataset, scale)
+    tiled = agdn_eval(dataset, scale, protocol="tiled", tile=64, overlap=16)
+    deltas = {a.name: b.psnr - a.psnr for a, b in zip(reference.images, tiled.images)}
+    print(f"AGDN x{scale} {dataset}: tiled {tiled.psnr:.4f} vs reference {reference.psnr:.4f} dB; "
+          f"worst image {min(deltas, key=deltas.get)} {min(deltas.values()):+.4f} dB")
+    assert abs(tiled.psnr - reference.psnr) <= 0.02
+    assert min(deltas.values()) >= -0.05
+
+
+# -- invariance: a pixel gets the same result whichever tile computes it ---------------------------------------
+
+def test_agdn_tile_size_does_not_change_the_output(agdn2):
+    x = photo()  # 107 x 160 real photograph
+    whole_local = agdn2.model(x, Placement(tuple(x.shape[-2:])))
+    outputs = []
+    for tile in (48, 96):
+        agdn2.protocol, agdn2.tile = "tiled", tile
+        outputs.append(agdn2.run(x))
+    agdn2.protocol, agdn2.tile = "reference", None
+    assert psnr(outputs[0], outputs[1]) >= 50
+    assert psnr(outputs[0], whole_local) >= 50 and psnr(outputs[1], whole_local) >= 50
+
+
+@pytest.mark.parametrize("family,case,name", [("esc", "esc_x2", "esc"), ("asid", "asid_x2", "asid")])
+def test_block_families_are_tile_invariant(family, case, name):
+    golden = load_golden(family, case)
+    model = build_model(registry.resolve(name, 2))
+    model.load_state_dict(golden.weights)
+    up = Upscaler(registry.resolve(name, 2), model, protocol="tiled", tile=48)
+    x = photo(box=(0, 100, 0, 150))
+    a = up.run(x)
+    up.tile = 96
+    b = up.run(x)
+    assert a.shape == (1, 3, 200, 300) and torch.isfinite(a).all()
+    assert psnr(a, b) >= 50
+
+
+def test_no_seam_along_tile_boundaries(agdn2):
+    x = photo()
+    whole_local = agdn2.model(x, Placement(tuple(x.shape[-2:])))
+    agdn2.protocol, agdn2.tile = "tiled", 48
+    tiled = agdn2.run(x)
+    agdn2.protocol, agdn2.tile = "reference", None
+    diff = (tiled - whole_local).abs().mean(dim=(0, 1))
+    band = torch.zeros_like(diff, dtype=torch.bool)
+    for cut in range(48, x.shape[-2], 48):
+        band[cut * 2 - 2 : cut * 2 + 2, :] = True
+    for cut in range(48, x.shape[-1], 48):
+        band[:, cut * 2 - 2 : cut * 2 + 2] = True
+    assert diff[band].mean() <= 1.5 * diff[~band].mean()
+
+
+# -- precision --------------------------------------------------------------------------------------------
+
+def test_non_finite_tile_is_recomputed_in_fp32(agdn2):
+    x = photo(box=(0, 100, 0, 100))
+    agdn2.protocol, agdn2.tile, agdn2.precision, agdn2.warn = "tiled", 48, "bf16", False
+    calls = {"n": 0}
+
+    def poison_second_call(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 2 and torch.is_autocast_enabled("cpu"):
+            return output * float("nan")
+
+    handle = agdn2.model.upsampler.register_forward_hook(poison_second_call)
+    try:
+        y = agdn2.run(x)
+    finally:
+        handle.remove()
+        agdn2.protocol, agdn2.tile, agdn2.precision, agdn2.warn = "reference", None, "auto", True
+    assert torch.isfinite(y).all()
+    assert agdn2.stats.fp32_fallbacks == 1 and agdn2.stats.precision == "bfloat16"
+
+
+def test_bf16_on_cpu_runs_close_to_fp32(agdn2):
+    x = photo(box=(0, 40, 0, 48))
+    agdn2.precision = "bf16"
+    try:
+        half = agdn2.run(x)
+    finally:
+        agdn2.precision = "auto"
+    full = agdn2.run(x)
+    assert torch.isfinite(half).all() and (half - full).abs().mean() < 2e-2
+
+
+# -- sizes ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(20, 30), (16, 300), (300, 17)])
+def test_small_and_thin_images_tile(agdn2, size):
+    x = photo(box=(0, size[0], 0, size[1])) if size[0] <= 107 and size[1] <= 160 else torch.rand(1, 3, *size)
+    agdn2.protocol, agdn2.tile = "tiled", 64
+    try:
+        y = agdn2.run(x)
+    finally:
+        agdn2.protocol, agdn2.tile = "reference", None
+    assert y.shape == (1, 3, size[0] * 2, size[1] * 2) and torch.isfinite(y).all()
