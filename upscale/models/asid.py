@@ -43,6 +43,7 @@ from torch import nn
 
 from ..tiling import tiled_forward
 from .base import Architecture
+from .layers import LayerNorm2d
 
 #: window size of the spatial attention (hard-coded 8 in the official SLA/SGA) and the padding multiple
 WINDOW = 8
@@ -59,23 +60,6 @@ GROUPS = {"asid": 3, "asid-d8": 8}
 
 # ----------------------------------------------------------------------------------------------------------------
 # small pieces
-
-
-class LayerNorm2d(nn.Module):
-    """Per-pixel normalisation over channels of an NCHW map (eps 1e-6), with a per-channel affine."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mu = x.mean(1, keepdim=True)
-        centred = x - mu
-        var = centred.pow(2).mean(1, keepdim=True)
-        y = centred / (var + self.eps).sqrt()
-        return self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1)
 
 
 class _SpatialMean(nn.Module):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Architecture, TilingSpec
-from .layers import mirror_pad, pad_to_multiple
+from .layers import LayerNorm2d, mirror_pad, pad_to_multiple
 
 BACKENDS = ("auto", "naive", "sdpa", "flex")
 
@@ -184,20 +184,6 @@ def set_attn_backend(model: nn.Module, backend: str) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------------------------------
 # building blocks
-
-
-class LayerNorm2d(nn.Module):
-    """Channels-first LayerNorm (§3.1): per pixel over channels, biased variance, eps 1e-6."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x):
-        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
 
 
 class ConvFFN(nn.Module):

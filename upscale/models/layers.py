@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def box_mean(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -82,3 +83,20 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Mirror-pad bottom/right so that both spatial sides become multiples of `multiple`."""
     h, w = x.shape[-2:]
     return mirror_pad(x, 0, (-w) % multiple, 0, (-h) % multiple)
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm of an NCHW map over its channels at each pixel (biased variance), with a per-channel affine.
+
+    eps 1e-6 as ESC and ASID use it (AGDN's own norm uses 1e-5 and its official `body.` key layout).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
