@@ -91,3 +91,10 @@ def agdn_eval(dataset: str, scale: int, protocol: str = "reference", tile: int |
     upscaler = Upscaler.load(registry.resolve("agdn", scale), device="cpu", protocol=protocol, tile=tile,
                              overlap=overlap)
     return evaluate(upscaler, root / "HR", root / "LR_bicubic" / f"X{scale}")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_in_subprocesses(monkeypatch):
+    """Console-script subprocesses run one OpenMP thread: their images are tiny, and on a shared 2-core
+    machine two threads made each tiny image 10x slower (0.06 s vs 0.4-1.2 s measured)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("UPSCALE_TEST_SUBPROCESS_THREADS", "1"))

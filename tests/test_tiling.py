@@ -137,7 +137,7 @@ def test_non_finite_tile_is_recomputed_in_fp32(agdn2):
         handle.remove()
         agdn2.protocol, agdn2.tile, agdn2.precision, agdn2.warn = "reference", None, "auto", True
     assert torch.isfinite(y).all()
-    assert agdn2.stats.fp32_fallbacks == 1 and agdn2.stats.precision == "bfloat16"
+    assert agdn2.stats.fp32_fallbacks == 1 and agdn2.stats.precision == "bf16"
 
 
 def test_bf16_on_cpu_runs_close_to_fp32(agdn2):

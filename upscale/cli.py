@@ -59,12 +59,14 @@ def _entry(model: str | None, scale: int | None, weights: str | None = None) -> 
         raise UsageProblem(str(e)) from None
 
 
-def _load_upscaler(entry, weights, device, protocol="reference", offline=False):
+def _load_upscaler(entry, weights, device, protocol="reference", offline=False, precision="auto", tile=None,
+                   overlap=16):
     from .engine import Upscaler
     from .weights import WeightsError
 
     try:
-        return Upscaler.load(entry, weights, device=device, protocol=protocol, offline=offline)
+        return Upscaler.load(entry, weights, device=device, protocol=protocol, offline=offline,
+                             precision=precision, tile=tile, overlap=overlap)
     except WeightsError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:
@@ -83,6 +85,13 @@ weights_option = click.option("--weights", type=click.Path(dir_okay=False), defa
                               help="A .safetensors weights file (the model is detected from it if -m is not given).")
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
+tile_option = click.option("--tile", type=int, default=None, metavar="N",
+                           help="Tile size in LR pixels (default: whole image when it fits the memory budget).")
+overlap_option = click.option("--overlap", type=int, default=16, show_default=True,
+                              help="Blend width across tile seams, LR pixels.")
+precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+                                show_default=True, help="auto: fp16 on CUDA, fp32 on the CPU; non-finite tiles "
+                                "are recomputed in fp32.")
 offline_option = click.option("--offline", is_flag=True, help="Never touch the network (HF_HUB_OFFLINE=1 too).")
 
 
@@ -101,7 +110,7 @@ def main():
 @main.command("run", epilog=EXIT_CODES)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("-o", "--output", default=None,
-              help="Output file (one input), folder, or - for stdout. Default: NAME_x<scale>.<ext> beside each input.")
+              help="Output file (one input), folder, or - for stdout. Default: NAME_x<scale>.png beside each input.")
 @click.option("--from-list", "from_list", default=None, metavar="FILE|-",
               help="Read input paths from FILE (or stdin), one per line.")
 @click.option("-r", "--recursive", is_flag=True, help="Walk sub-folders of folder inputs, mirroring them under -o.")
@@ -111,101 +120,138 @@ def main():
 @device_option
 @offline_option
 @click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]), default=None,
-              help="Output format (default: from -o's extension, else the input's format, else png).")
+              help="Output format (default: from -o's extension, else png).")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
 @click.option("--suffix", default=None, help="Output name suffix (default _x<scale>).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (an input is never overwritten).")
 @click.option("--skip-existing/--no-skip-existing", "skip_existing", default=None,
               help="Skip inputs whose output exists (default for folder inputs; a named file fails instead).")
-@click.option("--protocol", type=click.Choice(["reference", "whole"]), default="reference", show_default=True,
-              help="reference: the family's official test procedure; whole: one plain forward pass.")
+@click.option("--protocol", type=click.Choice(["auto", "reference", "whole", "tiled"]), default="auto",
+              show_default=True, help="auto: the family's official procedure on the whole image when it fits "
+              "the memory budget, else tiled with local statistics (--tile forces tiles).")
+@tile_option
+@overlap_option
+@precision_option
 @click.option("--allow-large", is_flag=True, help="Accept images above Pillow's decompression-bomb limit.")
 @click.option("--dry-run", is_flag=True, help="Print what would be done, touch nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout, then a summary object.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def run(inputs, output, from_list, recursive, model, scale, weights, device, offline, fmt, quality, suffix,
-        overwrite, skip_existing, protocol, allow_large, dry_run, as_json, quiet):
+        overwrite, skip_existing, protocol, tile, overlap, precision, allow_large, dry_run, as_json, quiet):
     """Upscale INPUT images: files, folders, globs, or - for image bytes on stdin."""
-    from .batch import STDIO, plan_jobs, read_list, run_jobs
+    # stdout carries data only: the image (-o -), the plan (--dry-run) or JSON lines (--json: one object per
+    # input, folder files that are not images included as "skipped", then a summary object). Everything
+    # else goes to stderr: one line per failure naming the file, per-image lines and a summary unless
+    # --quiet or --json, a progress bar only when stderr is a terminal. Ctrl-C or SIGTERM once the command
+    # runs (reading the list, planning, loading the model, upscaling) ends with a line saying what was done
+    # and exit code 130; the image being written when it came leaves no file behind.
+    from .batch import STDIO, plan_jobs, prepare_folder, read_list, run_jobs
 
     if overwrite and skip_existing:
         raise UsageProblem("--overwrite and --skip-existing contradict each other")
-    names = list(inputs)
-    if from_list:
-        if from_list == "-" and "-" in names:
-            raise UsageProblem("stdin cannot hold both the image list and an image")
-        try:
-            names += read_list(from_list, lambda: sys.stdin.read())
-        except OSError as e:
-            raise UsageProblem(f"{from_list}: cannot read the list ({e.strerror})") from None
-    if not names:
-        raise UsageProblem("no input given (pass images, folders, globs, - for stdin, or --from-list)")
-    if names.count("-") > 1:
-        raise UsageProblem("stdin (-) can be given once")
-    entry = _entry(model, scale, weights)
-    ext = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tif", "bmp": ".bmp"}.get(fmt)
-    plan = plan_jobs(names, output, entry.scale, suffix=suffix, ext=ext, recursive=recursive)
-    if output == "-" and len(plan.jobs) != 1:
-        raise UsageProblem(f"-o - (stdout) takes exactly one input, got {len(plan.jobs)}")
-    if output and output != "-" and len(plan.jobs) > 1 and Path(output).is_file():
-        raise UsageProblem(f"{output}: with several inputs, -o must be a folder")
-    if dry_run:
-        for job in plan.jobs:
-            state = "exists" if job.dest != STDIO and job.dest.exists() else "new"
-            click.echo(json.dumps({"input": str(job.source), "output": str(job.dest), "output_state": state})
-                       if as_json else f"{job.source} -> {job.dest} ({state})")
-        for path in plan.not_images:
-            click.echo(json.dumps({"input": str(path), "status": "skipped", "error": "not an image"})
-                       if as_json else f"{path}: not an image, skipped")
-        return
-
-    upscaler = _load_upscaler(entry, weights, device, protocol, offline)
-    protect = tuple(job.source for job in plan.jobs if job.source != STDIO)
-    provenance = {"model": entry.name, "variant": entry.title, "scale": entry.scale, "protocol": protocol,
-                  "device": str(upscaler.device), "precision": "fp32", "upscale": __version__}
-    base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
-                   "precision": "fp32", "protocol": protocol}
-
-    def process(job):
-        from .api import upscale_image
-        from .imageio import format_for, read_image, save_image
-
-        source = sys.stdin.buffer.read() if job.source == STDIO else job.source
-        image = read_image(source, allow_large=allow_large, name="<stdin>" if job.source == STDIO else None)
-        result = upscale_image(upscaler, image)
-        out_fmt = FORMATS[fmt] if fmt else (format_for(job.dest) if job.dest != STDIO else None) or "PNG"
-        save_image(result, "-" if job.dest == STDIO else job.dest, out_fmt, quality=quality, overwrite=overwrite,
-                   protect=protect, provenance=provenance)
-        return {}
-
-    progress = None
-    if not quiet and sys.stderr.isatty() and len(plan.jobs) > 1:
-        from rich.console import Console
-        from rich.progress import Progress
-
-        progress = Progress(console=Console(stderr=True), transient=True)
-        task = progress.add_task("upscaling", total=len(plan.jobs))
-        progress.start()
-
-    def report(outcome):
-        record = {**outcome.record(), **base_record}
-        if as_json:
-            click.echo(json.dumps(record))
-        if outcome.status == "failed":
-            _err(outcome.error.splitlines()[0] if outcome.error else "failed")
-        elif not quiet and not as_json and outcome.status == "ok" and output != "-":
-            click.echo(f"{outcome.job.source} -> {outcome.job.dest} ({entry.label}, {outcome.seconds:.2f} s)", err=True)
-        if progress is not None:
-            progress.advance(task)
-
+    if as_json and output == "-" and not dry_run:
+        raise UsageProblem("--json and -o - both need stdout; write the image to a file or drop --json")
+    outcomes: list = []
     interrupted = False
-    start = time.perf_counter()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    progress = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM ends a run as Ctrl-C does
     try:
-        outcomes = run_jobs(plan.jobs, process, overwrite=overwrite, skip_existing=skip_existing,
-                            on_outcome=report, errors=(ImageError, OSError, ValueError, RuntimeError))
-    except KeyboardInterrupt as e:
-        interrupted, outcomes = True, getattr(e, "outcomes", [])
+        names = list(inputs)
+        if from_list:
+            if from_list == "-" and "-" in names:
+                raise UsageProblem("stdin cannot hold both the image list and an image")
+            label = "<stdin>" if from_list == "-" else from_list
+            try:
+                names += read_list(from_list, lambda: sys.stdin.read())
+            except OSError as e:
+                raise UsageProblem(f"{label}: cannot read the list ({e.strerror or e})") from None
+            except UnicodeDecodeError:
+                raise UsageProblem(f"{label}: the list is not UTF-8 text (one path per line)") from None
+        if not names:
+            raise UsageProblem("no input given (pass images, folders, globs, - for stdin, or --from-list)")
+        if names.count("-") > 1:
+            raise UsageProblem("stdin (-) can be given once")
+        entry = _entry(model, scale, weights)
+        ext = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tif", "bmp": ".bmp"}.get(fmt)
+        plan = plan_jobs(names, output, entry.scale, suffix=suffix, ext=ext, recursive=recursive)
+        if output == "-" and len(plan.jobs) != 1:
+            raise UsageProblem(f"-o - (stdout) takes exactly one input, got {len(plan.jobs)}")
+        if output and output != "-" and len(plan.jobs) > 1 and Path(output).is_file():
+            raise UsageProblem(f"{output}: with several inputs, -o must be a folder")
+        if dry_run:
+            for job in plan.jobs:
+                state = "exists" if job.dest != STDIO and job.dest.exists() else "new"
+                click.echo(json.dumps({"input": str(job.source), "output": str(job.dest), "output_state": state})
+                           if as_json else f"{job.source} -> {job.dest} ({state})")
+            for path in plan.not_images:
+                click.echo(json.dumps({"input": str(path), "status": "skipped", "error": "not an image"})
+                           if as_json else f"{path}: not an image, skipped")
+            return
+
+        protect = tuple(job.source for job in plan.jobs if job.source != STDIO)
+        start = time.perf_counter()
+        try:
+            if tile is not None and protocol == "auto":
+                protocol = "tiled"
+            upscaler = _load_upscaler(entry, weights, device, protocol, offline, precision, tile, overlap)
+            base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
+                           "precision": upscaler.working_precision, "protocol": protocol, "tile": tile}
+
+            def process(job):
+                from .api import upscale_image
+                from .imageio import format_for, read_image, save_image
+
+                source = sys.stdin.buffer.read() if job.source == STDIO else job.source
+                image = read_image(source, allow_large=allow_large, name="<stdin>" if job.source == STDIO else None)
+                result = upscale_image(upscaler, image)
+                stats = upscaler.stats  # what this image actually ran with
+                used = {"protocol": stats.protocol, "tile": stats.tile, "precision": stats.precision,
+                        "fp32_fallbacks": stats.fp32_fallbacks}
+                provenance = {"model": entry.name, "variant": entry.title, "scale": entry.scale,
+                              "protocol": stats.protocol, "tile": stats.tile or "whole image",
+                              "precision": stats.precision, "device": str(upscaler.device), "upscale": __version__}
+                out_fmt = FORMATS[fmt] if fmt else (format_for(job.dest) if job.dest != STDIO else None) or "PNG"
+                prepare_folder(job)
+                save_image(result, "-" if job.dest == STDIO else job.dest, out_fmt, quality=quality,
+                           overwrite=overwrite, protect=protect, provenance=provenance)
+                return used
+
+            if not quiet and sys.stderr.isatty() and len(plan.jobs) > 1:
+                from rich.console import Console
+                from rich.progress import Progress
+
+                progress = Progress(console=Console(stderr=True), transient=True)
+                task = progress.add_task("upscaling", total=len(plan.jobs))
+                progress.start()
+
+            def report(outcome):
+                record = {**base_record, **outcome.record()}
+                if as_json:
+                    click.echo(json.dumps(record))
+                if outcome.status == "failed":
+                    message = (outcome.error or "failed").splitlines()[0]
+                    name = "<stdin>" if outcome.job.source == STDIO else str(outcome.job.source)
+                    if name not in message and str(outcome.job.dest) not in message:
+                        message = f"{name}: {message}"  # every failure line names its file
+                    _err(message)
+                elif not quiet and not as_json and outcome.status == "ok" and output != "-":
+                    click.echo(f"{outcome.job.source} -> {outcome.job.dest} ({entry.label}, "
+                               f"{outcome.seconds:.2f} s)", err=True)
+                if progress is not None:
+                    progress.advance(task)
+
+            if as_json:
+                for path in plan.not_images:
+                    click.echo(json.dumps({"input": str(path), "output": None, "status": "skipped",
+                                           "error": "not an image", **base_record, "seconds": 0.0}))
+            outcomes = run_jobs(plan.jobs, process, overwrite=overwrite, skip_existing=skip_existing,
+                                on_outcome=report,
+                                errors=(ImageError, OSError, ValueError, RuntimeError, MemoryError))
+        except KeyboardInterrupt as e:  # while loading the model or upscaling: report below
+            interrupted, outcomes = True, getattr(e, "outcomes", outcomes)
+    except KeyboardInterrupt:  # while reading the list or planning
+        click.echo("interrupted: nothing done", err=True)
+        sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if progress is not None:
@@ -217,7 +263,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
     if as_json:
         click.echo(json.dumps(summary))
     if interrupted:
-        click.echo(f"interrupted: {counts['ok']} done, {counts['failed']} failed, "
+        click.echo(f"interrupted: {counts['ok']} done, {counts['skipped']} skipped, {counts['failed']} failed, "
                    f"{summary['not_started']} not started; no partial file left", err=True)
         sys.exit(130)
     if not quiet and not as_json and (len(plan.jobs) > 1 or plan.not_images):
@@ -269,14 +315,21 @@ def convert(checkpoint, output, model, scale, key, overwrite):
               help="Folder of high-resolution ground-truth images.")
 @click.option("--lr", "lr_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder of LR images (default: made from HR with MATLAB-style bicubic).")
-@click.option("--protocol", type=click.Choice(["reference", "whole"]), default="reference", show_default=True,
-              help="reference: the family's official test procedure (what the papers report).")
+@click.option("--protocol", type=click.Choice(["reference", "whole", "tiled"]), default="reference",
+              show_default=True, help="reference: the family's official test procedure (what the papers report); "
+              "tiled: our tiled engine (--tile implies it).")
+@tile_option
+@overlap_option
+@precision_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protocol, as_json):
+def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protocol, tile, overlap, precision, as_json):
     """PSNR / SSIM (Y channel, border = scale) of a model on an HR folder."""
     from .evaluation import evaluate
 
-    upscaler = _load_upscaler(_entry(model, scale, weights), weights, device, protocol, offline)
+    if tile is not None:
+        protocol = "tiled"
+    upscaler = _load_upscaler(_entry(model, scale, weights), weights, device, protocol, offline, precision, tile,
+                              overlap)
     try:
         result = evaluate(upscaler, hr_dir, lr_dir)
     except ImageError as e:
@@ -287,7 +340,8 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{upscaler.entry.label}, protocol {protocol}, LR: {result.lr_source}")
+    tiles = f" (tile {tile}, overlap {overlap})" if protocol == "tiled" else ""
+    table = Table(title=f"{upscaler.entry.label}, protocol {protocol}{tiles}, LR: {result.lr_source}")
     for col in ("image", "LR size", "PSNR-Y (dB)", "SSIM-Y"):
         table.add_column(col, justify="left" if col == "image" else "right")
     for s in result.images:
@@ -328,9 +382,17 @@ def models(as_json):
 @main.command()
 @click.argument("model")
 @scale_option
-def fetch(model, scale):
-    """Download, verify (sha256) and convert the official weights of MODEL into the cache."""
+@click.option("--force", is_flag=True, help="Download again even when the weights are cached.")
+def fetch(model, scale, force):
+    """Download, verify (sha256) and convert the official weights of MODEL into the cache.
+
+    \b
+    UPSCALE_CACHE_DIR     where converted weights are cached
+    UPSCALE_MIRROR        fetch https://HOST/PATH from $UPSCALE_MIRROR/HOST/PATH instead
+    UPSCALE_DOWNLOAD_TIMEOUT, HF_HUB_OFFLINE=1 (never touch the network)
+    """
     from .weights import WeightsError, resolve_weights
+    from .weights import fetch as fetch_weights
 
     try:
         entries = [registry.resolve(model, scale)] if scale else [
@@ -339,12 +401,24 @@ def fetch(model, scale):
         raise UsageProblem(str(e)) from None
     failed = 0
     for entry in entries:
+        progress = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import Progress
+
+            progress = Progress(console=Console(stderr=True), transient=True)
+            task = progress.add_task(entry.label, total=None)
+            progress.start()
         try:
-            path = resolve_weights(entry)
+            report = (lambda done, total: progress.update(task, completed=done, total=total)) if progress else None
+            path = fetch_weights(entry, progress=report, force=True) if force else resolve_weights(entry, progress=report)
             click.echo(f"{entry.label}: {path}", err=True)
         except WeightsError as e:
             failed += 1
             _err(str(e))
+        finally:
+            if progress is not None:
+                progress.stop()
     if failed:
         sys.exit(1)
 

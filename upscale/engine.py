@@ -127,6 +127,11 @@ class Upscaler:
             return torch.float16 if self.device.type == "cuda" else torch.float32
         return DTYPES[self.precision]
 
+    @property
+    def working_precision(self) -> str:
+        """"fp32", "fp16" or "bf16": what "auto" means on this device."""
+        return next(name for name, dtype in DTYPES.items() if dtype == self._dtype())
+
     def _forward(self, fn, x: torch.Tensor) -> torch.Tensor:
         """fn(x) in the working precision; a non-finite result is recomputed in fp32."""
         dtype = self._dtype()
@@ -161,7 +166,7 @@ class Upscaler:
         if protocol == "auto":
             fits = x.shape[-2] * x.shape[-1] * self._bytes_per_pixel() <= memory_budget(self.device)
             protocol = "reference" if fits and self.tile is None else "tiled"
-        self.stats = RunStats(protocol=protocol, precision=str(self._dtype()).replace("torch.", ""))
+        self.stats = RunStats(protocol=protocol, precision=self.working_precision)
         if protocol == "tiled":
             y = self._run_tiled(x)
         else:
