@@ -662,7 +662,11 @@ def pillow_planes(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool,
 def quantise(x: np.ndarray, bits: int) -> np.ndarray:
     """[0, 1] floats to uint8 (metrics.to_uint8: half-to-even) or uint16 (round(x * 65535))."""
     if bits == 16:
-        return np.round(np.clip(x, 0.0, 1.0) * 65535.0).astype(np.uint16)
+        out = np.empty(x.shape, dtype=np.uint16)
+        for start in range(0, max(1, x.shape[0]), 256):  # row blocks keep temporaries small
+            block = np.clip(x[start : start + 256], 0.0, 1.0) * 65535.0
+            out[start : start + 256] = np.round(block, out=block)
+        return out
     from .metrics import to_uint8
 
     return to_uint8(np.asarray(x, dtype=np.float32))

@@ -88,6 +88,9 @@ def shave(img: np.ndarray, border: int) -> np.ndarray:
     return img[border : h - border, border : w - border, ...]
 
 
+ROWS_PER_BLOCK = 256
+
+
 def to_uint8(img: torch.Tensor | np.ndarray) -> np.ndarray:
     """Quantise a [0, 1] float image the way the SR papers quantise their outputs.
 
@@ -114,11 +117,15 @@ def to_uint8(img: torch.Tensor | np.ndarray) -> np.ndarray:
         a = t.contiguous().numpy()
     else:
         a = np.asarray(img)
-        if a.dtype != np.float64:
-            a = a.astype(np.float32)
-    a = np.clip(a, 0.0, 1.0)
-    scaled = a * a.dtype.type(255.0)
-    return np.round(scaled).astype(np.uint8)
+    out = np.empty(a.shape, dtype=np.uint8)
+    work = np.float64 if a.dtype == np.float64 else np.float32
+    # row blocks: an upscaled photo is gigabytes of floats; whole-array temporaries would multiply that
+    for start in range(0, max(1, a.shape[0]), ROWS_PER_BLOCK):
+        block = np.clip(a[start : start + ROWS_PER_BLOCK].astype(work, copy=False), 0.0, 1.0)
+        block *= work(255.0)
+        np.round(block, out=block)
+        out[start : start + ROWS_PER_BLOCK] = block
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
