@@ -227,6 +227,10 @@ def run_tiles(fn: Callable[[torch.Tensor, list[Tile]], torch.Tensor], x: torch.T
                 weight = (wr[:, None] * wc[None, :]).to(torch.float32)
                 piece = y[j * n : (j + 1) * n].to(out.device, torch.float32)
                 out[..., top:bottom, left:right] += piece * weight.to(out.device)
-    # tiles form a grid of row spans x column spans, so the total weight is separable
-    out /= (rows_total[:, None] * cols_total[None, :]).to(out.device, torch.float32)
+    # tiles form a grid of row spans x column spans, so the total weight is separable; divide in row blocks
+    # so that no full-size weight map is ever allocated (a 24 MP photo's output is gigabytes)
+    cols = cols_total.to(out.device, torch.float32)
+    for r0 in range(0, out.shape[-2], 256):
+        rows = rows_total[r0 : r0 + 256].to(out.device, torch.float32)
+        out[..., r0 : r0 + 256, :] /= rows[:, None] * cols[None, :]
     return out
