@@ -103,7 +103,7 @@ def main():
     \b
     upscale photo.jpg                  writes photo_x4.png beside it (AGDN x4)
     upscale photo.jpg -m esc -s 2 -o big.png
-    upscale models | fetch | convert | eval
+    upscale models | fetch | convert | eval | bench
     """
 
 
@@ -421,6 +421,53 @@ def fetch(model, scale, force):
                 progress.stop()
     if failed:
         sys.exit(1)
+
+
+@main.command(epilog=EXIT_CODES)
+@click.option("-m", "--model", default="agdn", show_default=True, metavar="MODEL", help="Model variant.")
+@scale_option
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="A .safetensors weights file.")
+@click.option("--random-weights", is_flag=True, help="Time with random weights (no weights file needed).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
+@offline_option
+@click.option("--size", "sizes", multiple=True, default=("128x128",), show_default=True, metavar="HxW",
+              help="LR input size; repeat for several.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@tile_option
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--threads", type=int, default=None, help="Torch threads (default: the number of cores).")
+@click.option("--no-reference", is_flag=True, help="Skip the straight reference implementation.")
+@click.option("--folder-images", type=click.IntRange(0), default=3, show_default=True,
+              help="Images in the end-to-end folder run (decode, infer, encode, write).")
+@click.option("--force", is_flag=True, help="Time even when the CPU is already busy (results marked busy).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per case on stdout.")
+def bench(model, scale, weights, random_weights, device, offline, sizes, precision, tile, repeats, warmup, threads,
+          no_reference, folder_images, force, as_json):
+    """Latency, output MP/s and peak memory, median over repeats, beside the straight reference path."""
+    from .bench import MachineBusyError, format_table, run_bench
+
+    try:
+        parsed = [tuple(int(v) for v in size.lower().split("x")) for size in sizes]
+    except ValueError:
+        raise UsageProblem(f"--size takes HxW, e.g. 128x128 (got {', '.join(sizes)})") from None
+    try:
+        results = run_bench(model, scale, sizes=parsed, device=device, precision=precision, tile=tile,
+                            repeats=repeats, warmup=warmup, reference_impl=not no_reference, threads=threads,
+                            weights="random" if random_weights else weights, offline=offline,
+                            folder_images=folder_images, force=force,
+                            log=None if as_json else (lambda line: click.echo(line, err=True)))
+    except MachineBusyError as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:
+        raise UsageProblem(str(e)) from None
+    if as_json:
+        for row in results:
+            click.echo(json.dumps(row))
+        return
+    from rich.console import Console
+
+    format_table(results, Console(soft_wrap=True))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,381 @@
+"""`upscale bench`: latency, throughput and peak memory of a model, its fast path beside its straight path.
+
+`run_bench` times `Upscaler.run` (the call the CLI and the API make) on generated images, after warm-up, and
+reports the median and the spread (min, max, quartiles) over the repeats. For models with a fast inference
+path (AGDN: `upscale.models.agdn.set_fast`) the straight reference implementation is timed in the same run,
+interleaved repeat by repeat, so the "speed-up vs straight path" is measured side by side under the same
+machine conditions. It also times an end-to-end folder run (decode, infer, encode, write) on a few generated
+PNGs. Results are JSON-able dicts (one per case and implementation, plus one per folder run);
+`format_table` renders them for people.
+
+Timing is only meaningful on a quiet machine: before anything runs, `run_bench` measures how busy the CPUs
+already are (other processes' share of the CPU time over a short window, from /proc/stat; the 1-minute load
+average is reported too) and refuses with `MachineBusyError` when that exceeds `busy_threshold`, unless
+`force=True`; forced results carry `"busy": true`, as do results after which the CPUs were found busy. Torch threads are pinned for the run (default: the CPUs this process may use)
+and restored afterwards.
+
+Memory: on CUDA, `torch.cuda.max_memory_allocated` (reset before each case). On the CPU, the resident-set
+high-water mark of the whole process (`VmHWM`), reset before each case where the kernel allows it
+(`/proc/self/clear_refs`), else the lifetime peak (`ru_maxrss`): process-wide, so it includes the model,
+PyTorch itself and anything else the process holds.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+__all__ = ["MachineBusyError", "run_bench", "format_table", "cpu_busy", "parse_size"]
+
+
+class MachineBusyError(RuntimeError):
+    """The CPUs are already busy: timings would measure the other processes, not the model."""
+
+
+# -- machine state ---------------------------------------------------------------------------------------------
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def cpu_busy(interval: float = 0.5) -> dict[str, float]:
+    """How busy the machine is without us: other processes' CPU share over `interval` seconds (0..1 per
+    core, from /proc/stat minus this process's own CPU time) and the 1-minute load average per core."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] / cores if hasattr(os, "getloadavg") else 0.0
+    before, own_before = _cpu_jiffies(), time.process_time()
+    time.sleep(interval)
+    after, own_after = _cpu_jiffies(), time.process_time()
+    if before is None or after is None or after[1] == before[1]:
+        return {"others": load, "load_per_core": load}
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = (after[0] - before[0]) - (own_after - own_before) * hz
+    return {"others": max(0.0, busy / (after[1] - before[1])), "load_per_core": load}
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    """Reset the process's RSS high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_peak_mb() -> float:
+    hwm = _status_kb("VmHWM")
+    if hwm is None:
+        import resource
+
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return hwm / 1024
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"128", "128x96" (height x width) -> (h, w)."""
+    parts = text.lower().replace("*", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"size {text!r}: expected N or HxW") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"size {text!r}: sides must be positive")
+    return h, w
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else (ordered[0],) * 3
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "q1": q1, "q3": q3}
+
+
+def _synthetic_image(h: int, w: int, seed: int):
+    """A deterministic photo-like test image (smooth shading, edges and some texture) as (1, 3, h, w) in [0, 1]."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    base = torch.stack([0.5 + 0.4 * torch.sin(6.3 * xx + p) * torch.cos(4.1 * yy - p) for p in (0.0, 1.1, 2.3)])
+    edges = ((xx * 7 + yy * 3).floor() % 2) * 0.2
+    texture = 0.08 * torch.rand(3, h, w, generator=g)
+    return (base + edges + texture).clamp(0, 1)[None]
+
+
+def _straight_twin(up):
+    """An Upscaler running the straight reference implementation with the same weights, or None for models
+    without a separate fast path. Built through the family's constructor (`fast=False`), not by flipping a
+    flag on the loaded model."""
+    import dataclasses
+
+    from .models import get_architecture
+
+    if not getattr(up.model, "fast", False):
+        return None
+    entry = up.entry
+    twin = get_architecture(entry.family).build(entry.name, entry.scale, {**entry.hparams, "fast": False})
+    twin.load_state_dict(up.model.state_dict(), strict=True)
+    twin = twin.to(up.device).eval().requires_grad_(False)
+    return dataclasses.replace(up, model=twin, stats=type(up.stats)())
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _load(model: str, scale: int, weights: str | None, device: str, precision: str, tile: int | None,
+          offline: bool):
+    from . import registry
+    from .engine import Upscaler
+    from .weights import build_model
+
+    entry = registry.resolve(model, scale)
+    protocol = "tiled" if tile else "reference"
+    if weights == "random":  # timing does not depend on the weights: no download needed
+        import torch
+
+        from .engine import pick_device
+
+        torch.manual_seed(0)
+        dev = pick_device(device)
+        net = build_model(entry).eval().requires_grad_(False).to(dev)
+        return Upscaler(entry, net, dev, protocol=protocol, precision=precision, tile=tile)
+    return Upscaler.load(entry, weights, device=device, protocol=protocol, offline=offline, precision=precision,
+                         tile=tile)
+
+
+# -- the benchmark --------------------------------------------------------------------------------------------------
+
+def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, int] | str] = ((128, 128),),
+              device: str = "cpu", precision: str = "fp32", tile: int | None = None, repeats: int = 5,
+              warmup: int = 1, reference_impl: bool = True, threads: int | None = None, *,
+              weights: str | None = None, offline: bool = False, folder_images: int = 3,
+              folder_size: tuple[int, int] | None = None, force: bool = False, busy_threshold: float = 0.5,
+              busy_interval: float = 1.0, seed: int = 0, log=None) -> list[dict[str, Any]]:
+    """Time `model` x`scale` on generated images of each size (h, w) in LR pixels.
+
+    Returns one dict per (size, implementation): "impl" is "fast" (the default inference path) or "straight"
+    (the reference implementation, only for models that have both and with `reference_impl`); then one
+    "folder" dict (end-to-end: decode, infer, encode, write `folder_images` PNGs of `folder_size`, default
+    the first size; 0 skips it). Latency is seconds per image; "mpix_per_s" counts output pixels.
+    `weights`: a .safetensors file, None for the zoo's, or "random" (no file needed; timing is the same).
+    `threads`: torch CPU threads for the run (default: the CPUs available to this process).
+    Raises MachineBusyError when other processes already use more than `busy_threshold` of the CPUs
+    (measured over `busy_interval` seconds before anything runs), unless `force`. `log`: a callable taking progress lines (e.g. print to
+    stderr), or None.
+    """
+    import torch
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    sizes = [parse_size(s) if isinstance(s, str) else (int(s[0]), int(s[1])) for s in sizes]
+    if not sizes:
+        raise ValueError("give at least one size")
+    n_threads = int(threads) if threads else available_cpus()
+    say = log or (lambda line: None)
+
+    busy = cpu_busy(busy_interval)
+    # the direct measurement decides; the 1-minute load average lags (it still counts processes that just
+    # ended) and is only reported
+    too_busy = busy["others"] > busy_threshold
+    if too_busy:
+        message = (f"the CPUs are already busy (other processes use {busy['others']:.0%} of each core, load average "
+                   f"{busy['load_per_core']:.2f} per core; limit {busy_threshold:.2f}): timings would be "
+                   f"meaningless")
+        if not force:
+            raise MachineBusyError(message + "; wait for a quiet machine or pass force")
+        print(f"upscale bench: WARNING: {message}; timing anyway (force)", file=sys.stderr)
+
+    up = _load(model, scale, weights, device, precision, tile, offline)
+    twin = _straight_twin(up) if reference_impl else None
+    runners = {"fast": up, "straight": twin} if twin is not None else {"fast": up}
+    impls = list(runners)
+    straight = twin is not None
+    common = {"model": up.entry.name, "scale": up.scale, "device": str(up.device), "precision": precision,
+              "tile": tile, "threads": n_threads, "repeats": repeats, "warmup": warmup, "busy": too_busy,
+              "cpu_busy_before": round(busy["others"], 3), "load_per_core_before": round(busy["load_per_core"], 3)}
+    results: list[dict[str, Any]] = []
+    memory_kind = ("torch.cuda.max_memory_allocated" if up.device.type == "cuda"
+                   else "process RSS high-water mark (VmHWM, whole process)")
+    with _threads(n_threads):
+        for h, w in sizes:
+            x = _synthetic_image(h, w, seed)
+            times: dict[str, list[float]] = {impl: [] for impl in impls}
+            peaks: dict[str, tuple[float, float | None]] = {}
+            for impl, runner in runners.items():  # warm-up (and the memory peak of one call) per implementation
+                if up.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(up.device)
+                    base = torch.cuda.memory_allocated(up.device)
+                else:
+                    reset = _reset_cpu_peak()
+                    base = (_status_kb("VmRSS") or 0) * 1024
+                for _ in range(max(1, warmup)):
+                    runner.run(x)
+                    _sync(up.device)
+                if up.device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(up.device) / 2**20
+                    peaks[impl] = (peak, peak - base / 2**20)
+                else:
+                    peak = _cpu_peak_mb()
+                    peaks[impl] = (peak, max(0.0, peak - base / 2**20) if reset else None)
+            for r in range(repeats):  # interleaved, so both implementations see the same machine
+                for impl, runner in runners.items():
+                    _sync(up.device)
+                    t0 = time.perf_counter()
+                    runner.run(x)
+                    _sync(up.device)
+                    times[impl].append(time.perf_counter() - t0)
+                say(f"{up.entry.label} {h}x{w}: repeat {r + 1}/{repeats}")
+            out_mpix = (h * up.scale) * (w * up.scale) / 1e6
+            for impl in impls:
+                lat = _spread(times[impl])
+                row = {"kind": "latency", **common, "impl": impl, "size": [h, w],
+                       "output_size": [h * up.scale, w * up.scale], "latency_s": lat,
+                       "mpix_per_s": {k: out_mpix / v for k, v in lat.items() if k in ("median", "min", "max")},
+                       "peak_memory_mb": round(peaks[impl][0], 1),
+                       "peak_memory_extra_mb": None if peaks[impl][1] is None else round(peaks[impl][1], 1),
+                       "memory_kind": memory_kind, "times_s": times[impl], "protocol": runners[impl].stats.protocol}
+                results.append(row)
+            if straight:
+                fast_row, straight_row = results[-2], results[-1]
+                speed = straight_row["latency_s"]["median"] / fast_row["latency_s"]["median"]
+                fast_row["speedup_vs_straight"] = straight_row["speedup_vs_straight"] = speed
+        if folder_images:
+            results.append(_folder_run(up, folder_size or sizes[0], folder_images, seed, common, say))
+    # checked again afterwards (other processes only: the load average now includes this run itself)
+    if too_busy or cpu_busy(0.2)["others"] > busy_threshold:
+        for row in results:
+            row["busy"] = True
+    return results
+
+
+def _folder_run(up, size: tuple[int, int], count: int, seed: int, common: dict, say) -> dict[str, Any]:
+    """Decode, upscale, encode and write `count` generated PNGs, as `upscale FOLDER -o OUT` does."""
+    import numpy as np
+    from PIL import Image
+
+    from .api import upscale_image
+    from .imageio import read_image, save_image
+
+    h, w = size
+    with tempfile.TemporaryDirectory(prefix="upscale-bench-") as tmp:
+        src, dst = Path(tmp, "in"), Path(tmp, "out")
+        src.mkdir()
+        dst.mkdir()
+        for i in range(count):
+            rgb = _synthetic_image(h, w, seed + i)[0].permute(1, 2, 0).numpy()
+            Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(src / f"img{i:03d}.png")
+        per_image = []
+        t0 = time.perf_counter()
+        for path in sorted(src.iterdir()):
+            t = time.perf_counter()
+            result = upscale_image(up, read_image(path))
+            save_image(result, dst / path.name, "PNG", overwrite=True)
+            per_image.append(time.perf_counter() - t)
+        total = time.perf_counter() - t0
+        written = sum(1 for _ in dst.iterdir())
+    say(f"{up.entry.label} folder of {count} x {h}x{w}: {total:.2f} s")
+    return {"kind": "folder", **common, "impl": "fast" if getattr(up.model, "fast", False) else "default",
+            "size": [h, w], "images": count, "written": written, "seconds_total": total,
+            "seconds_per_image": _spread(per_image)}
+
+
+# -- presentation -------------------------------------------------------------------------------------------------
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f}"
+
+
+def format_table(results: list[dict[str, Any]], console=None):
+    """A rich Table of `run_bench` results; printed to `console` when given (else returned only)."""
+    from rich.table import Table
+
+    title = "upscale bench"
+    if results:
+        r = results[0]
+        title += f": {r['model']} x{r['scale']} on {r['device']}, {r['precision']}, {r['threads']} threads"
+        if r.get("tile"):
+            title += f", tile {r['tile']}"
+    table = Table(title=title)
+    for name, justify in (("case", "left"), ("impl", "left"), ("latency ms: median", "right"),
+                          ("min-max", "right"), ("IQR", "right"), ("out MP/s", "right"),
+                          ("peak mem MB", "right"), ("speed-up", "right")):
+        table.add_column(name, justify=justify)
+    for r in results:
+        h, w = r["size"]
+        if r["kind"] == "latency":
+            lat = r["latency_s"]
+            speed = r.get("speedup_vs_straight")
+            table.add_row(f"{h}x{w}", r["impl"], _ms(lat["median"]), f"{_ms(lat['min'])}-{_ms(lat['max'])}",
+                          f"{_ms(lat['q1'])}-{_ms(lat['q3'])}", f"{r['mpix_per_s']['median']:.2f}",
+                          f"{r['peak_memory_mb']:.0f}",
+                          "" if speed is None else (f"{speed:.2f}x" if r["impl"] == "fast" else "1.00x"))
+        else:
+            per = r["seconds_per_image"]
+            table.add_row(f"folder {r['images']} x {h}x{w}", f"{r['impl']} end-to-end", _ms(per["median"]),
+                          f"{_ms(per['min'])}-{_ms(per['max'])}", f"{_ms(per['q1'])}-{_ms(per['q3'])}",
+                          f"{r['images'] * h * w * r['scale'] ** 2 / 1e6 / r['seconds_total']:.2f}", "", "")
+    notes = []
+    if results and results[0]["kind"] == "latency" and results[0]["device"] == "cpu":
+        notes.append("peak mem: " + results[0]["memory_kind"])
+    if any(r.get("busy") for r in results):
+        notes.append("WARNING: the machine was busy; these timings are not reliable")
+    if notes:
+        table.caption = "; ".join(notes)
+    if console is not None:
+        console.print(table)
+    return table
