@@ -80,6 +80,15 @@ def _test_threads():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_kernels_built_once():
+    """Build (or find) the fused CPU kernels before any test runs, so that the console-script subprocesses
+    find them in the cache instead of each compiling them again."""
+    from upscale import kernels
+
+    kernels.load()
+
+
 @functools.cache
 def agdn_eval(dataset: str, scale: int, protocol: str = "reference", tile: int | None = None, overlap: int = 16):
     """`upscale eval`'s code path (Upscaler + evaluate) on a benchmark set; cached across test modules."""

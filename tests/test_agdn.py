@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import REPO, assert_matches_golden, golden_case_names, load_golden
-from upscale import registry
+from upscale import kernels, registry
 from upscale.models import get_architecture
 from upscale.models.agdn import tlc_origins
 from upscale.models.base import Placement
@@ -24,26 +24,30 @@ def _variant(case) -> str:
     return "agdn-s" if case.meta["variant"] == "AGDN_S" or "_s_" in case.name else "agdn"
 
 
-def _model(case, tlc: bool, fast: bool = True):
+def _model(case, tlc: bool, impl: str = "kernels"):
+    """impl: "kernels" (the default: fast path on the fused CPU kernels where they build), "fast" (the fast
+    path in eager PyTorch) or "straight" (the reference implementation)."""
     entry = registry.resolve(_variant(case), case.meta["scale"])
-    hparams = dict(entry.hparams, tlc_window=entry.hparams["tlc_window"] if tlc else None, fast=fast)
+    hparams = dict(entry.hparams, tlc_window=entry.hparams["tlc_window"] if tlc else None, fast=impl != "straight")
     model = ARCH.build(entry.name, entry.scale, hparams)
     model.load_state_dict(case.weights, strict=True)
+    model.use_kernels = impl == "kernels"
     return model
 
 
-@pytest.mark.parametrize("impl", ["fast", "straight"])
+@pytest.mark.parametrize("impl", ["kernels", "fast", "straight"])
 @pytest.mark.parametrize("name", golden_case_names("agdn") or ["<missing>"])
 def test_matches_official_outputs(name, impl):
     case = load_golden("agdn", name)
     io = case.io
-    fast = impl == "fast"
+    if impl == "kernels" and kernels.load() is None:
+        pytest.skip(f"fused CPU kernels unavailable: {kernels.status()}")
     with torch.inference_mode():
         if "sr_raw" in io:  # TLC off: attention global over the whole input
-            model = _model(case, tlc=False, fast=fast)
-            assert model.uses_fast_path(io["lr"]) == fast
+            model = _model(case, tlc=False, impl=impl)
+            assert model.uses_fast_path(io["lr"]) == (impl != "straight")
             assert_matches_golden(model(io["lr"]), io["sr_raw"], case.tolerance, f"{name} sr_raw {impl}")
-        model = _model(case, tlc=True, fast=fast)
+        model = _model(case, tlc=True, impl=impl)
         if "sr_raw_tlc" in io:
             assert_matches_golden(model(io["lr"]), io["sr_raw_tlc"], case.tolerance, f"{name} sr_raw_tlc {impl}")
         assert_matches_golden(ARCH.reference_forward(model, io["lr_protocol"]), io["sr_protocol"],
@@ -124,16 +128,21 @@ def _placement(kind, x):
     return None if kind is None else Placement((x.shape[-2] + 30, x.shape[-1] + 12), (12, 6))
 
 
+@pytest.mark.parametrize("impl", ["kernels", "eager"])
 @pytest.mark.parametrize("placement", PLACEMENT_CASES)
 @pytest.mark.parametrize("scale,size,seed", [(4, (37, 53), 0), (2, (37, 53), 1), (4, (15, 15), 2), (4, (64, 96), 3),
                                              (2, (57, 130), 4)])
-def test_fast_path_equals_straight_path_on_random_images(agdn_models, scale, size, seed, placement):
-    model = agdn_models[scale]
+def test_fast_path_equals_straight_path_on_random_images(agdn_models, scale, size, seed, placement, impl):
+    """Both versions of the fast path: on the fused CPU kernels and in eager PyTorch."""
+    if impl == "kernels" and kernels.load() is None:
+        pytest.skip(f"fused CPU kernels unavailable: {kernels.status()}")
+    model = copy.copy(agdn_models[scale])  # shallow: shares the weights, own use_kernels flag
+    model.use_kernels = impl == "kernels"
     x = _random_smooth(*size, seed)
     pl = _placement(placement, x)
     with torch.inference_mode():
         assert model.uses_fast_path(x)
-        _close(model(x, pl), model(x, pl, fast=False), 1e-5, 2e-6, f"x{scale} {size} {placement}")
+        _close(model(x, pl), model(x, pl, fast=False), 1e-5, 2e-6, f"x{scale} {size} {placement} {impl}")
 
 
 @pytest.mark.parametrize("placement", PLACEMENT_CASES)

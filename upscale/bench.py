@@ -246,7 +246,9 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
     straight = twin is not None
     common = {"model": up.entry.name, "scale": up.scale, "device": str(up.device), "precision": precision,
               "tile": tile, "threads": n_threads, "repeats": repeats, "warmup": warmup, "busy": too_busy,
-              "cpu_busy_before": round(busy["others"], 3), "load_per_core_before": round(busy["load_per_core"], 3)}
+              "cpu_busy_before": round(busy["others"], 3), "load_per_core_before": round(busy["load_per_core"], 3),
+              # what the fast path ran on (AGDN on the CPU: the fused kernels, or why not)
+              "cpu_kernels": _kernels_status(up)}
     results: list[dict[str, Any]] = []
     memory_kind = ("torch.cuda.max_memory_allocated" if up.device.type == "cuda"
                    else "process RSS high-water mark (VmHWM, whole process)")
@@ -340,6 +342,15 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.1f}"
 
 
+def _kernels_status(up) -> str | None:
+    """What the fast path runs on, for models that have fused CPU kernels (AGDN) on the CPU."""
+    if up.device.type != "cpu" or not getattr(up.model, "use_kernels", False):
+        return None
+    from . import kernels
+
+    return kernels.status()
+
+
 def format_table(results: list[dict[str, Any]], console=None):
     """A rich Table of `run_bench` results; printed to `console` when given (else returned only)."""
     from rich.table import Table
@@ -372,6 +383,8 @@ def format_table(results: list[dict[str, Any]], console=None):
     notes = []
     if results and results[0]["kind"] == "latency" and results[0]["device"] == "cpu":
         notes.append("peak mem: " + results[0]["memory_kind"])
+    if results and results[0].get("cpu_kernels"):
+        notes.append("fast path on " + results[0]["cpu_kernels"])
     if any(r.get("busy") for r in results):
         notes.append("WARNING: the machine was busy; these timings are not reliable")
     if notes:

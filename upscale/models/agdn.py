@@ -6,13 +6,16 @@ Section numbers in comments refer to the spec.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .base import Architecture, Placement, TilingSpec
 from .layers import bilinear_at, box_mean
 
@@ -186,6 +189,21 @@ def tlc_origins(size: int, window: int) -> list[int]:
     return origins
 
 
+def tlc_spans(window: int | None, h: int, w: int, placement: Placement | None) -> tuple[list[tuple[int, int]], ...]:
+    """TLC window extents along rows and columns of an h x w map: the whole image's grid, clipped to the tile.
+    The windows are every (row span, column span) pair; without TLC (window None), one span per axis."""
+    if window is None:
+        return [(0, h)], [(0, w)]
+    (big_h, big_w), (oy, ox) = (placement.image_size, placement.offset) if placement else ((h, w), (0, 0))
+
+    def spans(n_tile, n_image, offset):
+        k = min(n_image, window)
+        clipped = [(max(o - offset, 0), min(o - offset + k, n_tile)) for o in tlc_origins(n_image, k)]
+        return [(a, b) for a, b in clipped if a < b]
+
+    return spans(h, big_h, oy), spans(w, big_w, ox)
+
+
 class SparseAttention(nn.Module):
     """Channel attention with ReLU instead of softmax (§4.3), global or over the TLC window grid (§6)."""
 
@@ -207,18 +225,7 @@ class SparseAttention(nn.Module):
         return (attn @ v).reshape(*lead, c3 // 3, h, w)
 
     def _spans(self, h: int, w: int, placement: Placement | None) -> tuple[list[tuple[int, int]], ...]:
-        """TLC window extents along rows and columns of this map: the whole image's grid, clipped to the tile.
-        The windows are every (row span, column span) pair; without TLC, one span covering each axis."""
-        if self.tlc_window is None:
-            return [(0, h)], [(0, w)]
-        (big_h, big_w), (oy, ox) = (placement.image_size, placement.offset) if placement else ((h, w), (0, 0))
-
-        def spans(n_tile, n_image, offset):
-            k = min(n_image, self.tlc_window)
-            clipped = [(max(o - offset, 0), min(o - offset + k, n_tile)) for o in tlc_origins(n_image, k)]
-            return [(a, b) for a, b in clipped if a < b]
-
-        return spans(h, big_h, oy), spans(w, big_w, ox)
+        return tlc_spans(self.tlc_window, h, w, placement)
 
     def _windows(self, h: int, w: int, placement: Placement | None) -> list[tuple[int, int, int, int]]:
         """TLC windows (top, bottom, left, right) in this map, row-major."""
@@ -329,7 +336,11 @@ class AGDN(nn.Module):
         #: inference takes the fast path (see "fast path" below) unless False: then the straight reference
         #: implementation, which follows the official operation order module by module
         self.fast = fast
+        #: on the CPU in float32, the fast path runs on the fused kernels of `upscale.kernels` when they can be
+        #: built (False: the eager PyTorch version of the fast path, which computes the same values)
+        self.use_kernels = True
         self._fast_cache: tuple | None = None  # folded weights, rebuilt when a parameter changes
+        self._workspace: _Workspace | None = None  # the fused-kernel path's scratch for the last input size
         self.register_load_state_dict_post_hook(_clear_fast_cache)
 
     def uses_fast_path(self, x: torch.Tensor, fast: bool | None = None) -> bool:
@@ -349,6 +360,9 @@ class AGDN(nn.Module):
         follows the official operation order one module at a time.
         """
         if self.uses_fast_path(x, fast):
+            if self.use_kernels and x.device.type == "cpu" and x.dtype == torch.float32:
+                if (ops := kernels.load()) is not None:
+                    return _kernel_forward(self, ops, x, placement)
             return _fast_forward(self, x, placement)
         mean = self.rgb_mean.to(x.dtype)
         f0 = self.fea_conv(x - mean)
@@ -444,10 +458,12 @@ class _Workspace:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        """A (rows, cols) matrix in the buffer `name`; names whose contents are never live at the same time may
+        share a buffer (the fused-kernel path does: a smaller working set stays in the caches)."""
         t = self.buffers.get(name)
-        if t is None or t.shape != (rows, cols):
-            t = self.buffers[name] = self.like.new_empty(rows, cols)
-        return t
+        if t is None or t.numel() < rows * cols:
+            t = self.buffers[name] = self.like.new_empty(rows * cols)
+        return t[: rows * cols].view(rows, cols)
 
 
 def _local_variance_fast(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -643,10 +659,33 @@ def _fast_attention(bw: dict, attn: SparseAttention, z: torch.Tensor, n: int, h:
     y = F.layer_norm(z, (c,), bw["ln3_w"], bw["ln3_b"], 1e-5)
     qkv = torch.mm(y, bw["qkv_wt"], out=ws("qkv", p, 3 * c))
     qkv = _dw(qkv, n, h, w, bw["qkv_dw"]).permute(0, 2, 3, 1)  # (n, h, w, 3C) contiguous
-    rows, cols = attn._spans(h, w, placement)
-    (ry, rcov), (cx, ccov) = _segments(rows, h, qkv.device), _segments(cols, w, qkv.device)
-    out = torch.empty_like(z).view(n, h, w, c)
+    return _attention_core(bw, attn, qkv, z, n, h, w, placement)
+
+
+def _attention_core(bw: dict, attn: SparseAttention, qkv: torch.Tensor, z: torch.Tensor, n: int, h: int, w: int,
+                    placement, out: torch.Tensor | None = None, ops=None, ln4_and_residual=None) -> torch.Tensor:
+    """z + project_out(attention) from the (n, h, w, 3C) q|k|v map, global or on the TLC window grid; written
+    into `out` (pixels, C) when given. `ops`: the fused kernels (one pass for the grams, one for the output),
+    which can also write LN4 of that sum and then add a residual: `ln4_and_residual` = (LN4 output, residual)."""
+    p, c = z.shape
+    if ops is not None:
+        ry, rcov, row_seg, cx, ccov, col_seg = _cell_layout(attn.tlc_window, h, w, placement)
+    else:
+        rows, cols = attn._spans(h, w, placement)
+        (ry, rcov), (cx, ccov) = _segments(rows, h, qkv.device), _segments(cols, w, qkv.device)
+    out = (torch.empty_like(z) if out is None else out).view(n, h, w, c)
     zi = z.view(n, h, w, c)
+    if ops is not None:
+        flat = qkv.view(p, 3 * c)
+        gram = qkv.new_empty(n, len(ry), len(cx), c, c)
+        sq = qkv.new_empty(n, len(ry), len(cx), 2 * c)
+        ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq)
+        mats = qkv.new_zeros(n, len(ry), len(cx), c, -(-c // _LANES) * _LANES)
+        for i in range(n):
+            mats[i, ..., :c] = _cell_matrices(bw, gram[i], sq[i], rcov, ccov)
+        extra = () if ln4_and_residual is None else (bw["ln4_w"], bw["ln4_b"], *ln4_and_residual)
+        ops.cell_apply(flat[:, 2 * c :], z, mats, n, h, w, row_seg, col_seg, len(ry), len(cx), out.view(p, c), *extra)
+        return out.view(p, c)
     for i in range(n):
         # q k^T and the squared norms per cell (a cell is covered by one fixed set of windows), then per
         # window as sums over its cells: one pass over q and k, no window copies
@@ -661,13 +700,7 @@ def _fast_attention(bw: dict, attn: SparseAttention, z: torch.Tensor, n: int, h:
                 else:
                     torch.sum(torch.bmm(cell[..., :c].transpose(1, 2), cell[..., c:]), 0, out=gram[yi, xi])
                 torch.sum(cell.square(), (0, 1), out=sq[yi, xi])
-        gram_w = torch.einsum("ir,jc,ijab->rcab", rcov, ccov, gram.double())  # per window
-        norms = torch.einsum("ir,jc,ija->rca", rcov, ccov, sq.double()).sqrt_().clamp_min_(1e-12)
-        a = gram_w / (norms[..., :c, None] * norms[..., None, c:]) * bw["tau"][:, None]
-        a = torch.relu_(a) * bw["heads"]  # (windows along rows, along columns, C, C), block-diagonal
-        # the averaged canvas on a cell = mean of the A of the windows covering it, applied to v
-        mix = torch.einsum("ir,jc,rcab->ijab", rcov / rcov.sum(1, keepdim=True), ccov / ccov.sum(1, keepdim=True), a)
-        cells_t = (bw["proj"] @ mix).transpose(-1, -2).to(z.dtype)  # project_out folded in, transposed
+        cells_t = _cell_matrices(bw, gram, sq, rcov, ccov)
         for yi, (y0, y1) in enumerate(ry):
             for xi, (x0, x1) in enumerate(cx):
                 v = qkv[i, y0:y1, x0:x1, 2 * c :]
@@ -677,6 +710,37 @@ def _fast_attention(bw: dict, attn: SparseAttention, z: torch.Tensor, n: int, h:
                 else:
                     torch.add(zi[i, y0:y1, x0:x1], torch.matmul(v, cells_t[yi, xi]), out=out[i, y0:y1, x0:x1])
     return out.view(p, c)
+
+
+def _cell_matrices(bw: dict, gram: torch.Tensor, sq: torch.Tensor, rcov: torch.Tensor, ccov: torch.Tensor):
+    """Per cell, the C x C matrix M with output = z + v @ M: the mean of the attention matrices of the windows
+    covering the cell, project_out folded in, transposed. From the cells' q k^T (ny, nx, C, C) and squared
+    norms (ny, nx, 2C): window sums are sums over cells, in float64."""
+    c = gram.shape[-1]
+    gram_w = torch.einsum("ir,jc,ijab->rcab", rcov, ccov, gram.double())  # per window
+    norms = torch.einsum("ir,jc,ija->rca", rcov, ccov, sq.double()).sqrt_().clamp_min_(1e-12)
+    a = gram_w / (norms[..., :c, None] * norms[..., None, c:]) * bw["tau"][:, None]
+    a = torch.relu_(a) * bw["heads"]  # (windows along rows, along columns, C, C), block-diagonal
+    # the averaged canvas on a cell = mean of the A of the windows covering it, applied to v
+    mix = torch.einsum("ir,jc,rcab->ijab", rcov / rcov.sum(1, keepdim=True), ccov / ccov.sum(1, keepdim=True), a)
+    return (bw["proj"] @ mix).transpose(-1, -2).to(gram.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_layout(tlc_window: int | None, h: int, w: int, placement):
+    """The cells of an h x w map (CPU): per axis the segments, which windows cover each, and each position's
+    segment number."""
+    rows, cols = tlc_spans(tlc_window, h, w, placement)
+    (ry, rcov), (cx, ccov) = _segments(rows, h, "cpu"), _segments(cols, w, "cpu")
+    return ry, rcov, _segment_index(ry, h), cx, ccov, _segment_index(cx, w)
+
+
+def _segment_index(segments: list[tuple[int, int]], n: int) -> torch.Tensor:
+    """Segment number of every position along an axis of n."""
+    index = torch.empty(n, dtype=torch.long)
+    for i, (a, b) in enumerate(segments):
+        index[a:b] = i
+    return index
 
 
 def _as_rows(v: torch.Tensor) -> torch.Tensor:
@@ -695,6 +759,219 @@ def _segments(spans: list[tuple[int, int]], n: int, device) -> tuple[list[tuple[
     if bool((cover.sum(1) == 0).any()):
         raise AssertionError("TLC windows leave pixels uncovered")
     return segments, cover.to(device)
+
+
+# ------------------------------------------------------------------------------------ fused-kernel path
+#
+# The fast path again, with the chains of elementwise work around each depthwise conv done by the fused CPU
+# kernels of `upscale/kernels` (float32 CPU only; built on first use, else `_fast_forward` runs). Same algebra
+# as `_fast_forward` plus three exact rearrangements:
+# - the pointwise convs that read the same input run as one GEMM (c{k}_d with c{k}_r's pointwise; conv_f with
+#   the four stride-2 pointwise convs; the FFN's two halves), and GEMMs are written without their bias, which
+#   is added by the kernel that reads the result (or folded forward: c5's bias into MVSA, exactly, because
+#   every consumer of z is affine in it before MVSA's product; a bias before a reflect-padded depthwise conv
+#   becomes bias * sum of its taps);
+# - c1 reads the block outputs as they come (c1 = sum over blocks of W_i F_i), no concatenated buffer;
+# - RCCA's mean and std come from shifted sums in float64, computed in the pass that makes GELU(decompose(t)).
+
+_LANES = 16  # weights padded to whole vectors of the widest SIMD the kernels use (AVX-512: 16 floats)
+
+
+def _taps(dw: torch.Tensor) -> torch.Tensor:
+    """(C, 1, 3, 3) depthwise weight -> (9, C + padding) tap-major, zero beyond C, as the kernels read it."""
+    c = dw.shape[0]
+    out = dw.new_zeros(9, -(-c // _LANES) * _LANES + _LANES)  # a vector of slack: loads may run past C
+    out[:, :c] = dw.reshape(c, 9).t()
+    return out.contiguous()
+
+
+def _kernel_block_weights(bw: dict, blk: "AGDB") -> dict:
+    f32 = torch.float32
+    c = bw["c5_wt"].shape[1]
+    out: dict = {}
+    for k in (1, 2, 3):
+        out[f"dr{k}"] = torch.cat([bw[f"d{k}_w"].t(), bw[f"r{k}_wt"]], dim=1).to(f32).contiguous()
+        out[f"d{k}_b"] = bw[f"d{k}_b"].flatten().to(f32)
+        out[f"r{k}_dw"], out[f"r{k}_dwb"] = _taps(bw[f"r{k}_dw"].float()), bw[f"r{k}_dwb"].float()
+    out["c4_dw"], out["c4_b"] = _taps(bw["c4_dw"].float()), bw["c4_b"].flatten().to(f32)
+    out["c5_wt"] = bw["c5_wt"].to(f32).contiguous()
+    b5 = bw["c5_b"].double()
+    cf_wt, s2_wt = bw["cf_wt"].double(), bw["s2_wt"].double()
+    out["mvsa_wt"] = torch.cat([cf_wt, s2_wt], dim=1).to(f32).contiguous()
+    out["cf_b"] = (bw["cf_b"].double() + b5 @ cf_wt).to(f32)
+    s2_dw = bw["s2_dw"].double()
+    s2_bias = bw["s2_b"].double() + b5 @ s2_wt  # constant per channel before a reflect-padded conv
+    out["s2_dw"] = _taps(s2_dw.float())
+    out["s2_dwb"] = (bw["s2_dwb"].double() + s2_bias * s2_dw.flatten(1).sum(1)).to(f32)
+    w4 = bw["c4m_wt"].float()
+    out["w4"] = w4.new_zeros(w4.shape[0], -(-c // _LANES) * _LANES)
+    out["w4"][:, :c] = w4
+    out["b4"], out["z_bias"] = bw["c4m_b"].float(), b5.to(f32)
+    out["cca_dw"], out["cca_dwb"] = _taps(bw["cca_dw"].float()), bw["cca_dwb"].float()
+    out["dec_w"], out["dec_b"] = bw["dec_w"].float().contiguous(), float(bw["dec_b"].item())
+    out["sigma"] = bw["sigma"].float().contiguous()
+    du0, du2 = blk.cca.cca.conv_du[0], blk.cca.cca.conv_du[2]
+    out["du0_wt"], out["du0_b"] = du0.weight.detach().flatten(1).t().float().contiguous(), du0.bias.detach().float()
+    out["du2_wt"], out["du2_b"] = du2.weight.detach().flatten(1).t().float().contiguous(), du2.bias.detach().float()
+    for k in ("ln3_w", "ln3_b", "ln4_w", "ln4_b"):
+        out[k] = bw[k].float().contiguous()
+    out["qkv_wt"], out["qkv_dw"] = bw["qkv_wt"].float().contiguous(), _taps(bw["qkv_dw"].float())
+    out["ffin_wt"] = torch.cat([bw["ffa_wt"], bw["ffb_wt"]], dim=1).float().contiguous()
+    out["ff_dw"] = _taps(torch.cat([bw["ffa_dw"], bw["ffb_dw"]]).float())
+    out["ffo_wt"] = bw["ffo_wt"].float().contiguous()
+    for k in ("tau", "heads", "proj"):  # the attention core is shared with the fast path
+        out[k] = bw[k]
+    m = blk.esa.body[0]  # MVSA's coarse-branch BSConvs, as `mvsa_coarse` reads them
+
+    def bsconv(conv: BSConv) -> list[torch.Tensor]:
+        return [conv.pw.weight.detach().flatten(), conv.dw.weight.detach().flatten(), conv.dw.bias.detach()]
+
+    out["coarse"] = torch.stack([torch.cat(bsconv(m.conv_max_1) + bsconv(m.conv3_1)),
+                                 torch.cat(bsconv(m.conv_max_2) + bsconv(m.conv3_2))]).to(f32).contiguous()
+    return out
+
+
+def _kernel_weights(model: "AGDN", x: torch.Tensor) -> dict:
+    wts = _fast_weights(model, x)
+    if "kernel" not in wts:
+        c = model.c1.out_channels
+        wts["kernel"] = {
+            "blocks": [_kernel_block_weights(b, getattr(model, f"B{i + 1}")) for i, b in enumerate(wts["blocks"])],
+            "c1_wt": [wts["c1_wt"][i * c : (i + 1) * c].contiguous() for i in range(model.num_block)],
+            "c1_b": wts["c1_b"], "c2_wt": wts["c2_wt"],
+            "c2_dw": _taps(wts["c2_dw"]), "c2_dwb": wts["c2_dwb"].contiguous(),
+        }
+    return wts["kernel"]
+
+
+def _kernel_forward(model: "AGDN", ops, x: torch.Tensor, placement: Placement | None) -> torch.Tensor:
+    kw = _kernel_weights(model, x)
+    n, _, h, w = x.shape
+    c = model.c1.out_channels
+    mean = model.rgb_mean.to(x.dtype)
+    f0 = _rows(model.fea_conv((x - mean).contiguous(memory_format=torch.channels_last))).contiguous()
+    # scratch kept on the model between calls of one size: fresh multi-megabyte buffers cost a page fault
+    # per 4 KiB on first touch, which was a third of the run time at 128 x 128
+    ws = model._workspace if model._workspace is not None and model._workspace.like.shape == f0.shape else None
+    ws = model._workspace = ws or _Workspace(f0)
+    p = f0.shape[0]
+    acc = ws("c1", p, c)  # c1's output, accumulated block by block
+    u = f0
+    for i, bw in enumerate(kw["blocks"]):
+        u = _kernel_block(ops, bw, getattr(model, f"B{i + 1}"), u, n, h, w, placement, ws, ws(f"out{i % 2}", p, c))
+        if i == 0:
+            torch.mm(u, kw["c1_wt"][i], out=acc)
+        else:
+            acc.addmm_(u, kw["c1_wt"][i])
+    ops.bias_act(acc, kw["c1_b"], 1, acc)
+    t = torch.empty_like(f0)
+    pw = torch.mm(acc, kw["c2_wt"], out=ws("pw", p, c))
+    ops.dwconv3x3(pw, n, h, w, kw["c2_dw"], kw["c2_dwb"], 1, True, f0, 0, 0, t)
+    return model.upsampler(_nhwc(t, n, h, w)) + mean
+
+
+def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w: int,
+                  placement: Placement | None, ws: _Workspace, out: torch.Tensor) -> torch.Tensor:
+    """One AGDB on (pixels, C) rows `u`; the result goes to `out` (which must not be `u`).
+
+    Scratch buffers are shared by stage, to keep the working set small (at 128 x 128 the separate buffers
+    added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed):
+    "wide" holds the GEMM outputs that feed a conv or MVSA (up to 4C wide), "mid" c5's input, then q|k|v,
+    then the gated FFN hidden layer, "r0"/"r1" the distillation's r maps, then z and RCCA's t."""
+    p, c = u.shape
+    dc = c // 2
+    distilled = ws("mid", p, 2 * c)  # [d1 | d2 | d3 | r4] per pixel: c5's input
+    r = u
+    for k in (1, 2, 3):
+        both = torch.mm(r, bw[f"dr{k}"], out=ws("wide", p, dc + c))  # [c{k}_d | c{k}_r pointwise]
+        r_next = ws(f"r{k % 2}", p, c)
+        # r_k = GELU(dw(pw) + bias + r), and in the same pass d_k = GELU(c{k}_d + bias) into c5's input
+        ops.dwconv3x3(both[:, dc:], n, h, w, bw[f"r{k}_dw"], bw[f"r{k}_dwb"], 1, True, r, 1, 0, r_next,
+                      both[:, :dc], bw[f"d{k}_b"], distilled[:, (k - 1) * dc : k * dc])
+        r = r_next
+    ops.dwconv3x3(r, n, h, w, bw["c4_dw"], bw["c4_b"], 1, False, None, 1, 2, distilled[:, 3 * dc :])
+    z = torch.mm(distilled, bw["c5_wt"], out=ws("r0", p, c))  # r0 is free again  # c5 without its bias: folded into MVSA
+    _kernel_mvsa(ops, bw, z, n, h, w, placement, ws)
+    y = ws("y", p, c)
+    _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws, y)  # also y = LN3(z)
+    qkv = ws("mid", p, 3 * c)
+    pre = torch.mm(y, bw["qkv_wt"], out=ws("wide", p, 3 * c))
+    ops.dwconv3x3(pre, n, h, w, bw["qkv_dw"], None, 1, False, None, 0, 0, qkv)
+    # out = z + Attn + u, and y = LN4(z + Attn), in one pass
+    _attention_core(bw, blk.ea.restormer_attn, qkv.view(n, h, w, 3 * c), z, n, h, w, placement, out, ops, (y, u))
+    gated = ws("mid", p, 2 * c)
+    hidden = torch.mm(y, bw["ffin_wt"], out=ws("wide", p, 4 * c))
+    ops.dwconv3x3(hidden, n, h, w, bw["ff_dw"], None, 1, False, None, 0, 1, gated)
+    return out.addmm_(gated, bw["ffo_wt"])
+
+
+def _kernel_mvsa(ops, bw: dict, z: torch.Tensor, n: int, h: int, w: int, placement, ws: _Workspace) -> None:
+    """MVSA in place on z (which still lacks c5's bias; the kernel adds it)."""
+    f = bw["cf_b"].shape[0]
+    # [conv_f | conv2_1..conv2_4 pointwise], conv1 folded in
+    cs = torch.mm(z, bw["mvsa_wt"], out=ws("wide", z.shape[0], 5 * f))
+    h2, w2 = (h + 1) // 2, (w + 1) // 2
+    s2 = z.new_empty(n * h2 * w2, 4 * f)
+    ops.dwconv3x3(cs[:, f:], n, h, w, bw["s2_dw"], bw["s2_dwb"], 2, True, None, 0, 0, s2)
+    # the coarse maps: pooling, local variance, two BSConvs and a GELU per branch, in one call
+    g1 = z.new_empty(n, f, (h2 + 2 - 5) // 3 + 1, (w2 + 2 - 5) // 3 + 1)
+    g2 = z.new_empty(n, f, (h2 + 2 - 7) // 3 + 1, (w2 + 2 - 7) // 3 + 1)
+    ops.mvsa_coarse(s2, n, h2, w2, bw["coarse"], g1, g2)
+    index, lam = _mvsa_sampling(h, w, (tuple(g1.shape[-2:]), tuple(g2.shape[-2:])), placement)
+    ops.mvsa_tail(z, n, h, w, cs[:, :f], bw["cf_b"], g1, g2, index, lam, bw["w4"], bw["b4"], bw["z_bias"])
+
+
+@functools.lru_cache(maxsize=64)
+def _mvsa_sampling(h: int, w: int, sizes, placement) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear sampling of MVSA's two coarse maps back to h x w, per axis: index (2, 4, n) rows
+    [y0, y1, x0, x1] and upper weights (2, 2, n) rows [ly, lx]. Whole image: PyTorch's align_corners=False
+    rule in float32 as `F.interpolate` computes it; a tile: the whole image's coordinates (see
+    `_resize_as_whole_image`)."""
+    size = max(h, w)
+    index = torch.zeros(2, 4, size, dtype=torch.long)
+    lam = torch.zeros(2, 2, size, dtype=torch.float32)
+    for m, (k, (mh, mw)) in enumerate(zip((5, 7), sizes)):
+        for a, (n_out, n_in) in enumerate(((h, mh), (w, mw))):
+            if placement is None:
+                scale = np.float32(n_in) / np.float32(n_out)
+                src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
+                src = torch.from_numpy(src.astype(np.float64))
+            else:
+                big, off = placement.image_size[a], placement.offset[a]
+                scale = _coarse_size(big, k) / big
+                dst = torch.arange(off, off + n_out, dtype=torch.float64)
+                src = ((dst + 0.5) * scale - 0.5).clamp(min=0) - off // MVSA_STRIDE
+            src = src.clamp(min=0)
+            i0 = src.floor().long().clamp(max=n_in - 1)
+            index[m, 2 * a, :n_out] = i0
+            index[m, 2 * a + 1, :n_out] = (i0 + 1).clamp(max=n_in - 1)
+            lam[m, a, :n_out] = (src - i0).clamp(0, 1).float()
+    return index, lam
+
+
+def _kernel_rcca(ops, bw: dict, r: RCCA, z: torch.Tensor, n: int, h: int, w: int, placement,
+                 ws: _Workspace, ln_out: torch.Tensor | None = None) -> None:
+    """RCCA in place on z; with `ln_out`, also LN3(z) (the attention's input) in the same pass."""
+    p, c = z.shape
+    t = ws("r1", p, c)  # free after c4
+    ops.dwconv3x3(z, n, h, w, bw["cca_dw"], bw["cca_dwb"], 1, False, None, 1, 0, t)
+    g = ws("g", p, 1).view(p)
+    sums = torch.empty(n, 2, c, dtype=torch.float64)
+    ops.rcca_stats(t, n, bw["dec_w"], bw["dec_b"], g, sums)
+    if placement is None:
+        count = h * w
+        shift = t.view(n, h * w, c)[:, 0].double()
+        s1, s2 = sums[:, 0] / count, sums[:, 1] / count
+        mean, std = shift + s1, (s2 - s1 * s1).clamp(min=0).sqrt()
+        # conv_du (1x1 convs on a 1x1 map) as two small matmuls: a conv call costs more than its arithmetic
+        hidden = torch.addmm(bw["du0_b"], (std + mean).to(z.dtype), bw["du0_wt"]).relu_()
+        weight = torch.addmm(bw["du2_b"], hidden, bw["du2_wt"]).sigmoid_()
+    else:
+        weight = _rows(r.cca(_nhwc(t, n, h, w), local=True)).contiguous()  # per pixel (local statistics)
+    if ln_out is None:
+        ops.rcca_combine(z, t, g, bw["sigma"], weight, n)
+    else:
+        ops.rcca_combine(z, t, g, bw["sigma"], weight, n, bw["ln3_w"], bw["ln3_b"], ln_out)
 
 class AGDNArchitecture(Architecture):
     family = "agdn"

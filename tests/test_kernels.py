@@ -1,0 +1,243 @@
+"""The fused CPU kernels (`upscale/kernels`) against eager PyTorch, op by op, and their fallback.
+
+The model-level checks (golden fixtures, fast path on the kernels vs the straight path) are in test_agdn.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+from upscale import kernels
+from upscale.models import agdn as A
+
+ops = kernels.load()
+pytestmark = pytest.mark.skipif(ops is None, reason=f"fused CPU kernels unavailable: {kernels.status()}")
+
+
+def _close(a, b, rel=2e-6, what=""):
+    scale = max(float(b.abs().max()), 1.0)
+    d = float((a.double() - b.double()).abs().max())
+    assert d <= rel * scale, f"{what}: max |diff| {d:.3g} (scale {scale:.3g})"
+
+
+def _rows(t):  # (n, c, h, w) -> (n*h*w, c)
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _eager_dw(x_rows, n, h, w, weight, bias, stride, reflect):
+    x = x_rows.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+    if reflect:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), weight, bias, stride, 0, 1, weight.shape[0])
+    return F.conv2d(x, weight, bias, stride, 1, 1, weight.shape[0])
+
+
+@pytest.mark.parametrize("n,h,w,c,stride,reflect", [
+    (1, 16, 16, 42, 1, True), (2, 7, 9, 42, 1, False), (1, 17, 23, 40, 2, True), (1, 15, 16, 40, 2, True),
+    (1, 2, 3, 16, 1, True), (1, 13, 5, 126, 1, False), (1, 1, 9, 21, 1, False),
+])
+def test_dwconv_bias_residual_gelu(n, h, w, c, stride, reflect):
+    g = torch.Generator().manual_seed(h * w + c)
+    wide = torch.randn(n * h * w, c + 5, generator=g)
+    x = wide[:, 3 : 3 + c]  # a column slice of a wider matrix, as the model passes them
+    weight, bias = torch.randn(c, 1, 3, 3, generator=g), torch.randn(c, generator=g)
+    ref = _rows(_eager_dw(x, n, h, w, weight, bias, stride, reflect))
+    res = torch.randn_like(ref)
+    out = torch.full((ref.shape[0], c + 2), float("nan"))[:, 1 : 1 + c]
+    for act in (0, 1):
+        ops.dwconv3x3(x, n, h, w, A._taps(weight), bias, stride, reflect, res, act, 0, out)
+        want = ref + res
+        _close(out, F.gelu(want) if act else want, what=f"act {act}")
+    ops.dwconv3x3(x, n, h, w, A._taps(weight), None, stride, reflect, None, 0, 0, out)
+    _close(out, ref - bias, what="no bias")
+
+
+def test_dwconv_gate_and_pair_modes():
+    g = torch.Generator().manual_seed(1)
+    n, h, w = 2, 11, 13
+    x = torch.randn(n * h * w, 168, generator=g)
+    weight = torch.randn(168, 1, 3, 3, generator=g)
+    conv = _rows(_eager_dw(x, n, h, w, weight, None, 1, False))
+    out = torch.empty(n * h * w, 84)
+    ops.dwconv3x3(x, n, h, w, A._taps(weight), None, 1, False, None, 0, 1, out)
+    _close(out, F.gelu(conv[:, :84]) * conv[:, 84:], what="gate")
+    # pair: AGDN's c4, a grouped 3x3 conv with two input channels per output
+    x = torch.randn(n * h * w, 42, generator=g)
+    grouped, bias = torch.randn(21, 2, 3, 3, generator=g), torch.randn(21, generator=g)
+    xn = x.reshape(n, h, w, 42).permute(0, 3, 1, 2)
+    ref = F.gelu(_rows(F.conv2d(xn, grouped, bias, 1, 1, 1, 21)))
+    out = torch.empty(n * h * w, 21)
+    ops.dwconv3x3(x, n, h, w, A._taps(grouped.reshape(42, 1, 3, 3)), bias, 1, False, None, 1, 2, out)
+    _close(out, ref, what="pair")
+
+
+def test_gelu_is_exact_gelu_to_float32_accuracy():
+    x = torch.linspace(-12, 12, 400_000).view(-1, 8)
+    out = torch.empty_like(x)
+    ops.bias_act(x, None, 1, out)
+    truth = F.gelu(x.double())
+    assert float((out.double() - truth).abs().max()) < 1e-6  # PyTorch's own float32 GELU: 1.2e-6 here
+    assert torch.isfinite(out).all()
+
+
+def test_bias_act_and_layer_norm():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 63, generator=g) * 3 + 1
+    b = torch.randn(21, generator=g)
+    out = torch.zeros(300, 84)
+    ops.bias_act(x[:, :21], b, 1, out[:, 21:42])
+    _close(out[:, 21:42], F.gelu(x[:, :21] + b))
+    assert out[:, :21].abs().max() == 0 and out[:, 42:].abs().max() == 0  # writes only its columns
+    w, bias = torch.randn(42, generator=g), torch.randn(42, generator=g)
+    y = torch.empty(300, 42)
+    ops.layer_norm_rows(x[:, 5:47], w, bias, 1e-5, y)
+    _close(y, F.layer_norm(x[:, 5:47], (42,), w, bias, 1e-5), rel=5e-6)
+
+
+def test_rcca_stats_and_combine():
+    g = torch.Generator().manual_seed(3)
+    n, p, c = 2, 500, 42
+    t = torch.randn(n * p, c, generator=g) * 0.5 + 3  # mean far from zero: the shifted sums must hold
+    wd, bd = torch.randn(c, generator=g), 0.3
+    gout, sums = torch.empty(n * p), torch.empty(n, 2, c, dtype=torch.float64)
+    ops.rcca_stats(t, n, wd, bd, gout, sums)
+    _close(gout, F.gelu(t @ wd + bd), rel=5e-6)
+    tn = t.view(n, p, c).double()
+    shift = tn[:, 0]
+    mean = shift + sums[:, 0] / p
+    var = sums[:, 1] / p - (sums[:, 0] / p) ** 2
+    assert torch.allclose(mean, tn.mean(1), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(var, tn.var(1, unbiased=False), rtol=1e-4, atol=1e-7)
+    z, sigma = torch.randn(n * p, c, generator=g), torch.randn(c, generator=g)
+    for weight in (torch.randn(n, c, generator=g), torch.randn(n * p, c, generator=g)):  # per image, per pixel
+        per_pixel = weight if weight.shape[0] == n * p else weight.repeat_interleave(p, 0)
+        want = z + t * (sigma + per_pixel) - sigma * gout[:, None]
+        got = z.clone()
+        ops.rcca_combine(got, t, gout, sigma, weight, n)
+        _close(got, want, rel=5e-6)
+
+
+@pytest.mark.parametrize("h,w", [(48, 48), (50, 50), (7, 9), (101, 77)])
+def test_cell_gram_and_apply_match_per_cell_matmuls(h, w):
+    """Cells of every width (the TLC grid of an h x w map), including ones narrower than the kernel's 4-pixel
+    groups: a group must never spill into the next cell."""
+    g = torch.Generator().manual_seed(h * w)
+    c, n = 42, 2
+    qkv = torch.randn(n, h, w, 3 * c, generator=g)
+    ry, _, row_seg, cx, _, col_seg = A._cell_layout(48, h, w, None)
+    gram = torch.empty(n, len(ry), len(cx), c, c)
+    sq = torch.empty(n, len(ry), len(cx), 2 * c)
+    flat = qkv.view(-1, 3 * c)
+    ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq)
+    mats = torch.randn(n, len(ry), len(cx), c, c, generator=g)
+    padded = torch.zeros(n, len(ry), len(cx), c, 48)
+    padded[..., :c] = mats
+    z = torch.randn(n * h * w, c, generator=g)
+    out = torch.empty_like(z)
+    ops.cell_apply(flat[:, 2 * c :], z, padded, n, h, w, row_seg, col_seg, len(ry), len(cx), out)
+    out, z = out.view(n, h, w, c), z.view(n, h, w, c)
+    for i in range(n):
+        for yi, (y0, y1) in enumerate(ry):
+            for xi, (x0, x1) in enumerate(cx):
+                cell = qkv[i, y0:y1, x0:x1].reshape(-1, 3 * c)
+                _close(gram[i, yi, xi], cell[:, :c].t() @ cell[:, c : 2 * c], rel=1e-5, what=f"gram {yi},{xi}")
+                _close(sq[i, yi, xi], cell[:, : 2 * c].square().sum(0), rel=1e-5, what=f"norms {yi},{xi}")
+                want = z[i, y0:y1, x0:x1] + qkv[i, y0:y1, x0:x1, 2 * c :] @ mats[i, yi, xi]
+                _close(out[i, y0:y1, x0:x1], want, rel=1e-5, what=f"apply {yi},{xi}")
+
+
+@pytest.mark.parametrize("h,w,placement", [(64, 64, None), (37, 53, None), (15, 15, None),
+                                           (40, 46, A.Placement((130, 100), (12, 30)))])
+def test_mvsa_and_rcca_match_the_eager_fast_path(agdn_x4, h, w, placement):
+    """MVSA (coarse branch, resize, mask) and RCCA on the kernels vs the eager fast path, block 3 of AGDN x4."""
+    x = torch.rand(1, 3, h, w)
+    with torch.inference_mode():
+        bw = A._fast_weights(agdn_x4, x)["blocks"][2]
+        kw = A._kernel_weights(agdn_x4, x)["blocks"][2]
+        blk = agdn_x4.B3
+        z = torch.randn(h * w, 42) * 0.5
+        eager = A._fast_mvsa(bw, blk.esa.body[0], z + bw["c5_b"], 1, h, w, placement)
+        fused = z.clone()
+        A._kernel_mvsa(ops, kw, fused, 1, h, w, placement, A._Workspace(z))
+        _close(fused, eager, rel=1e-5, what="mvsa")
+        eager = A._fast_rcca(bw, blk.cca, eager.clone(), 1, h, w, placement)
+        A._kernel_rcca(ops, kw, blk.cca, fused, 1, h, w, placement, A._Workspace(z))
+        _close(fused, eager, rel=1e-5, what="rcca")
+
+
+@pytest.fixture(scope="module")
+def agdn_x4():
+    from upscale import registry
+    from upscale.weights import load_model, resolve_weights
+
+    entry = registry.resolve("agdn", 4)
+    return load_model(entry, resolve_weights(entry, None, offline=True))
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, **env})
+
+
+def test_disabled_kernels_fall_back_to_the_eager_path():
+    done = _run("from upscale import kernels; print(kernels.load() is None, kernels.status())",
+                UPSCALE_CPU_KERNELS="0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("True PyTorch ops (disabled by UPSCALE_CPU_KERNELS)")
+
+
+def test_a_failed_build_falls_back_with_one_line(tmp_path):
+    """A compiler that fails: one stderr line, the eager path, the same output, nothing cached."""
+    code = ("import torch; from upscale import kernels; from upscale.api import load_model, upscale_image;"
+            "import numpy as np; m = load_model('agdn', 2); img = (np.random.default_rng(0).random((20, 24, 3))"
+            " * 255).astype(np.uint8); out = upscale_image(m, img); print(kernels.status()); print(out.shape)")
+    done = _run(code, CXX="/bin/false", UPSCALE_CACHE_DIR=str(tmp_path), PATH="/nonexistent")
+    assert done.returncode == 0, done.stderr
+    assert "build failed" in done.stdout and "(40, 48, 3)" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if "fused CPU kernels unavailable" in line]
+    assert len(warnings) == 1
+    assert not list((tmp_path / "kernels").rglob("*.so"))
+
+
+def test_dwconv_side_job_in_the_same_pass():
+    """The pointwise job AGDN's distillation hands to the conv: side_out = GELU(side_in + bias)."""
+    g = torch.Generator().manual_seed(4)
+    n, h, w = 1, 9, 14
+    both = torch.randn(n * h * w, 63, generator=g)  # [c_d output (21) | c_r pointwise output (42)]
+    weight, bias, side_bias = torch.randn(42, 1, 3, 3, generator=g), torch.randn(42, generator=g), torch.randn(21)
+    out, distilled = torch.empty(n * h * w, 42), torch.zeros(n * h * w, 84)
+    ops.dwconv3x3(both[:, 21:], n, h, w, A._taps(weight), bias, 1, True, None, 1, 0, out,
+                  both[:, :21], side_bias, distilled[:, 21:42])
+    _close(out, F.gelu(_rows(_eager_dw(both[:, 21:], n, h, w, weight, bias, 1, True))))
+    _close(distilled[:, 21:42], F.gelu(both[:, :21] + side_bias))
+    assert distilled[:, :21].abs().max() == 0 and distilled[:, 42:].abs().max() == 0
+
+
+def test_fused_layer_norms_and_residual():
+    """rcca_combine and cell_apply can also write the next LayerNorm of their result (and add a residual)."""
+    g = torch.Generator().manual_seed(5)
+    p, c = 64, 42
+    z, t, gv = torch.randn(p, c, generator=g), torch.randn(p, c, generator=g), torch.randn(p, generator=g)
+    sigma, wgt = torch.randn(c, generator=g), torch.randn(1, c, generator=g)
+    lw, lb = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    y = torch.empty(p, c)
+    want = z + t * (sigma + wgt) - sigma * gv[:, None]
+    ops.rcca_combine(z, t, gv, sigma, wgt, 1, lw, lb, y)
+    _close(z, want, rel=5e-6)
+    _close(y, F.layer_norm(want, (c,), lw, lb, 1e-5), rel=5e-6)
+    h, w = 8, 8
+    v, u = torch.randn(p, c, generator=g), torch.randn(p, c, generator=g)
+    mats = torch.zeros(1, 1, 1, c, 48)
+    mats[..., :c] = torch.randn(c, c, generator=g)
+    seg = torch.zeros(8, dtype=torch.long)
+    out = torch.empty(p, c)
+    ops.cell_apply(v, z, mats, 1, h, w, seg, seg, 1, 1, out, lw, lb, y, u)
+    attn = z + v @ mats[0, 0, 0, :, :c]
+    _close(y, F.layer_norm(attn, (c,), lw, lb, 1e-5), rel=5e-6)
+    _close(out, attn + u, rel=5e-6)

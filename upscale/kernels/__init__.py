@@ -1,0 +1,131 @@
+"""Fused CPU kernels (`cpu_kernels.cpp`), compiled on first use and cached; optional.
+
+The fast AGDN path on the CPU is bound by memory passes and per-op overhead, not arithmetic: PyTorch runs a
+depthwise conv, its bias, the residual add and the GELU as four passes over the map. `cpu_kernels.cpp` does
+such chains in one pass. It is built here, not at install time, because a wheel cannot know the user's CPU
+(`-march=native`) or torch build, and building against torch at install time would make pip pull a CUDA
+torch into the build environment.
+
+`load()` returns the `torch.ops.upscale_cpu` namespace, or None when the kernels cannot be had: no C++
+compiler, a compile error, a platform other than Linux, or `UPSCALE_CPU_KERNELS=0`. Callers then take the
+eager PyTorch path, which computes the same values (the tests compare the two). The first build takes 10-30 s
+(said on stderr when it is a terminal); the shared library is cached under the upscale cache directory, keyed
+by the source, the torch version, the compiler and the CPU, and written atomically, so concurrent first runs
+are safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["load", "status"]
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+BUILD_TIMEOUT_S = 600
+_state: dict = {}
+
+
+def _disabled() -> bool:
+    return os.environ.get("UPSCALE_CPU_KERNELS", "1").strip().lower() in ("0", "off", "false", "no")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _command(cxx: str, output: Path) -> list[str]:
+    root = Path(torch.__file__).parent
+    lib = root / "lib"
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    return [
+        cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
+        "-I", str(root / "include"), "-I", str(root / "include" / "torch" / "csrc" / "api" / "include"),
+        str(SOURCE), "-o", str(output),
+        "-L", str(lib), "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
+    ]
+
+
+def _library_path(cxx: str) -> Path:
+    from ..weights import cache_dir  # the same cache as the weights
+
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = cxx
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), version.encode(), _cpu_signature().encode(),
+                 " ".join(_command(cxx, Path("out"))).encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / "kernels" / key.hexdigest()[:16] / "upscale_cpu.so"
+
+
+def _build(cxx: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if sys.stderr.isatty():  # progress, like the other progress output: only for a person watching
+        print("upscale: building the fused CPU kernels (once, about 10-30 s)...", file=sys.stderr, flush=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiler exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load():
+    """The kernels' op namespace (`torch.ops.upscale_cpu`), or None when they are unavailable."""
+    if "ops" in _state:
+        return _state["ops"]
+    ops, reason = None, None
+    if _disabled():
+        reason = "disabled by UPSCALE_CPU_KERNELS"
+    elif sys.platform != "linux":
+        reason = f"not built on {sys.platform}"
+    elif (cxx := _compiler()) is None:
+        reason = "no C++ compiler (c++, g++ or clang++; or set CXX)"
+    else:
+        try:
+            target = _library_path(cxx)
+            if not target.exists():
+                _build(cxx, target)
+            torch.ops.load_library(str(target))
+            ops = torch.ops.upscale_cpu
+        except Exception as exc:  # any failure means the eager path, never a failed upscale
+            reason = f"build failed: {exc}"
+            print(f"upscale: fused CPU kernels unavailable ({str(exc).splitlines()[0][:200]}); "
+                  "using the PyTorch path", file=sys.stderr)
+    _state["ops"], _state["reason"] = ops, reason
+    return ops
+
+
+def status() -> str:
+    """One line for reports: whether the fused kernels are in use, and why not."""
+    ops = load()
+    return "fused CPU kernels" if ops is not None else f"PyTorch ops ({_state.get('reason')})"

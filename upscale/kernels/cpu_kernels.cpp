@@ -1,0 +1,834 @@
+// Fused CPU kernels for the fast inference path (float32, channels-last maps).
+//
+// A map is a 2-D (pixels, channels) matrix: pixel p = (image * H + y) * W + x, its channels contiguous,
+// consecutive pixels `ld` floats apart (ld >= channels, so a column slice of a wider matrix is a valid map).
+// Each kernel replaces a chain of eager PyTorch ops that would each read and write the whole map: a 3x3
+// depthwise conv with its bias, residual and activation is one pass instead of four. Parallel over output
+// rows with ATen's thread pool (the same OpenMP runtime and thread count as PyTorch itself), vectorised over
+// channels with ATen's Vectorized<float> (the same erf/exp approximations PyTorch's GELU and sigmoid use).
+// Built on first use by upscale/kernels/__init__.py; every op has an eager equivalent there and in
+// upscale/models/agdn.py, and the tests compare the two.
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// helpers of the inner loops must inline: an accumulator array passed to a call that stays a call lives in
+// memory, and every FMA becomes load + FMA + store (measured: 5x slower depthwise convs)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kMaxChannels = 1024;
+
+enum Act : int64_t { kNone = 0, kGelu = 1 };
+
+#if defined(CPU_CAPABILITY_AVX512)
+// e^x for x clamped to [-80, 80] (results stay normal floats: a denormal would cost a microcode assist per
+// lane, and e^-80 is already below every rounding step that matters here): Cody-Waite reduction by ln 2 and Cephes' degree-7 polynomial, 2^n by scalef;
+// within 2 ulp, and about a third of the cost of the library call ATen's Vectorized<float>::exp makes
+ALWAYS_INLINE __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.0f)), _mm512_set1_ps(80.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 1 / d for d >= 1: 14-bit estimate and one Newton step (relative error ~1e-8)
+ALWAYS_INLINE __m512 recip512(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+// exact (erf) GELU with the same erf formula as PyTorch's vectorised kernel (Abramowitz & Stegun 7.1.26,
+// |error| < 1.5e-7), and the cheaper exp and reciprocal above
+ALWAYS_INLINE Vec gelu(Vec v) {
+  const __m512 x = v;
+  const __m512 a = _mm512_mul_ps(x, _mm512_set1_ps(static_cast<float>(M_SQRT1_2)));
+  const __m512 abs_a = _mm512_abs_ps(a);
+  const __m512 t = recip512(_mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), abs_a, _mm512_set1_ps(1.0f)));
+  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+  const __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, _mm512_set1_ps(1.0f));
+  const __m512 sign = _mm512_and_ps(a, _mm512_set1_ps(-0.0f));
+  const __m512 erf = _mm512_or_ps(erf_abs, sign);
+  return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
+}
+
+ALWAYS_INLINE Vec sigmoid(Vec v) {
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+  return recip512(_mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+#else
+// exact (erf) GELU, written as PyTorch's own vectorised GELU kernel writes it
+ALWAYS_INLINE Vec gelu(Vec x) {
+  const Vec half(0.5f), one(1.0f), alpha(static_cast<float>(M_SQRT1_2));
+  return x * half * (one + (x * alpha).erf());
+}
+
+ALWAYS_INLINE Vec sigmoid(Vec x) { return (Vec(1.0f) + (Vec(0.0f) - x).exp()).reciprocal(); }
+#endif
+
+ALWAYS_INLINE float hsum(Vec v) {
+  alignas(64) float lanes[kLanes];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) s += lanes[i];
+  return s;
+}
+
+ALWAYS_INLINE Vec load(const float* p, int64_t n) { return n == kLanes ? Vec::loadu(p) : Vec::loadu(p, n); }
+ALWAYS_INLINE void store(Vec v, float* p, int64_t n) {
+  if (n == kLanes) v.store(p); else v.store(p, n);
+}
+
+void check_map(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1, name,
+              ": expected a float32 (pixels, channels) matrix with contiguous channels");
+}
+
+const float* opt_ptr(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr<float>() : nullptr;
+}
+
+// Source index of tap k (0..2) for output o along an axis of n pixels; -1 marks zero padding.
+ALWAYS_INLINE int64_t tap_index(int64_t o, int64_t k, int64_t stride, int64_t n, bool reflect) {
+  int64_t i = o * stride + k - 1;
+  if (i >= 0 && i < n) return i;
+  if (!reflect) return -1;
+  if (n == 1) return 0;
+  return i < 0 ? -i : 2 * (n - 1) - i;
+}
+
+// Sums of a 3x3 depthwise conv for U consecutive output pixels and one chunk of channels [c, c + n):
+// acc[u] = sum over taps of w[tap] * x[tap pixel of output u]. src[k]: input row of tap row k (nullptr: zero
+// padding); col[u][kx]: input column of tap kx of output u (-1: zero padding). The U accumulators are
+// independent FMA chains, which hides the FMA latency.
+template <bool kFull>
+ALWAYS_INLINE Vec load_n(const float* p, int64_t n) {
+  if constexpr (kFull) return Vec::loadu(p); else return Vec::loadu(p, n);
+}
+
+template <int U>
+ALWAYS_INLINE void conv_chunk(Vec* acc, const float* const src[3], const int64_t col[][3], const float* wp, int64_t ldw,
+                       int64_t c, int64_t n, int64_t ldx) {
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) acc[u] = Vec(0.0f);
+  for (int ky = 0; ky < 3; ++ky) {
+    if (!src[ky]) continue;
+    for (int kx = 0; kx < 3; ++kx) {
+      const Vec w = Vec::loadu(wp + (ky * 3 + kx) * ldw + c);
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u)
+        if (col[u][kx] >= 0) acc[u] = at::vec::fmadd(w, load(src[ky] + col[u][kx] * ldx + c, n), acc[u]);
+    }
+  }
+}
+
+// The same for U pixels whose taps are all inside the row (no column padding): straight-line code, no
+// per-tap checks. base[k]: input row of tap row k at the first tap's column of pixel 0 (a zero row where
+// the padding is zero); step: distance between consecutive pixels' inputs.
+template <int U, bool kFull>
+ALWAYS_INLINE void conv_chunk_interior(Vec* acc, const float* const base[3], int64_t step, const float* wp, int64_t ldw,
+                                int64_t c, int64_t n, int64_t ldx) {
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) acc[u] = Vec(0.0f);
+#pragma GCC unroll 3
+  for (int ky = 0; ky < 3; ++ky) {
+#pragma GCC unroll 3
+    for (int kx = 0; kx < 3; ++kx) {
+      const Vec w = Vec::loadu(wp + (ky * 3 + kx) * ldw + c);
+      const float* px = base[ky] + kx * ldx + c;
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) acc[u] = at::vec::fmadd(w, load_n<kFull>(px + u * step, n), acc[u]);
+    }
+  }
+}
+
+struct DwArgs {
+  const float *xp, *wp, *b, *res;
+  float* op;
+  const float *side, *side_b;
+  float* side_o;
+  const float* zero_row;
+  int64_t H, W, Ho, Wo, C, G, CS, ldx, ldw, ldr, ldo, lds, ldso, stride, act, mode;
+  bool reflect;
+};
+
+// U output pixels of one row starting at column ox, finished (epilogue included). Everything it reads from
+// `a` is copied into locals first, so that nothing in the inner loops is re-read through a pointer.
+template <int U>
+ALWAYS_INLINE void dw_pixels(const DwArgs& a, const float* const src[3], int64_t row, int64_t ox) {
+  const float *xp = a.xp, *wp = a.wp, *b = a.b, *res = a.res, *side = a.side, *side_b = a.side_b;
+  float *op = a.op, *side_o = a.side_o;
+  const int64_t W = a.W, Wo = a.Wo, C = a.C, G = a.G, CS = a.CS, ldx = a.ldx, ldw = a.ldw, ldr = a.ldr,
+                ldo = a.ldo, lds = a.lds, ldso = a.ldso, stride = a.stride, act = a.act, mode = a.mode;
+  const bool reflect = a.reflect;
+  (void)xp;
+  int64_t col[U][3];
+  for (int u = 0; u < U; ++u)
+    for (int k = 0; k < 3; ++k) col[u][k] = tap_index(ox + u, k, stride, W, reflect);
+  const int64_t p0 = row * Wo + ox;
+  const bool interior = ox >= 1 && (ox + U - 1) * stride + 1 <= W - 1;
+  const float* base[3];
+  for (int k = 0; k < 3; ++k) base[k] = (src[k] ? src[k] : a.zero_row) + (ox * stride - 1) * ldx;
+  auto conv = [&](Vec* a, int64_t c, int64_t n) __attribute__((always_inline)) {
+    if (!interior) conv_chunk<U>(a, src, col, wp, ldw, c, n, ldx);
+    else if (n == kLanes) conv_chunk_interior<U, true>(a, base, stride * ldx, wp, ldw, c, n, ldx);
+    else conv_chunk_interior<U, false>(a, base, stride * ldx, wp, ldw, c, n, ldx);
+  };
+  Vec acc[U], acc2[U];
+  if (mode == 0) {
+    for (int64_t c = 0; c < C; c += kLanes) {
+      const int64_t n = std::min(kLanes, C - c);
+      conv(acc, c, n);
+      const Vec bv = b ? load(b + c, n) : Vec(0.0f);
+      for (int u = 0; u < U; ++u) {
+        Vec s = acc[u] + bv;
+        if (res) s = s + load(res + (p0 + u) * ldr + c, n);
+        if (act == kGelu) s = gelu(s);
+        store(s, op + (p0 + u) * ldo + c, n);
+      }
+    }
+    if (side) {
+      for (int u = 0; u < U; ++u)
+        for (int64_t c = 0; c < CS; c += kLanes) {
+          const int64_t n = std::min(kLanes, CS - c);
+          Vec s = load(side + (p0 + u) * lds + c, n);
+          if (side_b) s = s + load(side_b + c, n);
+          store(gelu(s), side_o + (p0 + u) * ldso + c, n);
+        }
+    }
+  } else if (mode == 1) {
+    for (int64_t c = 0; c < G; c += kLanes) {
+      const int64_t n = std::min(kLanes, G - c);
+      conv(acc, c, n);
+      conv(acc2, G + c, n);
+      for (int u = 0; u < U; ++u) store(gelu(acc[u]) * acc2[u], op + (p0 + u) * ldo + c, n);
+    }
+  } else {
+    alignas(64) float sums[U][kMaxChannels + 64];
+    for (int64_t c = 0; c < C; c += kLanes) {
+      conv(acc, c, std::min(kLanes, C - c));
+      for (int u = 0; u < U; ++u) acc[u].store(sums[u] + c);
+    }
+    for (int u = 0; u < U; ++u) {
+      alignas(64) float pair[kMaxChannels / 2 + 64];
+      for (int64_t j = 0; j < G; ++j) pair[j] = sums[u][2 * j] + sums[u][2 * j + 1];
+      for (int64_t c = 0; c < G; c += kLanes) {
+        const int64_t n = std::min(kLanes, G - c);
+        Vec s = load(pair + c, n);
+        if (b) s = s + load(b + c, n);
+        if (act == kGelu) s = gelu(s);
+        store(s, op + (p0 + u) * ldo + c, n);
+      }
+    }
+  }
+}
+
+void dw_rows(const DwArgs args, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t img = row / args.Ho, oy = row % args.Ho;
+    const float* src[3];
+    for (int k = 0; k < 3; ++k) {
+      const int64_t iy = tap_index(oy, k, args.stride, args.H, args.reflect);
+      src[k] = iy < 0 ? nullptr : args.xp + ((img * args.H + iy) * args.W) * args.ldx;
+    }
+    int64_t ox = 0;
+    for (; ox + 4 <= args.Wo; ox += 4) dw_pixels<4>(args, src, row, ox);
+    for (; ox < args.Wo; ++ox) dw_pixels<1>(args, src, row, ox);
+  }
+}
+
+// 3x3 depthwise conv on a map, stride 1 or 2, zero or reflect padding of 1, then in this order: + bias,
+// + residual, activation. `weight` is (9, C + 16) tap-major (row ky*3+kx), zero beyond C.
+//   mode 0: out[c] = act(conv[c] + bias[c] + res[c])                      (out has C channels)
+//   mode 1 (gate): out[c] = gelu(conv[c]) * conv[c + C/2]                 (out has C/2 channels)
+//   mode 2 (pair): out[j] = act(conv[2j] + conv[2j+1] + bias[j])          (out has C/2 channels)
+// Pixel-major: each output pixel's channels are finished (epilogue included) while its inputs are in L1.
+// side_in/side_bias/side_out (optional, stride 1): a second, pointwise job done in the same pass,
+// side_out = GELU(side_in + side_bias) per pixel (AGDN: the distillation branch c{k}_d, whose GEMM output
+// sits in the same rows as this conv's input).
+void dwconv3x3(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tensor& weight,
+               const std::optional<Tensor>& bias, int64_t stride, bool reflect,
+               const std::optional<Tensor>& residual, int64_t act, int64_t mode, Tensor out,
+               const std::optional<Tensor>& side_in, const std::optional<Tensor>& side_bias,
+               const std::optional<Tensor>& side_out) {
+  check_map(x, "x");
+  check_map(out, "out");
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == 9, "weight: (9, C + 16) expected");
+  const int64_t C = (mode == 0) ? out.size(1) : 2 * out.size(1);
+  TORCH_CHECK(C <= x.size(1) && C + kLanes <= weight.size(1) && C <= kMaxChannels, "channel count mismatch");
+  TORCH_CHECK(stride == 1 || stride == 2, "stride 1 or 2");
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;
+  TORCH_CHECK(x.size(0) == images * H * W && out.size(0) == images * Ho * Wo, "pixel count mismatch");
+  const float* res = opt_ptr(residual);
+  if (res) check_map(*residual, "residual");
+  const int64_t ldr = res ? residual->stride(0) : 0;
+  const float* b = opt_ptr(bias);
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = weight.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldo = out.stride(0), ldw = weight.size(1);
+  const int64_t G = C / 2;  // output channels in modes 1 and 2
+  const float* side = opt_ptr(side_in);
+  const float* side_b = opt_ptr(side_bias);
+  float* side_o = side ? side_out->data_ptr<float>() : nullptr;
+  const int64_t lds = side ? side_in->stride(0) : 0, ldso = side ? side_out->stride(0) : 0;
+  const int64_t CS = side ? side_in->size(1) : 0;
+  TORCH_CHECK(!side || (stride == 1 && side_out.has_value() && side_out->size(1) == CS && side_out->stride(1) == 1 &&
+                        side_in->stride(1) == 1), "side job: stride 1, matching (pixels, channels) maps");
+  const std::vector<float> zero_row((W + 2) * ldx + kLanes, 0.0f);  // stands in for zero-padded rows
+  const DwArgs args{xp, wp, b, res, op, side, side_b, side_o, zero_row.data(), H, W, Ho, Wo, C, G, CS, ldx, ldw, ldr,
+                    ldo, lds, ldso, stride, act, mode, reflect};
+  at::parallel_for(0, images * Ho, 1, [&](int64_t begin, int64_t end) { dw_rows(args, begin, end); });
+}
+
+// LayerNorm over the C channels of one pixel held in vectors v[0..nv) (lanes beyond C are zero), written
+// to dst: biased variance, eps inside the square root
+inline void layer_norm_pixel(const Vec* v, int64_t C, const float* w, const float* b, double eps, float* dst) {
+  const int64_t nv = (C + kLanes - 1) / kLanes;
+  Vec s(0.0f);
+  for (int64_t j = 0; j < nv; ++j) s = s + v[j];
+  const float mean = hsum(s) / C;
+  const Vec m(mean);
+  Vec q(0.0f);
+  for (int64_t j = 0; j < nv; ++j) {
+    const int64_t n = std::min(kLanes, C - j * kLanes);
+    Vec d = v[j] - m;
+    if (n < kLanes) d = Vec::set(Vec(0.0f), d, n);
+    q = at::vec::fmadd(d, d, q);
+  }
+  const Vec rstd(1.0f / std::sqrt(hsum(q) / C + static_cast<float>(eps)));
+  for (int64_t j = 0; j < nv; ++j) {
+    const int64_t n = std::min(kLanes, C - j * kLanes);
+    store(at::vec::fmadd((v[j] - m) * rstd, load(w + j * kLanes, n), load(b + j * kLanes, n)), dst + j * kLanes, n);
+  }
+}
+
+// out = act(x + bias) (bias optional): an elementwise epilogue for a GEMM written without its bias
+void bias_act(const Tensor& x, const std::optional<Tensor>& bias, int64_t act, Tensor out) {
+  check_map(x, "x");
+  check_map(out, "out");
+  const int64_t P = x.size(0), C = x.size(1), ldx = x.stride(0), ldo = out.stride(0);
+  TORCH_CHECK(out.size(0) == P && out.size(1) == C, "shape mismatch");
+  const float* b = opt_ptr(bias);
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+        const int64_t n = std::min(kLanes, C - c0);
+        Vec s = load(xp + p * ldx + c0, n);
+        if (b) s = s + load(b + c0, n);
+        if (act == kGelu) s = gelu(s);
+        store(s, op + p * ldo + c0, n);
+      }
+    }
+  });
+}
+
+// LayerNorm over the channels of every pixel: biased variance, eps inside the square root
+void layer_norm_rows(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, Tensor out) {
+  check_map(x, "x");
+  check_map(out, "out");
+  const int64_t P = x.size(0), C = x.size(1), ldx = x.stride(0), ldo = out.stride(0);
+  TORCH_CHECK(C <= kMaxChannels, "too many channels");
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = weight.const_data_ptr<float>();
+  const float* bp = bias.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float* src = xp + p * ldx;
+      Vec s(0.0f);
+      for (int64_t c0 = 0; c0 < C; c0 += kLanes) s = s + load(src + c0, std::min(kLanes, C - c0));
+      const float mean = hsum(s) / C;
+      Vec q(0.0f);
+      const Vec m(mean);
+      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+        const int64_t n = std::min(kLanes, C - c0);
+        Vec d = load(src + c0, n) - m;
+        if (n < kLanes) d = Vec::set(Vec(0.0f), d, n);  // masked lanes must not count
+        q = at::vec::fmadd(d, d, q);
+      }
+      const float var = hsum(q) / C;
+      const Vec rstd(1.0f / std::sqrt(var + static_cast<float>(eps)));
+      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+        const int64_t n = std::min(kLanes, C - c0);
+        Vec y = (load(src + c0, n) - m) * rstd;
+        store(at::vec::fmadd(y, load(wp + c0, n), load(bp + c0, n)), op + p * ldo + c0, n);
+      }
+    }
+  });
+}
+
+// RCCA statistics: g[p] = GELU(t[p] . w + b) (the decompose branch), and per channel the sums of (t - shift)
+// and (t - shift)^2 in float64 over all pixels of each image, shift = the image's first pixel (a shifted
+// sum keeps the variance free of cancellation). sums: (images, 2, C) float64.
+void rcca_stats(const Tensor& t, int64_t images, const Tensor& w, double b, Tensor g, Tensor sums) {
+  check_map(t, "t");
+  const int64_t P = t.size(0), C = t.size(1), ldt = t.stride(0), per_image = P / images;
+  TORCH_CHECK(C <= kMaxChannels && P % images == 0, "shape mismatch");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == images * 2 * C,
+              "sums: (images, 2, C) float64");
+  const float* tp = t.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  float* gp = g.data_ptr<float>();
+  double* sp = sums.data_ptr<double>();
+  std::fill(sp, sp + images * 2 * C, 0.0);
+  for (int64_t img = 0; img < images; ++img) {
+    const float* shift = tp + img * per_image * ldt;
+    const int64_t lo = img * per_image, hi = lo + per_image;
+    const int64_t chunk = 512;
+    const int64_t chunks = (per_image + chunk - 1) / chunk;
+    std::vector<double> partial(chunks * 2 * C, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      alignas(64) float s1[kMaxChannels + 64], s2[kMaxChannels + 64];
+      for (int64_t ch = cb; ch < ce; ++ch) {
+        std::fill(s1, s1 + C + kLanes, 0.0f);
+        std::fill(s2, s2 + C + kLanes, 0.0f);
+        const int64_t p0 = lo + ch * chunk, p1 = std::min(hi, p0 + chunk);
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* src = tp + p * ldt;
+          Vec dot(0.0f);
+          for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+            const int64_t n = std::min(kLanes, C - c0);
+            Vec v = load(src + c0, n);
+            Vec d = v - load(shift + c0, n);
+            if (n < kLanes) {
+              v = Vec::set(Vec(0.0f), v, n);
+              d = Vec::set(Vec(0.0f), d, n);
+            }
+            dot = at::vec::fmadd(v, load(wp + c0, n), dot);
+            (Vec::loadu(s1 + c0) + d).store(s1 + c0);
+            at::vec::fmadd(d, d, Vec::loadu(s2 + c0)).store(s2 + c0);
+          }
+          gp[p] = hsum(dot) + static_cast<float>(b);
+        }
+        double* dst = partial.data() + ch * 2 * C;
+        for (int64_t c = 0; c < C; ++c) {
+          dst[c] = s1[c];
+          dst[C + c] = s2[c];
+        }
+      }
+    });
+    double* out = sp + img * 2 * C;
+    for (int64_t ch = 0; ch < chunks; ++ch)
+      for (int64_t c = 0; c < 2 * C; ++c) out[c] += partial[ch * 2 * C + c];
+  }
+  // GELU of the decompose values, vectorised
+  at::parallel_for(0, P, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; p += kLanes) {
+      const int64_t n = std::min(kLanes, end - p);
+      store(gelu(load(gp + p, n)), gp + p, n);
+    }
+  });
+}
+
+// RCCA output, in place on z: z + t * (sigma + w) - sigma * g, w per channel of each image (w_ld 0 within an
+// image: rows = images) or per pixel (rows = pixels)
+void rcca_combine(Tensor z, const Tensor& t, const Tensor& g, const Tensor& sigma, const Tensor& w,
+                  int64_t images, const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias,
+                  const std::optional<Tensor>& ln_out) {
+  check_map(z, "z");
+  check_map(t, "t");
+  check_map(w, "w");
+  const int64_t P = z.size(0), C = z.size(1), ldz = z.stride(0), ldt = t.stride(0), per_image = P / images;
+  TORCH_CHECK(C <= kMaxChannels, "too many channels");
+  const bool per_pixel = w.size(0) == P;
+  TORCH_CHECK(per_pixel || w.size(0) == images, "w: one row per image or per pixel");
+  float* zp = z.data_ptr<float>();
+  const float* tp = t.const_data_ptr<float>();
+  const float* gp = g.const_data_ptr<float>();
+  const float* sg = sigma.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  const int64_t ldw = w.stride(0);
+  const float* lw = opt_ptr(ln_weight);
+  const float* lb = opt_ptr(ln_bias);
+  float* lo = lw ? ln_out->data_ptr<float>() : nullptr;
+  const int64_t ldl = lw ? ln_out->stride(0) : 0;
+  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+    Vec row[kMaxChannels / kLanes];
+    for (int64_t p = begin; p < end; ++p) {
+      const float* wr = wp + (per_pixel ? p : p / per_image) * ldw;
+      const Vec gv(gp[p]);
+      for (int64_t c0 = 0, j = 0; c0 < C; c0 += kLanes, ++j) {
+        const int64_t n = std::min(kLanes, C - c0);
+        const Vec s = load(sg + c0, n);
+        Vec r = at::vec::fmadd(load(tp + p * ldt + c0, n), s + load(wr + c0, n), load(zp + p * ldz + c0, n));
+        r = r - s * gv;
+        store(r, zp + p * ldz + c0, n);
+        row[j] = r;
+      }
+      if (lw) layer_norm_pixel(row, C, lw, lb, 1e-5, lo + p * ldl);  // the next op's LayerNorm, same pass
+    }
+  });
+}
+
+// MVSA's full-resolution tail, in place on z: s = bilinear(g1) + bilinear(g2) + (cf + cf_bias) (f channels),
+// z = z' + z' * sigmoid(s @ w4 + b4), z' = z + z_bias (optional). g1, g2: (images, f, h, w) coarse maps (NCHW). Sampling per axis:
+// index (maps, 4, n) int64 rows [y0, y1, x0, x1] and lambda (maps, 2, n) float32 rows [ly, lx], the
+// upper-neighbour weights (PyTorch's align_corners=False rule, or a tile's whole-image coordinates).
+void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf, const Tensor& cf_bias,
+               const Tensor& g1, const Tensor& g2, const Tensor& index, const Tensor& lambda,
+               const Tensor& w4, const Tensor& b4, const std::optional<Tensor>& z_bias) {
+  check_map(z, "z");
+  check_map(cf, "cf");
+  const int64_t C = z.size(1), f = cf.size(1), ldz = z.stride(0), ldc = cf.stride(0);
+  TORCH_CHECK(g1.is_contiguous() && g2.is_contiguous() && g1.size(1) == f && g2.size(1) == f, "coarse maps");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && lambda.is_contiguous(), "sampling");
+  TORCH_CHECK(w4.is_contiguous() && w4.size(0) == f && w4.size(1) >= C, "w4: (f, C) expected");
+  float* zp = z.data_ptr<float>();
+  const float* cp = cf.const_data_ptr<float>();
+  const float* cb = cf_bias.const_data_ptr<float>();
+  const float* maps[2] = {g1.const_data_ptr<float>(), g2.const_data_ptr<float>()};
+  const int64_t mh[2] = {g1.size(2), g2.size(2)}, mw[2] = {g1.size(3), g2.size(3)};
+  const int64_t* ip = index.const_data_ptr<int64_t>();
+  const float* lp = lambda.const_data_ptr<float>();
+  const int64_t ni = index.size(2), nl = lambda.size(2);
+  const float* w4p = w4.const_data_ptr<float>();
+  const float* b4p = b4.const_data_ptr<float>();
+  const int64_t ldw = w4.size(1);
+  const float* zb = opt_ptr(z_bias);
+
+  at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float s[kMaxChannels];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t img = row / H, y = row % H;
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t p = row * W + x;
+        for (int64_t c = 0; c < f; ++c) s[c] = 0.0f;
+        for (int m = 0; m < 2; ++m) {
+          const int64_t* idx = ip + m * 4 * ni;
+          const float* lam = lp + m * 2 * nl;
+          const int64_t y0 = idx[y], y1 = idx[ni + y], x0 = idx[2 * ni + x], x1 = idx[3 * ni + x];
+          const float h1 = lam[y], h0 = 1.0f - h1, w1 = lam[nl + x], w0 = 1.0f - w1;
+          const float* base = maps[m] + img * f * mh[m] * mw[m];
+          for (int64_t c = 0; c < f; ++c) {
+            const float* g = base + c * mh[m] * mw[m];
+            s[c] += h0 * (w0 * g[y0 * mw[m] + x0] + w1 * g[y0 * mw[m] + x1]) +
+                    h1 * (w0 * g[y1 * mw[m] + x0] + w1 * g[y1 * mw[m] + x1]);
+          }
+        }
+        for (int64_t c = 0; c < f; ++c) s[c] += cp[p * ldc + c] + cb[c];
+        float* zr = zp + p * ldz;
+        for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+          const int64_t n = std::min(kLanes, C - c0);
+          Vec m = load(b4p + c0, n);
+          for (int64_t k = 0; k < f; ++k) m = at::vec::fmadd(Vec(s[k]), Vec::loadu(w4p + k * ldw + c0), m);
+          Vec zv = load(zr + c0, n);
+          if (zb) zv = zv + load(zb + c0, n);
+          store(at::vec::fmadd(zv, sigmoid(m), zv), zr + c0, n);
+        }
+      }
+    }
+  });
+}
+
+// Channel attention over cells. A cell is a block of pixels (a segment of rows x a segment of columns) that
+// one fixed set of TLC windows covers; row_seg[y] / col_seg[x] give each row's / column's segment.
+// cell_gram: per cell, G = sum over its pixels of q k^T (C x C, row = q channel) and the squared norms of the
+// q and k channels, from a map whose columns [0, C) are q and [C, 2C) are k. Threads take row ranges, each
+// with its own accumulators, summed at the end (so the split does not depend on how cells are sized).
+void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C, const Tensor& row_seg,
+               const Tensor& col_seg, int64_t ny, int64_t nx, Tensor gram, Tensor sq) {
+  check_map(qk, "qk");
+  TORCH_CHECK(qk.size(1) >= 2 * C && qk.size(0) == images * H * W && C <= 256, "qk: (pixels, >= 2C)");
+  TORCH_CHECK(gram.is_contiguous() && gram.numel() == images * ny * nx * C * C, "gram: (images, ny, nx, C, C)");
+  TORCH_CHECK(sq.is_contiguous() && sq.numel() == images * ny * nx * 2 * C, "sq: (images, ny, nx, 2C)");
+  const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes, nv = Cp / kLanes;
+  const int64_t cells = images * ny * nx, cell_size = C * Cp + 2 * Cp;
+  const int64_t* rs = row_seg.const_data_ptr<int64_t>();
+  const int64_t* cs = col_seg.const_data_ptr<int64_t>();
+  const float* base = qk.const_data_ptr<float>();
+  const int64_t ld = qk.stride(0);
+  const int threads = at::get_num_threads();
+  std::vector<float> partial(static_cast<size_t>(threads) * cells * cell_size, 0.0f);
+
+  at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
+    float* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * cells * cell_size;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t img = row / H, y = row % H;
+      int64_t x = 0;
+      while (x < W) {
+        const int64_t seg = cs[x];
+        int64_t x_end = x;
+        while (x_end < W && cs[x_end] == seg) ++x_end;
+        float* g = mine + ((img * ny + rs[y]) * nx + seg) * cell_size;
+        float* sq_q = g + C * Cp;
+        float* sq_k = sq_q + Cp;
+        for (; x < x_end; x += 4) {  // four pixels per pass over G: 4 FMAs per load/store of a G row
+          // (a last group of fewer than four repeats its last pixel with weight 0)
+          const int64_t m = std::min<int64_t>(4, x_end - x);
+          const float* px[4];
+          for (int u = 0; u < 4; ++u) px[u] = base + (row * W + x + std::min<int64_t>(u, m - 1)) * ld;
+          const float wgt[4] = {1.0f, m > 1 ? 1.0f : 0.0f, m > 2 ? 1.0f : 0.0f, m > 3 ? 1.0f : 0.0f};
+          Vec kv[4][16];
+          for (int u = 0; u < 4; ++u)
+            for (int64_t j = 0; j < nv; ++j) {
+              const int64_t n = std::min(kLanes, C - j * kLanes);
+              kv[u][j] = load(px[u] + C + j * kLanes, n) * Vec(wgt[u]);
+              const Vec qv = load(px[u] + j * kLanes, n) * Vec(wgt[u]);
+              at::vec::fmadd(qv, qv, Vec::loadu(sq_q + j * kLanes)).store(sq_q + j * kLanes);
+              at::vec::fmadd(kv[u][j], kv[u][j], Vec::loadu(sq_k + j * kLanes)).store(sq_k + j * kLanes);
+            }
+          for (int64_t i = 0; i < C; ++i) {
+            const Vec q0(px[0][i] * wgt[0]), q1(px[1][i] * wgt[1]), q2(px[2][i] * wgt[2]), q3(px[3][i] * wgt[3]);
+            float* gr = g + i * Cp;
+            for (int64_t j = 0; j < nv; ++j) {
+              Vec a = Vec::loadu(gr + j * kLanes);
+              a = at::vec::fmadd(q0, kv[0][j], a);
+              a = at::vec::fmadd(q1, kv[1][j], a);
+              a = at::vec::fmadd(q2, kv[2][j], a);
+              a = at::vec::fmadd(q3, kv[3][j], a);
+              a.store(gr + j * kLanes);
+            }
+          }
+        }
+        x = x_end;
+      }
+    }
+  });
+  float* gp = gram.data_ptr<float>();
+  float* sp = sq.data_ptr<float>();
+  for (int64_t cell = 0; cell < cells; ++cell) {
+    for (int64_t i = 0; i < C; ++i)
+      for (int64_t j = 0; j < C; ++j) {
+        float total = 0.0f;
+        for (int t = 0; t < threads; ++t) total += partial[(static_cast<size_t>(t) * cells + cell) * cell_size + i * Cp + j];
+        gp[(cell * C + i) * C + j] = total;
+      }
+    for (int64_t j = 0; j < 2 * C; ++j) {
+      const int64_t off = C * Cp + (j < C ? j : Cp + j - C);
+      float total = 0.0f;
+      for (int t = 0; t < threads; ++t) total += partial[(static_cast<size_t>(t) * cells + cell) * cell_size + off];
+      sp[cell * 2 * C + j] = total;
+    }
+  }
+}
+
+// cell_apply: out[p] = z[p] + v[p] @ M[cell(p)], M: (images, ny, nx, C, Cp) float32, row i = input channel i
+// (the cell's attention matrix with project_out folded in, transposed and padded).
+// Optional, in the same pass: ln_out = LayerNorm(z + v @ M) (ln_weight, ln_bias, eps 1e-5), and residual
+// added to out after that (out = z + v @ M + residual).
+void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t images, int64_t H, int64_t W,
+                const Tensor& row_seg, const Tensor& col_seg, int64_t ny, int64_t nx, Tensor out,
+                const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias,
+                const std::optional<Tensor>& ln_out, const std::optional<Tensor>& residual) {
+  check_map(v, "v");
+  check_map(z, "z");
+  check_map(out, "out");
+  const int64_t C = z.size(1), Cp = (C + kLanes - 1) / kLanes * kLanes, nv = Cp / kLanes;
+  TORCH_CHECK(C <= 256 && mats.is_contiguous() && mats.numel() == images * ny * nx * C * Cp, "mats shape");
+  const int64_t* rs = row_seg.const_data_ptr<int64_t>();
+  const int64_t* cs = col_seg.const_data_ptr<int64_t>();
+  const float* vp = v.const_data_ptr<float>();
+  const float* zp = z.const_data_ptr<float>();
+  const float* mp = mats.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldv = v.stride(0), ldz = z.stride(0), ldo = out.stride(0);
+  const float* lw = opt_ptr(ln_weight);
+  const float* lb = opt_ptr(ln_bias);
+  float* lo = lw ? ln_out->data_ptr<float>() : nullptr;
+  const int64_t ldl = lw ? ln_out->stride(0) : 0;
+  const float* rp = opt_ptr(residual);
+  const int64_t ldr = rp ? residual->stride(0) : 0;
+  at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t img = row / H, y = row % H;
+      int64_t x = 0;
+      while (x < W) {
+        const int64_t seg = cs[x];
+        int64_t x_end = x;
+        while (x_end < W && cs[x_end] == seg) ++x_end;
+        const float* M = mp + ((img * ny + rs[y]) * nx + seg) * C * Cp;
+        for (; x < x_end; x += 4) {
+          const int64_t m = std::min<int64_t>(4, x_end - x);
+          const int64_t p = row * W + x;
+          Vec acc[4][16];
+          for (int u = 0; u < 4; ++u)
+            for (int64_t j = 0; j < nv; ++j)
+              acc[u][j] = u < m ? load(zp + (p + u) * ldz + j * kLanes, std::min(kLanes, C - j * kLanes)) : Vec(0.0f);
+          const float* vr[4];
+          for (int u = 0; u < 4; ++u) vr[u] = vp + (p + std::min<int64_t>(u, m - 1)) * ldv;
+          for (int64_t i = 0; i < C; ++i) {
+            const Vec b0(vr[0][i]), b1(vr[1][i]), b2(vr[2][i]), b3(vr[3][i]);
+            for (int64_t j = 0; j < nv; ++j) {
+              const Vec mv = Vec::loadu(M + i * Cp + j * kLanes);
+              acc[0][j] = at::vec::fmadd(b0, mv, acc[0][j]);
+              acc[1][j] = at::vec::fmadd(b1, mv, acc[1][j]);
+              acc[2][j] = at::vec::fmadd(b2, mv, acc[2][j]);
+              acc[3][j] = at::vec::fmadd(b3, mv, acc[3][j]);
+            }
+          }
+          for (int u = 0; u < m; ++u) {
+            if (lw) layer_norm_pixel(acc[u], C, lw, lb, 1e-5, lo + (p + u) * ldl);
+            for (int64_t j = 0; j < nv; ++j) {
+              const int64_t n = std::min(kLanes, C - j * kLanes);
+              Vec o = acc[u][j];
+              if (rp) o = o + load(rp + (p + u) * ldr + j * kLanes, n);
+              store(o, op + (p + u) * ldo + j * kLanes, n);
+            }
+          }
+        }
+        x = x_end;
+      }
+    }
+  });
+}
+
+inline int64_t reflect_index(int64_t i, int64_t n) {
+  if (n == 1) return 0;
+  return i < 0 ? -i : (i >= n ? 2 * (n - 1) - i : i);
+}
+
+// BSConv on a small channel-major map: pointwise (f x f, no bias) then reflect-padded depthwise 3x3 + bias.
+// w: [pw (f*f, row = output channel), dw (f*9), bias (f)]
+void bsconv_small(const float* in, float* out, int64_t f, int64_t h, int64_t w, const float* wts) {
+  const float* pw = wts;
+  const float* dw = pw + f * f;
+  const float* bias = dw + 9 * f;
+  std::vector<float> mid(f * h * w, 0.0f);
+  for (int64_t o = 0; o < f; ++o)
+    for (int64_t i = 0; i < f; ++i) {
+      const float wv = pw[o * f + i];
+      for (int64_t p = 0; p < h * w; ++p) mid[o * h * w + p] += wv * in[i * h * w + p];
+    }
+  for (int64_t c = 0; c < f; ++c)
+    for (int64_t y = 0; y < h; ++y)
+      for (int64_t x = 0; x < w; ++x) {
+        float s = 0.0f;
+        for (int64_t ky = 0; ky < 3; ++ky)
+          for (int64_t kx = 0; kx < 3; ++kx)
+            s += dw[c * 9 + ky * 3 + kx] * mid[(c * h + reflect_index(y + ky - 1, h)) * w + reflect_index(x + kx - 1, w)];
+        out[(c * h + y) * w + x] = s + bias[c];
+      }
+}
+
+// MVSA's coarse branch, from the stride-2 map s2 (pixels of images x h x w, channels [conv2_1 | conv2_2 |
+// conv2_3 | conv2_4], f each) to the two maps that are resized back (NCHW, float32):
+//   g1 = conv3_1(GELU(conv_max_1(maxpool5(conv2_1) + localvar5(conv2_4))))
+//   g2 = conv3_2(GELU(conv_max_2(maxpool7(conv2_2) + localvar7(conv2_3))))
+// maxpool: stride 3, padding 1 (-inf); localvar: reflect pad 1, stride 3, unbiased, two-pass in float64;
+// conv_max/conv3: BSConv (pointwise f x f without bias, then reflect-padded depthwise 3x3 with bias).
+// weights: (2, 2 * (f*f + 9f + f)) per branch [pw, dw, bias] of conv_max then of conv3. These maps are
+// about 1/40 of the image; in eager PyTorch they cost some twenty small ops per block.
+void mvsa_coarse(const Tensor& s2, int64_t images, int64_t H, int64_t W, const Tensor& weights, Tensor g1,
+                 Tensor g2) {
+  check_map(s2, "s2");
+  const int64_t f = s2.size(1) / 4, ld = s2.stride(0);
+  const int64_t per_conv = f * f + 10 * f;
+  TORCH_CHECK(weights.is_contiguous() && weights.numel() == 2 * 2 * per_conv, "weights: (2, 2 * (f*f + 10f))");
+  TORCH_CHECK(g1.is_contiguous() && g2.is_contiguous(), "g1, g2 contiguous");
+  const float* sp = s2.const_data_ptr<float>();
+  const float* wp = weights.const_data_ptr<float>();
+  const int64_t oh[2] = {(H + 2 - 5) / 3 + 1, (H + 2 - 7) / 3 + 1}, ow[2] = {(W + 2 - 5) / 3 + 1, (W + 2 - 7) / 3 + 1};
+  for (int branch = 0; branch < 2; ++branch) {
+    const Tensor& g = branch == 0 ? g1 : g2;
+    TORCH_CHECK(g.size(0) == images && g.size(1) == f && g.size(2) == oh[branch] && g.size(3) == ow[branch], "g size");
+  }
+  const int64_t plane = oh[0] * ow[0];  // the larger of the two maps
+  std::vector<float> pooled(images * 2 * f * plane);  // pool + variance, per (image, branch, channel)
+  // one task per (image, branch, channel): the windows are the work
+  at::parallel_for(0, images * 2 * f, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t img = task / (2 * f), branch = (task / f) % 2, c = task % f;
+      const int64_t k = branch == 0 ? 5 : 7, oh_b = oh[branch], ow_b = ow[branch];
+      const int64_t pool_c = branch == 0 ? 0 : f, var_c = branch == 0 ? 3 * f : 2 * f;
+      const float* base = sp + img * H * W * ld;
+      float* a = pooled.data() + task * plane;
+      for (int64_t y = 0; y < oh_b; ++y)
+        for (int64_t x = 0; x < ow_b; ++x) {
+          float mx = -INFINITY;
+          for (int64_t dy = 0; dy < k; ++dy) {
+            const int64_t iy = 3 * y - 1 + dy;
+            if (iy < 0 || iy >= H) continue;
+            for (int64_t dx = 0; dx < k; ++dx) {
+              const int64_t ix = 3 * x - 1 + dx;
+              if (ix < 0 || ix >= W) continue;
+              mx = std::max(mx, base[(iy * W + ix) * ld + pool_c + c]);
+            }
+          }
+          double sum = 0.0, ss = 0.0;
+          for (int64_t dy = 0; dy < k; ++dy)
+            for (int64_t dx = 0; dx < k; ++dx)
+              sum += base[(reflect_index(3 * y - 1 + dy, H) * W + reflect_index(3 * x - 1 + dx, W)) * ld + var_c + c];
+          const double mean = sum / (k * k);
+          for (int64_t dy = 0; dy < k; ++dy)
+            for (int64_t dx = 0; dx < k; ++dx) {
+              const double d =
+                  base[(reflect_index(3 * y - 1 + dy, H) * W + reflect_index(3 * x - 1 + dx, W)) * ld + var_c + c] - mean;
+              ss += d * d;
+            }
+          a[y * ow_b + x] = mx + static_cast<float>(ss / (k * k - 1));
+        }
+    }
+  });
+  // then per (image, branch): BSConv, GELU, BSConv on the small maps
+  at::parallel_for(0, images * 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t img = task / 2, branch = task % 2, oh_b = oh[branch], ow_b = ow[branch];
+      std::vector<float> a(f * oh_b * ow_b), b(f * oh_b * ow_b);  // channel-major
+      for (int64_t c = 0; c < f; ++c)
+        std::copy_n(pooled.data() + (task * f + c) * plane, oh_b * ow_b, a.data() + c * oh_b * ow_b);
+      const float* wb = wp + branch * 2 * per_conv;
+      bsconv_small(a.data(), b.data(), f, oh_b, ow_b, wb);
+      for (auto& v : b) v = 0.5f * v * (1.0f + std::erf(v * static_cast<float>(M_SQRT1_2)));
+      Tensor& g = branch == 0 ? g1 : g2;
+      bsconv_small(b.data(), g.data_ptr<float>() + img * f * oh_b * ow_b, f, oh_b, ow_b, wb + per_conv);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(upscale_cpu, m) {
+  m.def("dwconv3x3(Tensor x, int images, int H, int W, Tensor weight, Tensor? bias, int stride, bool reflect, "
+        "Tensor? residual, int act, int mode, Tensor out, Tensor? side_in=None, Tensor? side_bias=None, "
+        "Tensor? side_out=None) -> ()", dwconv3x3);
+  m.def("bias_act", bias_act);
+  m.def("layer_norm_rows", layer_norm_rows);
+  m.def("rcca_stats", rcca_stats);
+  m.def("rcca_combine(Tensor z, Tensor t, Tensor g, Tensor sigma, Tensor w, int images, Tensor? ln_weight=None, "
+        "Tensor? ln_bias=None, Tensor? ln_out=None) -> ()", rcca_combine);
+  m.def("mvsa_tail", mvsa_tail);
+  m.def("cell_gram", cell_gram);
+  m.def("cell_apply(Tensor v, Tensor z, Tensor mats, int images, int H, int W, Tensor row_seg, Tensor col_seg, "
+        "int ny, int nx, Tensor out, Tensor? ln_weight=None, Tensor? ln_bias=None, Tensor? ln_out=None, "
+        "Tensor? residual=None) -> ()", cell_apply);
+  m.def("mvsa_coarse", mvsa_coarse);
+}
