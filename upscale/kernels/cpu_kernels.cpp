@@ -178,6 +178,30 @@ ALWAYS_INLINE void conv_chunk_interior(Vec* acc, const float* const base[3], int
   }
 }
 
+// Stride 1: pixel u's tap kx reads input column u + kx, so a row of U + 2 input vectors serves all U x 3
+// taps: U + 2 loads instead of 3U per row of taps, and U independent FMA chains.
+template <int U, bool kFull>
+ALWAYS_INLINE void conv_chunk_stride1(Vec* acc, const float* const base[3], const float* wp, int64_t ldw,
+                                      int64_t c, int64_t n, int64_t ldx) {
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) acc[u] = Vec(0.0f);
+#pragma GCC unroll 3
+  for (int ky = 0; ky < 3; ++ky) {
+    const Vec w0 = Vec::loadu(wp + (ky * 3) * ldw + c), w1 = Vec::loadu(wp + (ky * 3 + 1) * ldw + c),
+              w2 = Vec::loadu(wp + (ky * 3 + 2) * ldw + c);
+    const float* px = base[ky] + c;
+    Vec xs[U + 2];
+#pragma GCC unroll 10
+    for (int j = 0; j < U + 2; ++j) xs[j] = load_n<kFull>(px + j * ldx, n);
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      acc[u] = at::vec::fmadd(w0, xs[u], acc[u]);
+      acc[u] = at::vec::fmadd(w1, xs[u + 1], acc[u]);
+      acc[u] = at::vec::fmadd(w2, xs[u + 2], acc[u]);
+    }
+  }
+}
+
 struct DwArgs {
   const float *xp, *wp, *b, *res;
   float* op;
@@ -207,6 +231,8 @@ ALWAYS_INLINE void dw_pixels(const DwArgs& a, const float* const src[3], int64_t
   for (int k = 0; k < 3; ++k) base[k] = (src[k] ? src[k] : a.zero_row) + (ox * stride - 1) * ldx;
   auto conv = [&](Vec* a, int64_t c, int64_t n) __attribute__((always_inline)) {
     if (!interior) conv_chunk<U>(a, src, col, wp, ldw, c, n, ldx);
+    else if (stride == 1 && n == kLanes) conv_chunk_stride1<U, true>(a, base, wp, ldw, c, n, ldx);
+    else if (stride == 1) conv_chunk_stride1<U, false>(a, base, wp, ldw, c, n, ldx);
     else if (n == kLanes) conv_chunk_interior<U, true>(a, base, stride * ldx, wp, ldw, c, n, ldx);
     else conv_chunk_interior<U, false>(a, base, stride * ldx, wp, ldw, c, n, ldx);
   };
