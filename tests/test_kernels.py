@@ -123,12 +123,12 @@ def test_rcca_stats_and_combine():
         _close(got, want, rel=5e-6)
 
 
-@pytest.mark.parametrize("h,w", [(48, 48), (50, 50), (7, 9), (101, 77)])
-def test_cell_gram_and_apply_match_per_cell_matmuls(h, w):
+@pytest.mark.parametrize("h,w,c", [(48, 48, 42), (50, 50, 42), (7, 9, 42), (101, 77, 42), (50, 61, 24), (50, 50, 60)])
+def test_cell_gram_and_apply_match_per_cell_matmuls(h, w, c):
     """Cells of every width (the TLC grid of an h x w map), including ones narrower than the kernel's 4-pixel
-    groups: a group must never spill into the next cell."""
+    groups: a group must never spill into the next cell. C = 42 (AGDN), 24 (AGDN-S) and a generic width."""
     g = torch.Generator().manual_seed(h * w)
-    c, n = 42, 2
+    n = 2
     qkv = torch.randn(n, h, w, 3 * c, generator=g)
     ry, _, row_seg, cx, _, col_seg = A._cell_layout(48, h, w, None)
     gram = torch.empty(n, len(ry), len(cx), c, c)
@@ -136,7 +136,7 @@ def test_cell_gram_and_apply_match_per_cell_matmuls(h, w):
     flat = qkv.view(-1, 3 * c)
     ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq)
     mats = torch.randn(n, len(ry), len(cx), c, c, generator=g)
-    padded = torch.zeros(n, len(ry), len(cx), c, 48)
+    padded = torch.zeros(n, len(ry), len(cx), c, -(-c // 16) * 16)
     padded[..., :c] = mats
     z = torch.randn(n * h * w, c, generator=g)
     out = torch.empty_like(z)

@@ -345,7 +345,7 @@ void dwconv3x3(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
 
 // LayerNorm over the C channels of one pixel held in vectors v[0..nv) (lanes beyond C are zero), written
 // to dst: biased variance, eps inside the square root
-inline void layer_norm_pixel(const Vec* v, int64_t C, const float* w, const float* b, double eps, float* dst) {
+ALWAYS_INLINE void layer_norm_pixel(const Vec* v, int64_t C, const float* w, const float* b, double eps, float* dst) {
   const int64_t nv = (C + kLanes - 1) / kLanes;
   Vec s(0.0f);
   for (int64_t j = 0; j < nv; ++j) s = s + v[j];
@@ -550,27 +550,37 @@ void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf,
   const float* b4p = b4.const_data_ptr<float>();
   const int64_t ldw = w4.size(1);
   const float* zb = opt_ptr(z_bias);
+  TORCH_CHECK(f <= kLanes, "mvsa_tail: at most one vector of coarse channels");
+  // the coarse maps pixel-major, one zero-padded vector per pixel: a bilinear sample of all f channels is then
+  // four vector loads instead of 4f scalar ones
+  std::vector<float> pm[2];
+  for (int m = 0; m < 2; ++m) {
+    pm[m].assign(images * mh[m] * mw[m] * kLanes, 0.0f);
+    for (int64_t img = 0; img < images; ++img)
+      for (int64_t c = 0; c < f; ++c)
+        for (int64_t i = 0; i < mh[m] * mw[m]; ++i)
+          pm[m][(img * mh[m] * mw[m] + i) * kLanes + c] = maps[m][(img * f + c) * mh[m] * mw[m] + i];
+  }
 
   at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float s[kMaxChannels];
+    alignas(64) float s[kLanes];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t img = row / H, y = row % H;
       for (int64_t x = 0; x < W; ++x) {
         const int64_t p = row * W + x;
-        for (int64_t c = 0; c < f; ++c) s[c] = 0.0f;
+        Vec acc(0.0f);
         for (int m = 0; m < 2; ++m) {
           const int64_t* idx = ip + m * 4 * ni;
           const float* lam = lp + m * 2 * nl;
           const int64_t y0 = idx[y], y1 = idx[ni + y], x0 = idx[2 * ni + x], x1 = idx[3 * ni + x];
-          const float h1 = lam[y], h0 = 1.0f - h1, w1 = lam[nl + x], w0 = 1.0f - w1;
-          const float* base = maps[m] + img * f * mh[m] * mw[m];
-          for (int64_t c = 0; c < f; ++c) {
-            const float* g = base + c * mh[m] * mw[m];
-            s[c] += h0 * (w0 * g[y0 * mw[m] + x0] + w1 * g[y0 * mw[m] + x1]) +
-                    h1 * (w0 * g[y1 * mw[m] + x0] + w1 * g[y1 * mw[m] + x1]);
-          }
+          const Vec h1(lam[y]), h0(1.0f - lam[y]), w1(lam[nl + x]), w0(1.0f - lam[nl + x]);
+          const float* base = pm[m].data() + img * mh[m] * mw[m] * kLanes;
+          const Vec top = w0 * Vec::loadu(base + (y0 * mw[m] + x0) * kLanes) + w1 * Vec::loadu(base + (y0 * mw[m] + x1) * kLanes);
+          const Vec bot = w0 * Vec::loadu(base + (y1 * mw[m] + x0) * kLanes) + w1 * Vec::loadu(base + (y1 * mw[m] + x1) * kLanes);
+          acc = acc + (h0 * top + h1 * bot);
         }
-        for (int64_t c = 0; c < f; ++c) s[c] += cp[p * ldc + c] + cb[c];
+        acc = acc + (load(cp + p * ldc, f) + load(cb, f));
+        acc.store(s);
         float* zr = zp + p * ldz;
         for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
           const int64_t n = std::min(kLanes, C - c0);
@@ -583,6 +593,57 @@ void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf,
       }
     }
   });
+}
+
+// cell_gram's work on output rows [begin, end), accumulating into `mine` (this thread's cells). NV: vectors
+// per channel row when known at compile time, else 0 (runtime nv, up to 16).
+template <int NV>
+void gram_rows(const float* base, int64_t ld, int64_t H, int64_t W, int64_t C, int64_t Cp, int64_t nv_rt,
+               const int64_t* rs, const int64_t* cs, int64_t ny, int64_t nx, int64_t cell_size, float* mine,
+               int64_t begin, int64_t end) {
+  const int64_t nv = NV > 0 ? NV : nv_rt;
+  constexpr int kMaxNV = NV > 0 ? NV : 16;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t img = row / H, y = row % H;
+    int64_t x = 0;
+    while (x < W) {
+      const int64_t seg = cs[x];
+      int64_t x_end = x;
+      while (x_end < W && cs[x_end] == seg) ++x_end;
+      float* g = mine + ((img * ny + rs[y]) * nx + seg) * cell_size;
+      float* sq_q = g + C * Cp;
+      float* sq_k = sq_q + Cp;
+      for (; x < x_end; x += 4) {  // four pixels per pass over G: 4 FMAs per load/store of a G row
+        // (a last group of fewer than four repeats its last pixel with weight 0)
+        const int64_t m = std::min<int64_t>(4, x_end - x);
+        const float* px[4];
+        for (int u = 0; u < 4; ++u) px[u] = base + (row * W + x + std::min<int64_t>(u, m - 1)) * ld;
+        const float wgt[4] = {1.0f, m > 1 ? 1.0f : 0.0f, m > 2 ? 1.0f : 0.0f, m > 3 ? 1.0f : 0.0f};
+        Vec kv[4][kMaxNV];
+        for (int u = 0; u < 4; ++u)
+          for (int64_t j = 0; j < nv; ++j) {
+            const int64_t n = std::min(kLanes, C - j * kLanes);
+            kv[u][j] = load(px[u] + C + j * kLanes, n) * Vec(wgt[u]);
+            const Vec qv = load(px[u] + j * kLanes, n) * Vec(wgt[u]);
+            at::vec::fmadd(qv, qv, Vec::loadu(sq_q + j * kLanes)).store(sq_q + j * kLanes);
+            at::vec::fmadd(kv[u][j], kv[u][j], Vec::loadu(sq_k + j * kLanes)).store(sq_k + j * kLanes);
+          }
+        for (int64_t i = 0; i < C; ++i) {
+          const Vec q0(px[0][i] * wgt[0]), q1(px[1][i] * wgt[1]), q2(px[2][i] * wgt[2]), q3(px[3][i] * wgt[3]);
+          float* gr = g + i * Cp;
+          for (int64_t j = 0; j < nv; ++j) {
+            Vec a = Vec::loadu(gr + j * kLanes);
+            a = at::vec::fmadd(q0, kv[0][j], a);
+            a = at::vec::fmadd(q1, kv[1][j], a);
+            a = at::vec::fmadd(q2, kv[2][j], a);
+            a = at::vec::fmadd(q3, kv[3][j], a);
+            a.store(gr + j * kLanes);
+          }
+        }
+      }
+      x = x_end;
+    }
+  }
 }
 
 // Channel attention over cells. A cell is a block of pixels (a segment of rows x a segment of columns) that
@@ -605,50 +666,17 @@ void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C
   const int threads = at::get_num_threads();
   std::vector<float> partial(static_cast<size_t>(threads) * cells * cell_size, 0.0f);
 
-  at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
-    float* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * cells * cell_size;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t img = row / H, y = row % H;
-      int64_t x = 0;
-      while (x < W) {
-        const int64_t seg = cs[x];
-        int64_t x_end = x;
-        while (x_end < W && cs[x_end] == seg) ++x_end;
-        float* g = mine + ((img * ny + rs[y]) * nx + seg) * cell_size;
-        float* sq_q = g + C * Cp;
-        float* sq_k = sq_q + Cp;
-        for (; x < x_end; x += 4) {  // four pixels per pass over G: 4 FMAs per load/store of a G row
-          // (a last group of fewer than four repeats its last pixel with weight 0)
-          const int64_t m = std::min<int64_t>(4, x_end - x);
-          const float* px[4];
-          for (int u = 0; u < 4; ++u) px[u] = base + (row * W + x + std::min<int64_t>(u, m - 1)) * ld;
-          const float wgt[4] = {1.0f, m > 1 ? 1.0f : 0.0f, m > 2 ? 1.0f : 0.0f, m > 3 ? 1.0f : 0.0f};
-          Vec kv[4][16];
-          for (int u = 0; u < 4; ++u)
-            for (int64_t j = 0; j < nv; ++j) {
-              const int64_t n = std::min(kLanes, C - j * kLanes);
-              kv[u][j] = load(px[u] + C + j * kLanes, n) * Vec(wgt[u]);
-              const Vec qv = load(px[u] + j * kLanes, n) * Vec(wgt[u]);
-              at::vec::fmadd(qv, qv, Vec::loadu(sq_q + j * kLanes)).store(sq_q + j * kLanes);
-              at::vec::fmadd(kv[u][j], kv[u][j], Vec::loadu(sq_k + j * kLanes)).store(sq_k + j * kLanes);
-            }
-          for (int64_t i = 0; i < C; ++i) {
-            const Vec q0(px[0][i] * wgt[0]), q1(px[1][i] * wgt[1]), q2(px[2][i] * wgt[2]), q3(px[3][i] * wgt[3]);
-            float* gr = g + i * Cp;
-            for (int64_t j = 0; j < nv; ++j) {
-              Vec a = Vec::loadu(gr + j * kLanes);
-              a = at::vec::fmadd(q0, kv[0][j], a);
-              a = at::vec::fmadd(q1, kv[1][j], a);
-              a = at::vec::fmadd(q2, kv[2][j], a);
-              a = at::vec::fmadd(q3, kv[3][j], a);
-              a.store(gr + j * kLanes);
-            }
-          }
-        }
-        x = x_end;
-      }
-    }
-  });
+  auto run = [&](auto nv_const) {
+    constexpr int NV = decltype(nv_const)::value;
+    at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
+      float* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * cells * cell_size;
+      gram_rows<NV>(base, ld, H, W, C, Cp, nv, rs, cs, ny, nx, cell_size, mine, begin, end);
+    });
+  };
+  // the vector count as a compile-time constant keeps the accumulators in registers (AGDN: 3, AGDN-S: 2)
+  if (nv == 2) run(std::integral_constant<int, 2>{});
+  else if (nv == 3) run(std::integral_constant<int, 3>{});
+  else run(std::integral_constant<int, 0>{});
   float* gp = gram.data_ptr<float>();
   float* sp = sq.data_ptr<float>();
   for (int64_t cell = 0; cell < cells; ++cell) {
@@ -663,6 +691,68 @@ void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C
       float total = 0.0f;
       for (int t = 0; t < threads; ++t) total += partial[(static_cast<size_t>(t) * cells + cell) * cell_size + off];
       sp[cell * 2 * C + j] = total;
+    }
+  }
+}
+
+struct ApplyArgs {
+  const float *vp, *zp, *mp;
+  float* op;
+  const int64_t *rs, *cs;
+  const float *lw, *lb;
+  float* lo;
+  const float* rp;
+  int64_t H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr;
+};
+
+// cell_apply's work on rows [begin, end); NV as in gram_rows
+template <int NV>
+void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
+  const float *vp = a.vp, *zp = a.zp, *mp = a.mp, *lw = a.lw, *lb = a.lb, *rp = a.rp;
+  float *op = a.op, *lo = a.lo;
+  const int64_t *rs = a.rs, *cs = a.cs;
+  const int64_t H = a.H, W = a.W, C = a.C, Cp = a.Cp, ny = a.ny, nx = a.nx, ldv = a.ldv, ldz = a.ldz,
+                ldo = a.ldo, ldl = a.ldl, ldr = a.ldr;
+  const int64_t nv = NV > 0 ? NV : a.nv;
+  constexpr int kMaxNV = NV > 0 ? NV : 16;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t img = row / H, y = row % H;
+    int64_t x = 0;
+    while (x < W) {
+      const int64_t seg = cs[x];
+      int64_t x_end = x;
+      while (x_end < W && cs[x_end] == seg) ++x_end;
+      const float* M = mp + ((img * ny + rs[y]) * nx + seg) * C * Cp;
+      for (; x < x_end; x += 4) {
+        const int64_t m = std::min<int64_t>(4, x_end - x);
+        const int64_t p = row * W + x;
+        Vec acc[4][kMaxNV];
+        for (int u = 0; u < 4; ++u)
+          for (int64_t j = 0; j < nv; ++j)
+            acc[u][j] = u < m ? load(zp + (p + u) * ldz + j * kLanes, std::min(kLanes, C - j * kLanes)) : Vec(0.0f);
+        const float* vr[4];
+        for (int u = 0; u < 4; ++u) vr[u] = vp + (p + std::min<int64_t>(u, m - 1)) * ldv;
+        for (int64_t i = 0; i < C; ++i) {
+          const Vec b0(vr[0][i]), b1(vr[1][i]), b2(vr[2][i]), b3(vr[3][i]);
+          for (int64_t j = 0; j < nv; ++j) {
+            const Vec mv = Vec::loadu(M + i * Cp + j * kLanes);
+            acc[0][j] = at::vec::fmadd(b0, mv, acc[0][j]);
+            acc[1][j] = at::vec::fmadd(b1, mv, acc[1][j]);
+            acc[2][j] = at::vec::fmadd(b2, mv, acc[2][j]);
+            acc[3][j] = at::vec::fmadd(b3, mv, acc[3][j]);
+          }
+        }
+        for (int u = 0; u < m; ++u) {
+          if (lw) layer_norm_pixel(acc[u], C, lw, lb, 1e-5, lo + (p + u) * ldl);
+          for (int64_t j = 0; j < nv; ++j) {
+            const int64_t n = std::min(kLanes, C - j * kLanes);
+            Vec o = acc[u][j];
+            if (rp) o = o + load(rp + (p + u) * ldr + j * kLanes, n);
+            store(o, op + (p + u) * ldo + j * kLanes, n);
+          }
+        }
+      }
+      x = x_end;
     }
   }
 }
@@ -693,48 +783,14 @@ void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t im
   const int64_t ldl = lw ? ln_out->stride(0) : 0;
   const float* rp = opt_ptr(residual);
   const int64_t ldr = rp ? residual->stride(0) : 0;
-  at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t img = row / H, y = row % H;
-      int64_t x = 0;
-      while (x < W) {
-        const int64_t seg = cs[x];
-        int64_t x_end = x;
-        while (x_end < W && cs[x_end] == seg) ++x_end;
-        const float* M = mp + ((img * ny + rs[y]) * nx + seg) * C * Cp;
-        for (; x < x_end; x += 4) {
-          const int64_t m = std::min<int64_t>(4, x_end - x);
-          const int64_t p = row * W + x;
-          Vec acc[4][16];
-          for (int u = 0; u < 4; ++u)
-            for (int64_t j = 0; j < nv; ++j)
-              acc[u][j] = u < m ? load(zp + (p + u) * ldz + j * kLanes, std::min(kLanes, C - j * kLanes)) : Vec(0.0f);
-          const float* vr[4];
-          for (int u = 0; u < 4; ++u) vr[u] = vp + (p + std::min<int64_t>(u, m - 1)) * ldv;
-          for (int64_t i = 0; i < C; ++i) {
-            const Vec b0(vr[0][i]), b1(vr[1][i]), b2(vr[2][i]), b3(vr[3][i]);
-            for (int64_t j = 0; j < nv; ++j) {
-              const Vec mv = Vec::loadu(M + i * Cp + j * kLanes);
-              acc[0][j] = at::vec::fmadd(b0, mv, acc[0][j]);
-              acc[1][j] = at::vec::fmadd(b1, mv, acc[1][j]);
-              acc[2][j] = at::vec::fmadd(b2, mv, acc[2][j]);
-              acc[3][j] = at::vec::fmadd(b3, mv, acc[3][j]);
-            }
-          }
-          for (int u = 0; u < m; ++u) {
-            if (lw) layer_norm_pixel(acc[u], C, lw, lb, 1e-5, lo + (p + u) * ldl);
-            for (int64_t j = 0; j < nv; ++j) {
-              const int64_t n = std::min(kLanes, C - j * kLanes);
-              Vec o = acc[u][j];
-              if (rp) o = o + load(rp + (p + u) * ldr + j * kLanes, n);
-              store(o, op + (p + u) * ldo + j * kLanes, n);
-            }
-          }
-        }
-        x = x_end;
-      }
-    }
-  });
+  const ApplyArgs args{vp, zp, mp, op, rs, cs, lw, lb, lo, rp, H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr};
+  auto run = [&](auto nv_const) {
+    constexpr int NV = decltype(nv_const)::value;
+    at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) { apply_rows<NV>(args, begin, end); });
+  };
+  if (nv == 2) run(std::integral_constant<int, 2>{});
+  else if (nv == 3) run(std::integral_constant<int, 3>{});
+  else run(std::integral_constant<int, 0>{});
 }
 
 inline int64_t reflect_index(int64_t i, int64_t n) {
