@@ -130,7 +130,7 @@ def test_cell_gram_and_apply_match_per_cell_matmuls(h, w, c):
     g = torch.Generator().manual_seed(h * w)
     n = 2
     qkv = torch.randn(n, h, w, 3 * c, generator=g)
-    ry, _, row_seg, cx, _, col_seg = A._cell_layout(48, h, w, None)
+    ry, row_seg, cx, col_seg, _, _ = A._cell_layout(48, h, w, None)
     gram = torch.empty(n, len(ry), len(cx), c, c)
     sq = torch.empty(n, len(ry), len(cx), 2 * c)
     flat = qkv.view(-1, 3 * c)

@@ -669,10 +669,11 @@ def _attention_core(bw: dict, attn: SparseAttention, qkv: torch.Tensor, z: torch
     which can also write LN4 of that sum and then add a residual: `ln4_and_residual` = (LN4 output, residual)."""
     p, c = z.shape
     if ops is not None:
-        ry, rcov, row_seg, cx, ccov, col_seg = _cell_layout(attn.tlc_window, h, w, placement)
+        ry, row_seg, cx, col_seg, to_windows, to_cells = _cell_layout(attn.tlc_window, h, w, placement)
     else:
         rows, cols = attn._spans(h, w, placement)
         (ry, rcov), (cx, ccov) = _segments(rows, h, qkv.device), _segments(cols, w, qkv.device)
+        to_windows, to_cells = _cover_matrices(rcov, ccov)
     out = (torch.empty_like(z) if out is None else out).view(n, h, w, c)
     zi = z.view(n, h, w, c)
     if ops is not None:
@@ -682,7 +683,7 @@ def _attention_core(bw: dict, attn: SparseAttention, qkv: torch.Tensor, z: torch
         ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq)
         mats = qkv.new_zeros(n, len(ry), len(cx), c, -(-c // _LANES) * _LANES)
         for i in range(n):
-            mats[i, ..., :c] = _cell_matrices(bw, gram[i], sq[i], rcov, ccov)
+            mats[i, ..., :c] = _cell_matrices(bw, gram[i], sq[i], to_windows, to_cells)
         extra = () if ln4_and_residual is None else (bw["ln4_w"], bw["ln4_b"], *ln4_and_residual)
         ops.cell_apply(flat[:, 2 * c :], z, mats, n, h, w, row_seg, col_seg, len(ry), len(cx), out.view(p, c), *extra)
         return out.view(p, c)
@@ -700,7 +701,7 @@ def _attention_core(bw: dict, attn: SparseAttention, qkv: torch.Tensor, z: torch
                 else:
                     torch.sum(torch.bmm(cell[..., :c].transpose(1, 2), cell[..., c:]), 0, out=gram[yi, xi])
                 torch.sum(cell.square(), (0, 1), out=sq[yi, xi])
-        cells_t = _cell_matrices(bw, gram, sq, rcov, ccov)
+        cells_t = _cell_matrices(bw, gram, sq, to_windows, to_cells)
         for yi, (y0, y1) in enumerate(ry):
             for xi, (x0, x1) in enumerate(cx):
                 v = qkv[i, y0:y1, x0:x1, 2 * c :]
@@ -712,27 +713,35 @@ def _attention_core(bw: dict, attn: SparseAttention, qkv: torch.Tensor, z: torch
     return out.view(p, c)
 
 
-def _cell_matrices(bw: dict, gram: torch.Tensor, sq: torch.Tensor, rcov: torch.Tensor, ccov: torch.Tensor):
+def _cell_matrices(bw: dict, gram: torch.Tensor, sq: torch.Tensor, to_windows: torch.Tensor, to_cells: torch.Tensor):
     """Per cell, the C x C matrix M with output = z + v @ M: the mean of the attention matrices of the windows
     covering the cell, project_out folded in, transposed. From the cells' q k^T (ny, nx, C, C) and squared
-    norms (ny, nx, 2C): window sums are sums over cells, in float64."""
-    c = gram.shape[-1]
-    gram_w = torch.einsum("ir,jc,ijab->rcab", rcov, ccov, gram.double())  # per window
-    norms = torch.einsum("ir,jc,ija->rca", rcov, ccov, sq.double()).sqrt_().clamp_min_(1e-12)
-    a = gram_w / (norms[..., :c, None] * norms[..., None, c:]) * bw["tau"][:, None]
-    a = torch.relu_(a) * bw["heads"]  # (windows along rows, along columns, C, C), block-diagonal
+    norms (ny, nx, 2C): window sums are sums over cells, in float64 (as matrix products with the 0/1 cover)."""
+    ny, nx, c = gram.shape[0], gram.shape[1], gram.shape[-1]
+    gram_w = (to_windows @ gram.reshape(ny * nx, c * c).double()).view(-1, c, c)
+    norms = (to_windows @ sq.reshape(ny * nx, 2 * c).double()).sqrt_().clamp_min_(1e-12)
+    a = gram_w / (norms[:, :c, None] * norms[:, None, c:]) * bw["tau"][:, None]
+    a = torch.relu_(a) * bw["heads"]  # (windows, C, C), block-diagonal over the heads
     # the averaged canvas on a cell = mean of the A of the windows covering it, applied to v
-    mix = torch.einsum("ir,jc,rcab->ijab", rcov / rcov.sum(1, keepdim=True), ccov / ccov.sum(1, keepdim=True), a)
+    mix = (to_cells @ a.view(-1, c * c)).view(ny, nx, c, c)
     return (bw["proj"] @ mix).transpose(-1, -2).to(gram.dtype)
+
+
+def _cover_matrices(rcov: torch.Tensor, ccov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the per-axis covers (segments x windows, 0/1): cells -> windows sums (windows, cells) and the
+    per-cell mean over covering windows (cells, windows), windows and cells row-major."""
+    to_windows = torch.kron(rcov, ccov).t().contiguous()
+    to_cells = torch.kron(rcov / rcov.sum(1, keepdim=True), ccov / ccov.sum(1, keepdim=True))
+    return to_windows, to_cells
 
 
 @functools.lru_cache(maxsize=64)
 def _cell_layout(tlc_window: int | None, h: int, w: int, placement):
-    """The cells of an h x w map (CPU): per axis the segments, which windows cover each, and each position's
-    segment number."""
+    """The cells of an h x w map (CPU): per axis the segments and each position's segment number, and the
+    cells -> windows cover matrices (`_cover_matrices`)."""
     rows, cols = tlc_spans(tlc_window, h, w, placement)
     (ry, rcov), (cx, ccov) = _segments(rows, h, "cpu"), _segments(cols, w, "cpu")
-    return ry, rcov, _segment_index(ry, h), cx, ccov, _segment_index(cx, w)
+    return ry, _segment_index(ry, h), cx, _segment_index(cx, w), *_cover_matrices(rcov, ccov)
 
 
 def _segment_index(segments: list[tuple[int, int]], n: int) -> torch.Tensor:
