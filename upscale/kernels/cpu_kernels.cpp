@@ -810,22 +810,31 @@ void bsconv_small(const float* in, float* out, int64_t f, int64_t h, int64_t w, 
       const float wv = pw[o * f + i];
       for (int64_t p = 0; p < h * w; ++p) mid[o * h * w + p] += wv * in[i * h * w + p];
     }
-  for (int64_t c = 0; c < f; ++c)
+  // depthwise 3x3 on a mirrored copy of each channel (branch-free taps)
+  const int64_t pw_ = w + 2;
+  std::vector<float> pad((h + 2) * pw_);
+  for (int64_t c = 0; c < f; ++c) {
+    const float* m = mid.data() + c * h * w;
+    for (int64_t yy = 0; yy < h + 2; ++yy)
+      for (int64_t xx = 0; xx < pw_; ++xx)
+        pad[yy * pw_ + xx] = m[reflect_index(yy - 1, h) * w + reflect_index(xx - 1, w)];
+    const float* k = dw + c * 9;
     for (int64_t y = 0; y < h; ++y)
       for (int64_t x = 0; x < w; ++x) {
+        const float* q = pad.data() + y * pw_ + x;
         float s = 0.0f;
         for (int64_t ky = 0; ky < 3; ++ky)
-          for (int64_t kx = 0; kx < 3; ++kx)
-            s += dw[c * 9 + ky * 3 + kx] * mid[(c * h + reflect_index(y + ky - 1, h)) * w + reflect_index(x + kx - 1, w)];
+          for (int64_t kx = 0; kx < 3; ++kx) s += k[ky * 3 + kx] * q[ky * pw_ + kx];
         out[(c * h + y) * w + x] = s + bias[c];
       }
+  }
 }
 
 // MVSA's coarse branch, from the stride-2 map s2 (pixels of images x h x w, channels [conv2_1 | conv2_2 |
 // conv2_3 | conv2_4], f each) to the two maps that are resized back (NCHW, float32):
 //   g1 = conv3_1(GELU(conv_max_1(maxpool5(conv2_1) + localvar5(conv2_4))))
 //   g2 = conv3_2(GELU(conv_max_2(maxpool7(conv2_2) + localvar7(conv2_3))))
-// maxpool: stride 3, padding 1 (-inf); localvar: reflect pad 1, stride 3, unbiased, two-pass in float64;
+// maxpool: stride 3, padding 1 (-inf); localvar: reflect pad 1, stride 3, unbiased, from float64 sums;
 // conv_max/conv3: BSConv (pointwise f x f without bias, then reflect-padded depthwise 3x3 with bias).
 // weights: (2, 2 * (f*f + 9f + f)) per branch [pw, dw, bias] of conv_max then of conv3. These maps are
 // about 1/40 of the image; in eager PyTorch they cost some twenty small ops per block.
@@ -853,30 +862,56 @@ void mvsa_coarse(const Tensor& s2, int64_t images, int64_t H, int64_t W, const T
       const int64_t pool_c = branch == 0 ? 0 : f, var_c = branch == 0 ? 3 * f : 2 * f;
       const float* base = sp + img * H * W * ld;
       float* a = pooled.data() + task * plane;
+      // the two channels as contiguous planes with a border of 1: -inf around the pooled one (max-pool
+      // padding), mirrored around the variance one (reflect padding)
+      const int64_t PW = W + 2;
+      std::vector<float> mxp((H + 2) * PW, -INFINITY), vrp((H + 2) * PW);
+      for (int64_t y = 0; y < H; ++y) {
+        const float* src = base + y * W * ld;
+        float* mrow = mxp.data() + (y + 1) * PW + 1;
+        float* vrow = vrp.data() + (y + 1) * PW + 1;
+        for (int64_t x = 0; x < W; ++x) {
+          mrow[x] = src[x * ld + pool_c + c];
+          vrow[x] = src[x * ld + var_c + c];
+        }
+        vrow[-1] = vrow[W > 1 ? 1 : 0];  // mirrored columns
+        vrow[W] = vrow[W > 1 ? W - 2 : 0];
+      }
+      std::copy_n(vrp.data() + (H > 1 ? 2 : 1) * PW, PW, vrp.data());  // mirrored rows
+      std::copy_n(vrp.data() + (H > 1 ? H - 1 : 1) * PW, PW, vrp.data() + (H + 1) * PW);
+      // separable: window max and sums along each row first (every row, at the output columns), then down
+      // the columns; the variance from the sums of x and x^2 in float64
+      const int64_t PH = H + 2;
+      std::vector<float> row_max(PH * ow_b);
+      std::vector<double> row_s1(PH * ow_b), row_s2(PH * ow_b);
+      for (int64_t yy = 0; yy < PH; ++yy)
+        for (int64_t x = 0; x < ow_b; ++x) {
+          const float* mrow = mxp.data() + yy * PW + 3 * x;
+          const float* vrow = vrp.data() + yy * PW + 3 * x;
+          float mx = -INFINITY;
+          double s1 = 0.0, s2 = 0.0;
+          for (int64_t dx = 0; dx < k; ++dx) {
+            mx = std::max(mx, mrow[dx]);
+            s1 += vrow[dx];
+            s2 += static_cast<double>(vrow[dx]) * vrow[dx];
+          }
+          row_max[yy * ow_b + x] = mx;
+          row_s1[yy * ow_b + x] = s1;
+          row_s2[yy * ow_b + x] = s2;
+        }
+      const double count = static_cast<double>(k * k);
       for (int64_t y = 0; y < oh_b; ++y)
         for (int64_t x = 0; x < ow_b; ++x) {
           float mx = -INFINITY;
+          double s1 = 0.0, s2 = 0.0;
           for (int64_t dy = 0; dy < k; ++dy) {
-            const int64_t iy = 3 * y - 1 + dy;
-            if (iy < 0 || iy >= H) continue;
-            for (int64_t dx = 0; dx < k; ++dx) {
-              const int64_t ix = 3 * x - 1 + dx;
-              if (ix < 0 || ix >= W) continue;
-              mx = std::max(mx, base[(iy * W + ix) * ld + pool_c + c]);
-            }
+            const int64_t i = (3 * y + dy) * ow_b + x;
+            mx = std::max(mx, row_max[i]);
+            s1 += row_s1[i];
+            s2 += row_s2[i];
           }
-          double sum = 0.0, ss = 0.0;
-          for (int64_t dy = 0; dy < k; ++dy)
-            for (int64_t dx = 0; dx < k; ++dx)
-              sum += base[(reflect_index(3 * y - 1 + dy, H) * W + reflect_index(3 * x - 1 + dx, W)) * ld + var_c + c];
-          const double mean = sum / (k * k);
-          for (int64_t dy = 0; dy < k; ++dy)
-            for (int64_t dx = 0; dx < k; ++dx) {
-              const double d =
-                  base[(reflect_index(3 * y - 1 + dy, H) * W + reflect_index(3 * x - 1 + dx, W)) * ld + var_c + c] - mean;
-              ss += d * d;
-            }
-          a[y * ow_b + x] = mx + static_cast<float>(ss / (k * k - 1));
+          const double var = std::max(0.0, (s2 - s1 * s1 / count) / (count - 1));
+          a[y * ow_b + x] = mx + static_cast<float>(var);
         }
     }
   });
