@@ -241,3 +241,30 @@ def test_fused_layer_norms_and_residual():
     attn = z + v @ mats[0, 0, 0, :, :c]
     _close(y, F.layer_norm(attn, (c,), lw, lb, 1e-5), rel=5e-6)
     _close(out, attn + u, rel=5e-6)
+
+
+@pytest.mark.parametrize("n,h,w,cm,off,c,mode,reflect,side", [
+    (1, 20, 23, 64, 21, 42, 0, True, 21), (2, 9, 7, 128, 0, 126, 0, False, 0), (1, 11, 13, 176, 0, 168, 1, False, 0),
+    (1, 1, 5, 64, 21, 42, 0, True, 21), (3, 2, 2, 64, 21, 42, 0, True, 21),
+])
+def test_pw_dwconv_equals_gemm_then_dwconv(n, h, w, cm, off, c, mode, reflect, side):
+    """The 1x1 conv computed row by row inside the depthwise kernel gives the same values as the GEMM on the
+    whole map followed by dwconv3x3 (including the side job reading the GEMM's first columns)."""
+    g = torch.Generator().manual_seed(n * h * w + cm)
+    x, wpw = torch.randn(n * h * w, 42, generator=g), torch.randn(42, cm, generator=g)
+    weight = A._taps(torch.randn(c, 1, 3, 3, generator=g))
+    bias = torch.randn(c, generator=g) if mode == 0 else None
+    res = torch.randn(n * h * w, c, generator=g) if mode == 0 else None
+    out_c = c if mode == 0 else c // 2
+    side_bias = torch.randn(side, generator=g) if side else None
+    want, got = torch.empty(n * h * w, out_c), torch.empty(n * h * w, out_c)
+    want_side = torch.empty(n * h * w, side) if side else None
+    got_side = torch.empty(n * h * w, side) if side else None
+    y = x @ wpw
+    act = 1 if mode == 0 else 0
+    ops.dwconv3x3(y[:, off : off + c], n, h, w, weight, bias, 1, reflect, res, act, mode, want,
+                  y[:, :side] if side else None, side_bias, want_side)
+    ops.pw_dwconv(x, n, h, w, wpw, off, weight, bias, reflect, res, act, mode, got, side_bias, got_side)
+    _close(got, want, rel=1e-5)
+    if side:
+        _close(got_side, want_side, rel=1e-5)

@@ -210,6 +210,7 @@ struct DwArgs {
   const float* zero_row;
   int64_t H, W, Ho, Wo, C, G, CS, ldx, ldw, ldr, ldo, lds, ldso, stride, act, mode;
   bool reflect;
+  int64_t side_base = 0;  // pixel index at which `side` points (pw_dwconv: the start of the current row)
 };
 
 // U output pixels of one row starting at column ox, finished (epilogue included). Everything it reads from
@@ -253,7 +254,7 @@ ALWAYS_INLINE void dw_pixels(const DwArgs& a, const float* const src[3], int64_t
       for (int u = 0; u < U; ++u)
         for (int64_t c = 0; c < CS; c += kLanes) {
           const int64_t n = std::min(kLanes, CS - c);
-          Vec s = load(side + (p0 + u) * lds + c, n);
+          Vec s = load(side + (p0 + u - a.side_base) * lds + c, n);
           if (side_b) s = s + load(side_b + c, n);
           store(gelu(s), side_o + (p0 + u) * ldso + c, n);
         }
@@ -297,6 +298,75 @@ void dw_rows(const DwArgs args, int64_t begin, int64_t end) {
     for (; ox + 4 <= args.Wo; ox += 4) dw_pixels<4>(args, src, row, ox);
     for (; ox < args.Wo; ++ox) dw_pixels<1>(args, src, row, ox);
   }
+}
+
+// Fortran BLAS sgemm as exported by PyTorch's MKL / OpenBLAS (a missing symbol fails the load, and the
+// caller falls back to the eager path)
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+// pw_dwconv: y = x @ wpw (a 1x1 conv), then dwconv3x3 on columns [conv_off, conv_off + C) of y (stride 1),
+// without y ever reaching memory: each thread computes y one image row at a time into a ring of three rows
+// (the rows a 3x3 conv needs) that stays in its L2 cache. The side job reads columns [0, side_c) of y.
+// wpw: (Cin, Cm) row-major, Cm a multiple of 16 covering every column used.
+void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tensor& wpw, int64_t conv_off,
+               const Tensor& weight, const std::optional<Tensor>& bias, bool reflect,
+               const std::optional<Tensor>& residual, int64_t act, int64_t mode, Tensor out,
+               const std::optional<Tensor>& side_bias, const std::optional<Tensor>& side_out) {
+  check_map(x, "x");
+  check_map(out, "out");
+  TORCH_CHECK(wpw.is_contiguous() && wpw.dim() == 2 && wpw.size(0) == x.size(1), "wpw: (Cin, Cm)");
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == 9, "weight: (9, C + 16) expected");
+  const int64_t Cin = x.size(1), Cm = wpw.size(1);
+  const int64_t C = (mode == 0) ? out.size(1) : 2 * out.size(1);
+  const int64_t side_c = side_out.has_value() && side_out->defined() ? side_out->size(1) : 0;
+  TORCH_CHECK(conv_off + C <= Cm && side_c <= Cm && C + kLanes <= weight.size(1) && C <= kMaxChannels,
+              "channel count mismatch");
+  TORCH_CHECK(x.size(0) == images * H * W && out.size(0) == images * H * W, "pixel count mismatch");
+  const float* res = opt_ptr(residual);
+  if (res) check_map(*residual, "residual");
+  if (side_c) check_map(*side_out, "side_out");
+  DwArgs base{nullptr, weight.const_data_ptr<float>(), opt_ptr(bias), res, out.data_ptr<float>(),
+              nullptr, opt_ptr(side_bias), side_c ? side_out->data_ptr<float>() : nullptr, nullptr,
+              H, W, H, W, C, C / 2, side_c, Cm, weight.size(1), res ? residual->stride(0) : 0, out.stride(0), Cm,
+              side_c ? side_out->stride(0) : 0, 1, act, mode, reflect};
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = wpw.const_data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  TORCH_CHECK(Cm < (1 << 30) && W < (1 << 30) && ldx < (1 << 30), "too large for BLAS int");
+  at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ring(3 * W * Cm + kLanes, 0.0f);
+    const std::vector<float> zero_row((W + 2) * Cm + kLanes, 0.0f);
+    int64_t held[3] = {-1, -1, -1};  // which image row each ring slot holds
+    auto row_of = [&](int64_t img, int64_t iy) -> const float* {
+      const int64_t key = img * H + iy, slot = iy % 3;
+      float* dst = ring.data() + slot * W * Cm;
+      if (held[slot] != key) {  // y row = x row (W x Cin) @ wpw (Cin x Cm), column-major BLAS on transposes
+        const int m = static_cast<int>(Cm), n = static_cast<int>(W), k = static_cast<int>(Cin);
+        const int lda = static_cast<int>(Cm), ldb = static_cast<int>(ldx), ldc = static_cast<int>(Cm);
+        const float one = 1.0f, zero = 0.0f;
+        sgemm_("N", "N", &m, &n, &k, &one, wp, &lda, xp + key * W * ldx, &ldb, &zero, dst, &ldc);
+        held[slot] = key;
+      }
+      return dst;
+    };
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t img = row / H, oy = row % H;
+      const float* src[3];
+      for (int k = 0; k < 3; ++k) {
+        const int64_t iy = tap_index(oy, k, 1, H, reflect);
+        src[k] = iy < 0 ? nullptr : row_of(img, iy) + conv_off;
+      }
+      DwArgs args = base;
+      args.zero_row = zero_row.data();
+      args.side = row_of(img, oy);  // columns [0, side_c) of this row of y
+      args.side_base = row * W;
+      int64_t ox = 0;
+      for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, row, ox);
+      for (; ox < W; ++ox) dw_pixels<1>(args, src, row, ox);
+    }
+  });
 }
 
 // 3x3 depthwise conv on a map, stride 1 or 2, zero or reflect padding of 1, then in this order: + bias,
@@ -937,6 +1007,9 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("dwconv3x3(Tensor x, int images, int H, int W, Tensor weight, Tensor? bias, int stride, bool reflect, "
         "Tensor? residual, int act, int mode, Tensor out, Tensor? side_in=None, Tensor? side_bias=None, "
         "Tensor? side_out=None) -> ()", dwconv3x3);
+  m.def("pw_dwconv(Tensor x, int images, int H, int W, Tensor wpw, int conv_off, Tensor weight, Tensor? bias, "
+        "bool reflect, Tensor? residual, int act, int mode, Tensor out, Tensor? side_bias=None, "
+        "Tensor? side_out=None) -> ()", pw_dwconv);
   m.def("bias_act", bias_act);
   m.def("layer_norm_rows", layer_norm_rows);
   m.def("rcca_stats", rcca_stats);

@@ -901,11 +901,11 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
     distilled = ws("mid", p, 2 * c)  # [d1 | d2 | d3 | r4] per pixel: c5's input
     r = u
     for k in (1, 2, 3):
-        both = torch.mm(r, bw[f"dr{k}"], out=ws("wide", p, bw[f"dr{k}"].shape[1]))  # [c{k}_d | c{k}_r pw | 0]
         r_next = ws(f"r{k % 2}", p, c)
-        # r_k = GELU(dw(pw) + bias + r), and in the same pass d_k = GELU(c{k}_d + bias) into c5's input
-        ops.dwconv3x3(both[:, dc : dc + c], n, h, w, bw[f"r{k}_dw"], bw[f"r{k}_dwb"], 1, True, r, 1, 0, r_next,
-                      both[:, :dc], bw[f"d{k}_b"], distilled[:, (k - 1) * dc : k * dc])
+        # one GEMM for [c{k}_d | c{k}_r pointwise], row by row inside the kernel; r_k = GELU(dw(pw) + bias + r)
+        # and d_k = GELU(c{k}_d + bias) into c5's input
+        ops.pw_dwconv(r, n, h, w, bw[f"dr{k}"], dc, bw[f"r{k}_dw"], bw[f"r{k}_dwb"], True, r, 1, 0, r_next,
+                      bw[f"d{k}_b"], distilled[:, (k - 1) * dc : k * dc])
         r = r_next
     ops.dwconv3x3(r, n, h, w, bw["c4_dw"], bw["c4_b"], 1, False, None, 1, 2, distilled[:, 3 * dc :])
     z = torch.mm(distilled, bw["c5_wt"], out=ws("r0", p, c))  # r0 is free again  # c5 without its bias: folded into MVSA
@@ -913,13 +913,12 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
     y = ws("y", p, c)
     _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws, y)  # also y = LN3(z)
     qkv = ws("mid", p, 3 * c)
-    pre = torch.mm(y, bw["qkv_wt"], out=ws("wide", p, bw["qkv_wt"].shape[1]))
-    ops.dwconv3x3(pre[:, : 3 * c], n, h, w, bw["qkv_dw"], None, 1, False, None, 0, 0, qkv)
+    ops.pw_dwconv(y, n, h, w, bw["qkv_wt"], 0, bw["qkv_dw"], None, False, None, 0, 0, qkv)  # qkv, qkv_dwconv
     # out = z + Attn + u, and y = LN4(z + Attn), in one pass
     _attention_core(bw, blk.ea.restormer_attn, qkv.view(n, h, w, 3 * c), z, n, h, w, placement, out, ops, (y, u))
     gated = ws("mid", p, 2 * c)
-    hidden = torch.mm(y, bw["ffin_wt"], out=ws("wide", p, bw["ffin_wt"].shape[1]))
-    ops.dwconv3x3(hidden[:, : 4 * c], n, h, w, bw["ff_dw"], None, 1, False, None, 0, 1, gated)
+    # project_in, dwconv and the gate; the 4C-wide hidden map exists only as three rows per thread
+    ops.pw_dwconv(y, n, h, w, bw["ffin_wt"], 0, bw["ff_dw"], None, False, None, 0, 1, gated)
     return out.addmm_(gated, bw["ffo_wt"])
 
 
