@@ -555,6 +555,40 @@ void rcca_stats(const Tensor& t, int64_t images, const Tensor& w, double b, Tens
   });
 }
 
+// RCCA's channel weights from rcca_stats' sums: per image, x = std + mean over its pixels (population std),
+// then sigmoid(du2 @ relu(du0 @ x + b0) + b2) (conv_du, two 1x1 convs on a 1x1 map). t: the map the sums came
+// from (its first pixel per image is the shift). du0: (hidden, C), du2: (C, hidden). out: (images, C) float32.
+void rcca_weight(const Tensor& t, const Tensor& sums, int64_t images, const Tensor& du0, const Tensor& b0,
+                 const Tensor& du2, const Tensor& b2, Tensor out) {
+  const int64_t P = t.size(0), C = t.size(1), per_image = P / images, hidden = du0.size(0);
+  TORCH_CHECK(du0.is_contiguous() && du2.is_contiguous() && du2.size(0) == C && du2.size(1) == hidden &&
+              out.is_contiguous() && out.numel() == images * C && hidden <= 64, "rcca_weight shapes");
+  const double* sp = sums.const_data_ptr<double>();
+  const float* tp = t.const_data_ptr<float>();
+  const float *w0 = du0.const_data_ptr<float>(), *w2 = du2.const_data_ptr<float>();
+  const float *c0 = b0.const_data_ptr<float>(), *c2 = b2.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::vector<float> x(C);
+  for (int64_t img = 0; img < images; ++img) {
+    const float* shift = tp + img * per_image * t.stride(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const double m1 = sp[(img * 2) * C + c] / per_image, m2 = sp[(img * 2 + 1) * C + c] / per_image;
+      x[c] = static_cast<float>(std::sqrt(std::max(m2 - m1 * m1, 0.0)) + (shift[c] + m1));
+    }
+    float h[64];
+    for (int64_t j = 0; j < hidden; ++j) {
+      float a = c0[j];
+      for (int64_t c = 0; c < C; ++c) a += w0[j * C + c] * x[c];
+      h[j] = std::max(a, 0.0f);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      float a = c2[c];
+      for (int64_t j = 0; j < hidden; ++j) a += w2[c * hidden + j] * h[j];
+      op[img * C + c] = 1.0f / (1.0f + std::exp(-a));
+    }
+  }
+}
+
 // RCCA output, in place on z: z + t * (sigma + w) - sigma * g, w per channel of each image (w_ld 0 within an
 // image: rows = images) or per pixel (rows = pixels)
 void rcca_combine(Tensor z, const Tensor& t, const Tensor& g, const Tensor& sigma, const Tensor& w,
@@ -1013,6 +1047,7 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("bias_act", bias_act);
   m.def("layer_norm_rows", layer_norm_rows);
   m.def("rcca_stats", rcca_stats);
+  m.def("rcca_weight", rcca_weight);
   m.def("rcca_combine(Tensor z, Tensor t, Tensor g, Tensor sigma, Tensor w, int images, Tensor? ln_weight=None, "
         "Tensor? ln_bias=None, Tensor? ln_out=None) -> ()", rcca_combine);
   m.def("mvsa_tail", mvsa_tail);

@@ -829,8 +829,8 @@ def _kernel_block_weights(bw: dict, blk: "AGDB") -> dict:
     out["dec_w"], out["dec_b"] = bw["dec_w"].float().contiguous(), float(bw["dec_b"].item())
     out["sigma"] = bw["sigma"].float().contiguous()
     du0, du2 = blk.cca.cca.conv_du[0], blk.cca.cca.conv_du[2]
-    out["du0_wt"], out["du0_b"] = du0.weight.detach().flatten(1).t().float().contiguous(), du0.bias.detach().float()
-    out["du2_wt"], out["du2_b"] = du2.weight.detach().flatten(1).t().float().contiguous(), du2.bias.detach().float()
+    out["du0_w"], out["du0_b"] = du0.weight.detach().flatten(1).float().contiguous(), du0.bias.detach().float()
+    out["du2_w"], out["du2_b"] = du2.weight.detach().flatten(1).float().contiguous(), du2.bias.detach().float()
     for k in ("ln3_w", "ln3_b", "ln4_w", "ln4_b"):
         out[k] = bw[k].float().contiguous()
     out["qkv_wt"], out["qkv_dw"] = _pad_cols(bw["qkv_wt"].float()), _taps(bw["qkv_dw"].float())
@@ -975,14 +975,9 @@ def _kernel_rcca(ops, bw: dict, r: RCCA, z: torch.Tensor, n: int, h: int, w: int
     g = ws("g", p, 1).view(p)
     sums = torch.empty(n, 2, c, dtype=torch.float64)
     ops.rcca_stats(t, n, bw["dec_w"], bw["dec_b"], g, sums)
-    if placement is None:
-        count = h * w
-        shift = t.view(n, h * w, c)[:, 0].double()
-        s1, s2 = sums[:, 0] / count, sums[:, 1] / count
-        mean, std = shift + s1, (s2 - s1 * s1).clamp(min=0).sqrt()
-        # conv_du (1x1 convs on a 1x1 map) as two small matmuls: a conv call costs more than its arithmetic
-        hidden = torch.addmm(bw["du0_b"], (std + mean).to(z.dtype), bw["du0_wt"]).relu_()
-        weight = torch.addmm(bw["du2_b"], hidden, bw["du2_wt"]).sigmoid_()
+    if placement is None:  # mean + std over the image, then conv_du, in one call
+        weight = z.new_empty(n, c)
+        ops.rcca_weight(t, sums, n, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"], weight)
     else:
         weight = _rows(r.cca(_nhwc(t, n, h, w), local=True)).contiguous()  # per pixel (local statistics)
     if ln_out is None:
