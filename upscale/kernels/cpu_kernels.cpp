@@ -589,6 +589,125 @@ void rcca_weight(const Tensor& t, const Tensor& sums, int64_t images, const Tens
   }
 }
 
+// RCCA's channel weights with local statistics (tiles): per pixel and channel, mean and E[t^2] over the
+// size x size window centred on the pixel, clipped at the map's border (as layers.box_mean: sums in float64,
+// t^2 rounded to float32 first, both means rounded to float32, then std = sqrt(max(E[t^2] - mean^2, 0)) in
+// float32), x = std + mean, then conv_du per pixel. out: (pixels, C) float32.
+// Box sums: a horizontal sliding sum per row, then a vertical sliding sum over a ring of row sums.
+void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, int64_t size, const Tensor& du0,
+                       const Tensor& b0, const Tensor& du2, const Tensor& b2, Tensor out) {
+  check_map(t, "t");
+  check_map(out, "out");
+  const int64_t C = t.size(1), ldt = t.stride(0), hidden = du0.size(0), r = size / 2;
+  TORCH_CHECK(t.size(0) == images * H * W && out.size(0) == t.size(0) && out.size(1) == C && hidden <= 64 &&
+              du0.is_contiguous() && du2.is_contiguous() && C <= kMaxChannels, "rcca_local_weight shapes");
+  const float* tp = t.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // phase 1, parallel over bands of rows: x = std + mean into `out` (overwritten in phase 2). Each thread
+  // keeps a ring of the horizontal window sums of the last 2r+2 rows (all channels, float64) and running
+  // vertical sums per (column, channel); a band starts by summing the rows above its first output row.
+  const int64_t slots = 2 * r + 2;
+  at::parallel_for(0, images * H, 16, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<double> ring, col;  // reused across calls: no fresh pages per call
+    ring.resize(2 * slots * W * C);
+    col.resize(2 * W * C);
+    double* ring1 = ring.data();
+    double* ring2 = ring1 + slots * W * C;
+    double* col1 = col.data();
+    double* col2 = col1 + W * C;
+    std::vector<double> a1(C), a2(C);
+    auto horizontal = [&](int64_t img, int64_t y) {  // clipped window sums along row y, into its ring slot
+      const float* src = tp + (img * H + y) * W * ldt;
+      double* s1 = ring1 + (y % slots) * W * C;
+      double* s2 = ring2 + (y % slots) * W * C;
+      std::fill(a1.begin(), a1.end(), 0.0);
+      std::fill(a2.begin(), a2.end(), 0.0);
+      for (int64_t x = 0; x < std::min(r, W); ++x)
+        for (int64_t c = 0; c < C; ++c) {
+          const float v = src[x * ldt + c];
+          a1[c] += v;
+          a2[c] += static_cast<double>(v * v);
+        }
+      for (int64_t x = 0; x < W; ++x) {
+        if (x + r < W) {
+          const float* v = src + (x + r) * ldt;
+          for (int64_t c = 0; c < C; ++c) a1[c] += v[c], a2[c] += static_cast<double>(v[c] * v[c]);
+        }
+        if (x - r - 1 >= 0) {
+          const float* v = src + (x - r - 1) * ldt;
+          for (int64_t c = 0; c < C; ++c) a1[c] -= v[c], a2[c] -= static_cast<double>(v[c] * v[c]);
+        }
+        std::copy_n(a1.data(), C, s1 + x * C);
+        std::copy_n(a2.data(), C, s2 + x * C);
+      }
+    };
+    auto add_row = [&](int64_t y, double sign) {
+      const double* __restrict s1 = ring1 + (y % slots) * W * C;
+      const double* __restrict s2 = ring2 + (y % slots) * W * C;
+      double* __restrict c1 = col1;
+      double* __restrict c2 = col2;
+      for (int64_t i = 0; i < W * C; ++i) c1[i] += sign * s1[i], c2[i] += sign * s2[i];
+    };
+    int64_t current_img = -1;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t img = row / H, y = row % H;
+      if (img != current_img) {  // start of a band (or of an image within it): the window above y
+        current_img = img;
+        std::fill(col1, col1 + 2 * W * C, 0.0);
+        for (int64_t yy = std::max<int64_t>(0, y - r); yy < std::min(H, y + r); ++yy) {
+          horizontal(img, yy);
+          add_row(yy, 1.0);
+        }
+      }
+      if (y + r < H) {
+        horizontal(img, y + r);
+        add_row(y + r, 1.0);
+      }
+      if (y - r - 1 >= 0) add_row(y - r - 1, -1.0);
+      const int64_t rows = std::min(H, y + r + 1) - std::max<int64_t>(0, y - r);
+      float* dst = op + row * W * C;
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t cols = std::min(W, x + r + 1) - std::max<int64_t>(0, x - r);
+        const double inv = 1.0 / static_cast<double>(rows * cols);
+        const double* __restrict m1 = col1 + x * C;
+        const double* __restrict m2 = col2 + x * C;
+        float* __restrict d = dst + x * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float mean = static_cast<float>(m1[c] * inv);
+          const float sq = static_cast<float>(m2[c] * inv);
+          d[c] = std::sqrt(std::max(sq - mean * mean, 0.0f)) + mean;
+        }
+      }
+    }
+  });
+  // phase 2, parallel over pixels: conv_du (two 1x1 convs) and the sigmoid, in place
+  const float *w0 = du0.const_data_ptr<float>(), *w2 = du2.const_data_ptr<float>();
+  const float *c0 = b0.const_data_ptr<float>(), *c2 = b2.const_data_ptr<float>();
+  std::vector<float> w2t(hidden * (C + kLanes), 0.0f);  // du2 transposed: row j = weights of hidden unit j
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < hidden; ++j) w2t[j * (C + kLanes) + c] = w2[c * hidden + j];
+  at::parallel_for(0, images * H * W, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float* xr = op + p * C;
+      float h[64];
+      for (int64_t j = 0; j < hidden; ++j) {
+        Vec acc(0.0f);
+        for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
+          const int64_t n = std::min(kLanes, C - c0v);
+          acc = at::vec::fmadd(load(xr + c0v, n), load(w0 + j * C + c0v, n), acc);
+        }
+        h[j] = std::max(hsum(acc) + c0[j], 0.0f);
+      }
+      for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
+        const int64_t n = std::min(kLanes, C - c0v);
+        Vec a = load(c2 + c0v, n);
+        for (int64_t j = 0; j < hidden; ++j) a = at::vec::fmadd(Vec(h[j]), Vec::loadu(w2t.data() + j * (C + kLanes) + c0v), a);
+        store(sigmoid(a), xr + c0v, n);
+      }
+    }
+  });
+}
+
 // RCCA output, in place on z: z + t * (sigma + w) - sigma * g, w per channel of each image (w_ld 0 within an
 // image: rows = images) or per pixel (rows = pixels)
 void rcca_combine(Tensor z, const Tensor& t, const Tensor& g, const Tensor& sigma, const Tensor& w,
@@ -1048,6 +1167,7 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("layer_norm_rows", layer_norm_rows);
   m.def("rcca_stats", rcca_stats);
   m.def("rcca_weight", rcca_weight);
+  m.def("rcca_local_weight", rcca_local_weight);
   m.def("rcca_combine(Tensor z, Tensor t, Tensor g, Tensor sigma, Tensor w, int images, Tensor? ln_weight=None, "
         "Tensor? ln_bias=None, Tensor? ln_out=None) -> ()", rcca_combine);
   m.def("mvsa_tail", mvsa_tail);

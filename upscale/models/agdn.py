@@ -983,8 +983,10 @@ def _kernel_rcca(ops, bw: dict, r: RCCA, z: torch.Tensor, n: int, h: int, w: int
     if placement is None:  # mean + std over the image, then conv_du, in one call
         weight = z.new_empty(n, c)
         ops.rcca_weight(t, sums, n, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"], weight)
-    else:
-        weight = _rows(r.cca(_nhwc(t, n, h, w), local=True)).contiguous()  # per pixel (local statistics)
+    else:  # per pixel: statistics over each pixel's neighbourhood (tiles), then conv_du
+        weight = ws("rcca_w", p, c)
+        ops.rcca_local_weight(t, n, h, w, LOCAL_STATS_WINDOW, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"],
+                              weight)
     if ln_out is None:
         ops.rcca_combine(z, t, g, bw["sigma"], weight, n)
     else:
