@@ -268,3 +268,22 @@ def test_pw_dwconv_equals_gemm_then_dwconv(n, h, w, cm, off, c, mode, reflect, s
     _close(got, want, rel=1e-5)
     if side:
         _close(got_side, want_side, rel=1e-5)
+
+
+@pytest.mark.parametrize("n,h,w", [(1, 100, 60), (1, 49, 49), (2, 64, 96), (1, 15, 130)])
+def test_rcca_local_weight_matches_box_statistics(agdn_x4, n, h, w):
+    """Local statistics (49 x 49 windows clipped at the border) and conv_du, against layers.box_mean and the
+    module, with two threads: each thread's band of rows starts its sliding sums from scratch."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            kw = A._kernel_weights(agdn_x4, torch.rand(1, 3, h, w))["blocks"][1]
+            t = torch.randn(n * h * w, 42, generator=torch.Generator().manual_seed(h)) * 0.3 + 0.5
+            want = A._rows(agdn_x4.B2.cca.cca(A._nhwc(t, n, h, w), local=True))
+            got = torch.empty(n * h * w, 42)
+            ops.rcca_local_weight(t, n, h, w, A.LOCAL_STATS_WINDOW, kw["du0_w"], kw["du0_b"], kw["du2_w"],
+                                  kw["du2_b"], got)
+    finally:
+        torch.set_num_threads(previous)
+    _close(got, want, rel=2e-6)

@@ -651,10 +651,10 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
     int64_t current_img = -1;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t img = row / H, y = row % H;
-      if (img != current_img) {  // start of a band (or of an image within it): the window above y
-        current_img = img;
+      if (img != current_img) {  // start of a band (or of an image within it): the rows above y + r,
+        current_img = img;         // from y - r - 1, which the step below takes out again
         std::fill(col1, col1 + 2 * W * C, 0.0);
-        for (int64_t yy = std::max<int64_t>(0, y - r); yy < std::min(H, y + r); ++yy) {
+        for (int64_t yy = std::max<int64_t>(0, y - r - 1); yy < std::min(H, y + r); ++yy) {
           horizontal(img, yy);
           add_row(yy, 1.0);
         }
