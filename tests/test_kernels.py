@@ -86,7 +86,7 @@ def test_gelu_is_exact_gelu_to_float32_accuracy():
     assert torch.isfinite(out).all()
 
 
-def test_bias_act_and_layer_norm():
+def test_bias_act():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(300, 63, generator=g) * 3 + 1
     b = torch.randn(21, generator=g)
@@ -94,10 +94,8 @@ def test_bias_act_and_layer_norm():
     ops.bias_act(x[:, :21], b, 1, out[:, 21:42])
     _close(out[:, 21:42], F.gelu(x[:, :21] + b))
     assert out[:, :21].abs().max() == 0 and out[:, 42:].abs().max() == 0  # writes only its columns
-    w, bias = torch.randn(42, generator=g), torch.randn(42, generator=g)
-    y = torch.empty(300, 42)
-    ops.layer_norm_rows(x[:, 5:47], w, bias, 1e-5, y)
-    _close(y, F.layer_norm(x[:, 5:47], (42,), w, bias, 1e-5), rel=5e-6)
+    ops.bias_act(x[:, 5:47], None, 0, out[:, :42])
+    _close(out[:, :42], x[:, 5:47])
 
 
 def test_rcca_stats_and_combine():

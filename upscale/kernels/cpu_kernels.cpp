@@ -457,41 +457,6 @@ void bias_act(const Tensor& x, const std::optional<Tensor>& bias, int64_t act, T
   });
 }
 
-// LayerNorm over the channels of every pixel: biased variance, eps inside the square root
-void layer_norm_rows(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, Tensor out) {
-  check_map(x, "x");
-  check_map(out, "out");
-  const int64_t P = x.size(0), C = x.size(1), ldx = x.stride(0), ldo = out.stride(0);
-  TORCH_CHECK(C <= kMaxChannels, "too many channels");
-  const float* xp = x.const_data_ptr<float>();
-  const float* wp = weight.const_data_ptr<float>();
-  const float* bp = bias.const_data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const float* src = xp + p * ldx;
-      Vec s(0.0f);
-      for (int64_t c0 = 0; c0 < C; c0 += kLanes) s = s + load(src + c0, std::min(kLanes, C - c0));
-      const float mean = hsum(s) / C;
-      Vec q(0.0f);
-      const Vec m(mean);
-      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
-        const int64_t n = std::min(kLanes, C - c0);
-        Vec d = load(src + c0, n) - m;
-        if (n < kLanes) d = Vec::set(Vec(0.0f), d, n);  // masked lanes must not count
-        q = at::vec::fmadd(d, d, q);
-      }
-      const float var = hsum(q) / C;
-      const Vec rstd(1.0f / std::sqrt(var + static_cast<float>(eps)));
-      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
-        const int64_t n = std::min(kLanes, C - c0);
-        Vec y = (load(src + c0, n) - m) * rstd;
-        store(at::vec::fmadd(y, load(wp + c0, n), load(bp + c0, n)), op + p * ldo + c0, n);
-      }
-    }
-  });
-}
-
 // RCCA statistics: g[p] = GELU(t[p] . w + b) (the decompose branch), and per channel the sums of (t - shift)
 // and (t - shift)^2 in float64 over all pixels of each image, shift = the image's first pixel (a shifted
 // sum keeps the variance free of cancellation). sums: (images, 2, C) float64.
@@ -818,6 +783,17 @@ void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf,
   });
 }
 
+// Calls fn(segment, x_begin, x_end) for each run of one segment number along a row of W positions.
+template <typename Fn>
+ALWAYS_INLINE void for_each_run(const int64_t* seg_of, int64_t W, Fn&& fn) {
+  for (int64_t x = 0; x < W;) {
+    int64_t end = x;
+    while (end < W && seg_of[end] == seg_of[x]) ++end;
+    fn(seg_of[x], x, end);
+    x = end;
+  }
+}
+
 // cell_gram's work on output rows [begin, end), accumulating into `mine` (this thread's cells). NV: vectors
 // per channel row when known at compile time, else 0 (runtime nv, up to 16).
 template <int NV>
@@ -828,15 +804,11 @@ void gram_rows(const float* base, int64_t ld, int64_t H, int64_t W, int64_t C, i
   constexpr int kMaxNV = NV > 0 ? NV : 16;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t img = row / H, y = row % H;
-    int64_t x = 0;
-    while (x < W) {
-      const int64_t seg = cs[x];
-      int64_t x_end = x;
-      while (x_end < W && cs[x_end] == seg) ++x_end;
+    for_each_run(cs, W, [&](int64_t seg, int64_t x_begin, int64_t x_end) {
       float* g = mine + ((img * ny + rs[y]) * nx + seg) * cell_size;
       float* sq_q = g + C * Cp;
       float* sq_k = sq_q + Cp;
-      for (; x < x_end; x += 4) {  // four pixels per pass over G: 4 FMAs per load/store of a G row
+      for (int64_t x = x_begin; x < x_end; x += 4) {  // four pixels per pass over G: 4 FMAs per G row
         // (a last group of fewer than four repeats its last pixel with weight 0)
         const int64_t m = std::min<int64_t>(4, x_end - x);
         const float* px[4];
@@ -864,8 +836,7 @@ void gram_rows(const float* base, int64_t ld, int64_t H, int64_t W, int64_t C, i
           }
         }
       }
-      x = x_end;
-    }
+    });
   }
 }
 
@@ -940,13 +911,9 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
   constexpr int kMaxNV = NV > 0 ? NV : 16;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t img = row / H, y = row % H;
-    int64_t x = 0;
-    while (x < W) {
-      const int64_t seg = cs[x];
-      int64_t x_end = x;
-      while (x_end < W && cs[x_end] == seg) ++x_end;
+    for_each_run(cs, W, [&](int64_t seg, int64_t x_begin, int64_t x_end) {
       const float* M = mp + ((img * ny + rs[y]) * nx + seg) * C * Cp;
-      for (; x < x_end; x += 4) {
+      for (int64_t x = x_begin; x < x_end; x += 4) {
         const int64_t m = std::min<int64_t>(4, x_end - x);
         const int64_t p = row * W + x;
         Vec acc[4][kMaxNV];
@@ -975,8 +942,7 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
           }
         }
       }
-      x = x_end;
-    }
+    });
   }
 }
 
@@ -1164,7 +1130,6 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "bool reflect, Tensor? residual, int act, int mode, Tensor out, Tensor? side_bias=None, "
         "Tensor? side_out=None) -> ()", pw_dwconv);
   m.def("bias_act", bias_act);
-  m.def("layer_norm_rows", layer_norm_rows);
   m.def("rcca_stats", rcca_stats);
   m.def("rcca_weight", rcca_weight);
   m.def("rcca_local_weight", rcca_local_weight);
