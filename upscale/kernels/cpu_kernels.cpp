@@ -70,22 +70,89 @@ ALWAYS_INLINE __m512 recip512(__m512 d) {
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 }
 
-// exact (erf) GELU with the same erf formula as PyTorch's vectorised kernel (Abramowitz & Stegun 7.1.26,
-// |error| < 1.5e-7), and the cheaper exp and reciprocal above
+// GELU(x) = x * Phi(x), Phi the normal CDF, by piecewise polynomials: 32 intervals of 0.375 on [-6, 6), a
+// degree-6 polynomial in (x - interval centre) each, fitted in float64 on Chebyshev nodes (x * Phi(x) is x
+// above 6 and 0 below -6 to float precision). |error| <= 5.3e-7 against float64 over [-8, 8] (PyTorch's own
+// float32 GELU: 1.2e-6); about half the work of the erf formula (no exp, no reciprocal), and GELU is ~15% of
+// the forward. Coefficients: least squares on 64 Chebyshev nodes per interval, rounded to float32; row k
+// holds the u^k coefficient of every interval. tests/test_kernels.py checks the accuracy on a dense grid.
+constexpr float kGeluLo = -6.0f, kGeluStep = 0.375f;
+alignas(64) constexpr float kGeluCoef[7][32] = {
+    {
+      3.07733372e-09f, 2.70166733e-08f, 2.06897028e-07f, 1.38281348e-06f, 8.07094420e-06f, 4.11674664e-05f,
+      1.83669952e-04f, 7.17542309e-04f, 2.45790114e-03f, 7.39460718e-03f, 1.95800792e-02f, 4.57536243e-02f,
+      9.46757421e-02f, 1.74250707e-01f, 2.86887705e-01f, 4.25634325e-01f, 5.74365675e-01f, 7.13112295e-01f,
+      8.25749278e-01f, 9.05324280e-01f, 9.54246402e-01f, 9.80419934e-01f, 9.92605388e-01f, 9.97542083e-01f,
+      9.99282479e-01f, 9.99816358e-01f, 9.99958813e-01f, 9.99991953e-01f, 9.99998629e-01f, 9.99999821e-01f,
+      1.00000000e+00f, 1.00000000e+00f,
+    },
+    {
+      1.83893416e-08f, 1.51583649e-07f, 1.08559323e-06f, 6.75476394e-06f, 3.65158303e-05f, 1.71506239e-04f,
+      6.99852128e-04f, 2.48119072e-03f, 7.64260488e-03f, 2.04526726e-02f, 4.75538895e-02f, 9.60615054e-02f,
+      1.68593183e-01f, 2.57073909e-01f, 3.40567589e-01f, 3.91990900e-01f, 3.91990900e-01f, 3.40567589e-01f,
+      2.57073909e-01f, 1.68593183e-01f, 9.60615054e-02f, 4.75538895e-02f, 2.04526726e-02f, 7.64260488e-03f,
+      2.48119072e-03f, 6.99852128e-04f, 1.71506239e-04f, 3.65158303e-05f, 6.75476394e-06f, 1.08559323e-06f,
+      1.51583649e-07f, 1.83893398e-08f,
+    },
+    {
+      5.34433724e-08f, 4.12114872e-07f, 2.74789500e-06f, 1.58314360e-05f, 7.87371464e-05f, 3.37652687e-04f,
+      1.24661135e-03f, 3.95439751e-03f, 1.07474141e-02f, 2.49266960e-02f, 4.90399525e-02f, 8.10518935e-02f,
+      1.10639282e-01f, 1.20503396e-01f, 9.57846344e-02f, 3.67491432e-02f, -3.67491432e-02f, -9.57846344e-02f,
+      -1.20503396e-01f, -1.10639282e-01f, -8.10518935e-02f, -4.90399525e-02f, -2.49266960e-02f, -1.07474141e-02f,
+      -3.95439751e-03f, -1.24661135e-03f, -3.37652687e-04f, -7.87371464e-05f, -1.58314360e-05f, -2.74789522e-06f,
+      -4.12114872e-07f, -5.34434079e-08f,
+    },
+    {
+      1.00388647e-07f, 7.21227593e-07f, 4.45421938e-06f, 2.36044689e-05f, 1.07082407e-04f, 4.14555252e-04f,
+      1.36368175e-03f, 3.78804700e-03f, 8.80210195e-03f, 1.68444552e-02f, 2.57894993e-02f, 2.95811370e-02f,
+      2.03049872e-02f, -5.18908771e-03f, -3.88014838e-02f, -6.30338714e-02f, -6.30338714e-02f, -3.88014838e-02f,
+      -5.18908771e-03f, 2.03049872e-02f, 2.95811370e-02f, 2.57894993e-02f, 1.68444552e-02f, 8.80210195e-03f,
+      3.78804700e-03f, 1.36368175e-03f, 4.14555252e-04f, 1.07082407e-04f, 2.36044689e-05f, 4.45421983e-06f,
+      7.21227707e-07f, 1.00388888e-07f,
+    },
+    {
+      1.37029161e-07f, 9.12028213e-07f, 5.18061461e-06f, 2.50270823e-05f, 1.02336737e-04f, 3.51826282e-04f,
+      1.00679544e-03f, 2.35955650e-03f, 4.39770008e-03f, 6.10998506e-03f, 5.12414658e-03f, -1.02926826e-03f,
+      -1.17771886e-02f, -2.12996565e-02f, -2.14200485e-02f, -9.07933991e-03f, 9.07933991e-03f, 2.14200485e-02f,
+      2.12996565e-02f, 1.17771886e-02f, 1.02926826e-03f, -5.12414658e-03f, -6.10998506e-03f, -4.39770008e-03f,
+      -2.35955650e-03f, -1.00679544e-03f, -3.51826282e-04f, -1.02336737e-04f, -2.50270787e-05f, -5.18061188e-06f,
+      -9.12026053e-07f, -1.37025793e-07f,
+    },
+    {
+      1.49525974e-07f, 9.10183132e-07f, 4.68648886e-06f, 2.02836472e-05f, 7.31281689e-05f, 2.16559056e-04f,
+      5.14337560e-04f, 9.34223237e-04f, 1.14379486e-03f, 4.35214635e-04f, -1.76498946e-03f, -4.76735411e-03f,
+      -6.08993275e-03f, -3.17290751e-03f, 3.40113277e-03f, 9.05073993e-03f, 9.05073993e-03f, 3.40113277e-03f,
+      -3.17290751e-03f, -6.08993275e-03f, -4.76735411e-03f, -1.76498946e-03f, 4.35214635e-04f, 1.14379486e-03f,
+      9.34223237e-04f, 5.14337560e-04f, 2.16559041e-04f, 7.31281689e-05f, 2.02836400e-05f, 4.68648204e-06f,
+      9.10178983e-07f, 1.49519224e-07f,
+    },
+    {
+      1.24912390e-07f, 6.94598214e-07f, 3.22606252e-06f, 1.23762256e-05f, 3.85309722e-05f, 9.43388368e-05f,
+      1.69738327e-04f, 1.80473464e-04f, -4.91948485e-05f, -6.32126466e-04f, -1.27978704e-03f, -1.19526475e-03f,
+      2.34873427e-04f, 2.32571759e-03f, 3.15124239e-03f, 1.48252782e-03f, -1.48252794e-03f, -3.15124262e-03f,
+      -2.32571783e-03f, -2.34873485e-04f, 1.19526463e-03f, 1.27978693e-03f, 6.32126408e-04f, 4.91947576e-05f,
+      -1.80473537e-04f, -1.69738385e-04f, -9.43389241e-05f, -3.85310195e-05f, -1.23762966e-05f, -3.22612686e-06f,
+      -6.94644314e-07f, -1.24987508e-07f,
+    },
+};
+
 ALWAYS_INLINE Vec gelu(Vec v) {
   const __m512 x = v;
-  const __m512 a = _mm512_mul_ps(x, _mm512_set1_ps(static_cast<float>(M_SQRT1_2)));
-  const __m512 abs_a = _mm512_abs_ps(a);
-  const __m512 t = recip512(_mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), abs_a, _mm512_set1_ps(1.0f)));
-  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
-  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
-  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
-  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
-  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
-  const __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, _mm512_set1_ps(1.0f));
-  const __m512 sign = _mm512_and_ps(a, _mm512_set1_ps(-0.0f));
-  const __m512 erf = _mm512_or_ps(erf_abs, sign);
-  return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
+  __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_set1_ps(kGeluLo)), _mm512_set1_ps(1.0f / kGeluStep));
+  t = _mm512_max_ps(_mm512_min_ps(_mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                  _mm512_set1_ps(31.0f)), _mm512_setzero_ps());
+  const __m512i idx = _mm512_cvttps_epi32(t);
+  const __m512 centre = _mm512_fmadd_ps(_mm512_add_ps(t, _mm512_set1_ps(0.5f)), _mm512_set1_ps(kGeluStep),
+                                        _mm512_set1_ps(kGeluLo));
+  const __m512 u = _mm512_sub_ps(x, centre);
+  auto coef = [&](int k) {
+    return _mm512_permutex2var_ps(_mm512_load_ps(kGeluCoef[k]), idx, _mm512_load_ps(kGeluCoef[k] + 16));
+  };
+  __m512 p = coef(6);
+  for (int k = 5; k >= 0; --k) p = _mm512_fmadd_ps(p, u, coef(k));
+  __m512 g = _mm512_mul_ps(x, p);
+  g = _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask(x, _mm512_set1_ps(6.0f), _CMP_GE_OQ), x);
+  return _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask(x, _mm512_set1_ps(kGeluLo), _CMP_LT_OQ), _mm512_setzero_ps());
 }
 
 ALWAYS_INLINE Vec sigmoid(Vec v) {
