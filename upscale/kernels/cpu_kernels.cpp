@@ -5,9 +5,10 @@
 // Each kernel replaces a chain of eager PyTorch ops that would each read and write the whole map: a 3x3
 // depthwise conv with its bias, residual and activation is one pass instead of four. Parallel over output
 // rows with ATen's thread pool (the same OpenMP runtime and thread count as PyTorch itself), vectorised over
-// channels with ATen's Vectorized<float> (the same erf/exp approximations PyTorch's GELU and sigmoid use).
-// Built on first use by upscale/kernels/__init__.py; every op has an eager equivalent there and in
-// upscale/models/agdn.py, and the tests compare the two.
+// channels with ATen's Vectorized<float> (AVX-512: own GELU, exp and reciprocal, at least as accurate as
+// PyTorch's; elsewhere ATen's). A 1x1 conv that feeds a depthwise conv can run inside it (pw_dwconv).
+// Built on first use by upscale/kernels/__init__.py; every op has an eager equivalent in
+// upscale/models/agdn.py (the fast path without kernels), and tests/test_kernels.py compares them.
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY AVX512
