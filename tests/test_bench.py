@@ -37,10 +37,15 @@ def test_bench_reports_fast_and_straight_rows_per_size(tiny_results):
     assert fast["speedup_vs_straight"] == pytest.approx(straight["latency_s"]["median"] / fast["latency_s"]["median"])
 
 
-def test_bench_times_a_folder_end_to_end(tiny_results):
-    (folder,) = [r for r in tiny_results if r["kind"] == "folder"]
-    assert folder["images"] == folder["written"] == 2 and folder["size"] == [32, 32]
-    assert folder["seconds_total"] > 0 and folder["seconds_per_image"]["median"] > 0
+def test_bench_times_a_folder_end_to_end_sequential_and_overlapped(tiny_results):
+    folders = [r for r in tiny_results if r["kind"] == "folder"]
+    assert [r["mode"] for r in folders] == ["sequential", "overlapped"]
+    for folder in folders:
+        assert folder["images"] == folder["written"] == 2 and folder["size"] == [32, 32]
+        assert len(folder["totals_s"]) == folder["rounds"]
+        assert min(folder["totals_s"]) <= folder["seconds_total"] <= max(folder["totals_s"])
+        assert folder["seconds_per_image"] == pytest.approx(folder["seconds_total"] / 2)
+        assert folder["mpix_per_s"] == pytest.approx(2 * 128 * 128 / 1e6 / folder["seconds_total"])
 
 
 def test_bench_results_are_json_and_render_as_a_table(tiny_results):
@@ -48,7 +53,7 @@ def test_bench_results_are_json_and_render_as_a_table(tiny_results):
     buffer = io.StringIO()
     format_table(tiny_results, Console(file=buffer, width=160))
     text = buffer.getvalue()
-    for word in ("agdn x4", "32x32", "fast", "straight", "folder", "speed-up", "MP/s"):
+    for word in ("agdn x4", "32x32", "fast", "straight", "folder", "sequential", "overlapped", "speed-up", "MP/s"):
         assert word in text
 
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from PIL import Image, UnidentifiedImageError
 
@@ -209,67 +212,186 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def run_jobs(jobs: list[Job], process: Callable[[Job], dict], *, overwrite: bool, skip_existing: bool | None,
-             on_outcome: Callable[[Outcome], None], errors: tuple[type[Exception], ...]) -> list[Outcome]:
-    """Process each job, never stopping at a failed one; `process` returns extra fields for the record.
+class Stages(Protocol):
+    """What one job does, in three steps that `run_jobs` overlaps across jobs."""
+
+    def read(self, job: Job) -> Any:
+        """Load the input (runs in the reader thread, one job ahead)."""
+
+    def compute(self, job: Job, data: Any) -> tuple[Any, dict]:
+        """The result and extra fields for the job's record (runs in the calling thread)."""
+
+    def write(self, job: Job, result: Any) -> None:
+        """Store the result (runs in the writer thread, while the next job computes)."""
+
+    def nbytes(self, result: Any) -> int:
+        """Memory the result holds while it waits to be written."""
+
+
+# A result bigger than this is written before the next job starts, so that two outputs of huge images are
+# never held at once (a 12000 x 8000 RGB result is 288 MB; the tiled engine bounds everything else).
+WRITE_BEHIND_BYTES = 256 * 2**20
+
+
+@dataclass
+class _Pending:
+    job: Job
+    start: float
+    extra: dict = field(default_factory=dict)
+    write: Future | None = None  # the result's write, in flight
+    outcome: Outcome | None = None  # decided (skip or failure) before any write
+
+
+def run_jobs(jobs: list[Job], stages: Stages, *, overwrite: bool, skip_existing: bool | None,
+             on_outcome: Callable[[Outcome], None], errors: tuple[type[Exception], ...],
+             overlap: bool = True) -> list[Outcome]:
+    """Process each job, never stopping at a failed one; outcomes are reported in job order.
+
+    With `overlap` (the default) the jobs form a pipeline: the next input is read in a background thread
+    while the current one computes, and each result is written (encoded, fsynced, renamed) in another thread
+    while the next one computes, so that a folder keeps the device busy. Only one result waits for its
+    write at a time, and none bigger than `WRITE_BEHIND_BYTES`. Without `overlap` each job is read,
+    computed and written before the next starts (`upscale bench` times both).
 
     A destination that is the input itself fails ("refusing to write over the input image"), whatever the
     options. Another existing destination is skipped (folder inputs, or `skip_existing`), failed (a named
-    file without `--overwrite`), or replaced (`overwrite`). KeyboardInterrupt propagates after the current
-    job's temporary file is gone (the writer cleans up), with the outcomes so far in the exception's
-    `outcomes`. The job under way when it came counts as done (and is reported) if its destination appeared
-    or was replaced meanwhile: writes are atomic, so such a file is complete.
+    file without `--overwrite`), or replaced (`overwrite`); a write still in flight to the same destination
+    is waited for before that check. KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI's handler)
+    stops computing, lets the writes already under way finish (each is atomic: a complete file or none),
+    reports them, and propagates with the outcomes so far in the exception's `outcomes`.
     """
     outcomes: list[Outcome] = []
-    current: tuple[Job, tuple | None, float] | None = None  # the job in process(): (job, dest before, start)
-    try:
-        for job in jobs:
-            start = time.perf_counter()
-            if job.dest != STDIO and job.source != STDIO and job.dest.exists() and _key(job.dest) == _key(job.source):
-                outcome = Outcome(job, "failed", f"{job.dest}: refusing to write over the input image")
-                outcomes.append(outcome)
-                on_outcome(outcome)
-                continue
-            if job.dest != STDIO and job.dest.exists() and not overwrite:
-                skip = skip_existing if skip_existing is not None else job.from_folder
-                if skip:
-                    outcome = Outcome(job, "skipped", "output exists")
-                else:
-                    outcome = Outcome(job, "failed", f"{job.dest}: already exists (use --overwrite to replace it)")
-                outcomes.append(outcome)
-                on_outcome(outcome)
-                continue
-            current = (job, _identity(job.dest), start)
-            try:
-                extra = process(job)
-                outcome = Outcome(job, "ok", None, time.perf_counter() - start, extra)
-            except errors as e:
-                outcome = Outcome(job, "failed", str(e), time.perf_counter() - start)
-            outcomes.append(outcome)
-            current = None
-            on_outcome(outcome)
-    except KeyboardInterrupt as e:
-        if current is not None and not (outcomes and outcomes[-1].job is current[0]):
-            job, before, start = current
-            after = _identity(job.dest)
-            if after is not None and after != before:  # finished writing just before the interrupt
-                outcome = Outcome(job, "ok", None, time.perf_counter() - start)
-                outcomes.append(outcome)
+    pending: deque[_Pending] = deque()
+    reads: dict[int, Future] = {}
+    reader = ThreadPoolExecutor(1, thread_name_prefix="upscale-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="upscale-write")
+
+    def write(job: Job, result: Any) -> float:
+        stages.write(job, result)
+        return time.perf_counter()  # when it was done, for the job's seconds
+
+    def verdict(job: Job) -> Outcome | None:
+        if job.dest != STDIO and job.source != STDIO and job.dest.exists() and _key(job.dest) == _key(job.source):
+            return Outcome(job, "failed", f"{job.dest}: refusing to write over the input image")
+        if job.dest != STDIO and job.dest.exists() and not overwrite:
+            skip = skip_existing if skip_existing is not None else job.from_folder
+            if skip:
+                return Outcome(job, "skipped", "output exists")
+            return Outcome(job, "failed", f"{job.dest}: already exists (use --overwrite to replace it)")
+        return None
+
+    def report(block: bool, until: int = 0) -> None:
+        """Report the finished entries at the front; with `block`, wait until at most `until` remain."""
+        while pending and (pending[0].write is None or pending[0].write.done() or (block and len(pending) > until)):
+            entry = pending[0]
+            outcome = entry.outcome
+            if outcome is None:
                 try:
-                    on_outcome(outcome)
-                except KeyboardInterrupt:
-                    pass
+                    written = entry.write.result()
+                    outcome = Outcome(entry.job, "ok", None, written - entry.start, entry.extra)
+                except errors as e:
+                    outcome = Outcome(entry.job, "failed", str(e), time.perf_counter() - entry.start)
+            pending.popleft()
+            outcomes.append(outcome)
+            on_outcome(outcome)
+
+    def writing_to(dest: Path) -> bool:
+        return dest != STDIO and any(p.write is not None and p.job.dest != STDIO and _key(p.job.dest) == _key(dest)
+                                     for p in pending)
+
+    def read_ahead(after: int) -> None:
+        """Start reading the next job that will need its input (not one whose output already exists)."""
+        for j in range(after + 1, len(jobs)):
+            nxt = jobs[j]
+            if nxt.dest == STDIO or overwrite or not nxt.dest.exists():
+                if j not in reads:
+                    reads[j] = reader.submit(stages.read, nxt)
+                return
+
+    try:
+        for i, job in enumerate(jobs):
+            if writing_to(job.dest):  # the same destination as an earlier job: its write decides "exists"
+                report(block=True)
+            start = time.perf_counter()
+            ahead = reads.pop(i, None)
+            decided = verdict(job)
+            if decided is not None:
+                pending.append(_Pending(job, start, outcome=decided))
+                report(block=False)
+                continue
+            if overlap:
+                read_ahead(i)
+            try:
+                data = ahead.result() if ahead is not None else stages.read(job)
+                result, extra = stages.compute(job, data)
+                del data
+            except errors as e:
+                pending.append(_Pending(job, start, outcome=Outcome(job, "failed", str(e), time.perf_counter() - start)))
+                report(block=False)
+                continue
+            big = stages.nbytes(result) > WRITE_BEHIND_BYTES
+            pending.append(_Pending(job, start, extra, writer.submit(write, job, result)))
+            del result
+            # at most one result waits for its write while the next job computes; none in sequential mode
+            report(block=True, until=1 if overlap and not big else 0)
+        report(block=True)
+    except KeyboardInterrupt as e:
+        for future in reads.values():
+            future.cancel()
+        try:  # the writes under way finish (atomically) and count as done
+            report(block=True)
+        except KeyboardInterrupt:
+            pass
         e.outcomes = outcomes  # type: ignore[attr-defined]
         raise
+    finally:
+        reader.shutdown(wait=False, cancel_futures=True)
+        writer.shutdown(wait=True)
     return outcomes
 
 
-def _identity(path: Path) -> tuple | None:
-    """Which file is at `path` (device, inode, mtime, size), or None when there is none (or it is stdout)."""
-    if path == STDIO:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+@dataclass
+class UpscaleStages:
+    """The steps of `upscale INPUT...` for one job: decode, upscale, encode and write atomically.
+
+    Shared by the command line and `upscale bench`'s folder timing, so that the bench times what users run.
+    """
+
+    upscaler: Any  # engine.Upscaler
+    fmt: str | None = None  # output format name (PNG, JPEG, ...); None: from the destination's extension
+    quality: int = 95
+    overwrite: bool = False
+    allow_large: bool = False
+    protect: tuple = ()  # paths never written over (the inputs)
+    provenance: dict = field(default_factory=dict)  # recorded in each output beside what the image ran with
+
+    def read(self, job: Job):
+        from .imageio import read_image
+
+        if job.source == STDIO:
+            return read_image(sys.stdin.buffer.read(), allow_large=self.allow_large, name="<stdin>")
+        return read_image(job.source, allow_large=self.allow_large)
+
+    def compute(self, job: Job, image) -> tuple[Any, dict]:
+        from .api import upscale_image
+
+        result = upscale_image(self.upscaler, image)
+        stats = self.upscaler.stats  # what this image actually ran with
+        used = {"protocol": stats.protocol, "tile": stats.tile, "precision": stats.precision,
+                "fp32_fallbacks": stats.fp32_fallbacks}
+        provenance = {**self.provenance, "protocol": stats.protocol, "tile": stats.tile or "whole image",
+                      "precision": stats.precision}
+        return (result, provenance), used
+
+    def write(self, job: Job, result) -> None:
+        from .imageio import format_for, save_image
+
+        image, provenance = result
+        out_fmt = self.fmt or (format_for(job.dest) if job.dest != STDIO else None) or "PNG"
+        prepare_folder(job)
+        save_image(image, "-" if job.dest == STDIO else job.dest, out_fmt, quality=self.quality,
+                   overwrite=self.overwrite, protect=self.protect, provenance=provenance)
+
+    def nbytes(self, result) -> int:
+        image = result[0]
+        return sum(a.nbytes for a in (image.rgb, image.alpha) if a is not None)

@@ -4,8 +4,9 @@
 reports the median and the spread (min, max, quartiles) over the repeats. For models with a fast inference
 path (AGDN: `upscale.models.agdn.set_fast`) the straight reference implementation is timed in the same run,
 interleaved repeat by repeat, so the "speed-up vs straight path" is measured side by side under the same
-machine conditions. It also times an end-to-end folder run (decode, infer, encode, write) on a few generated
-PNGs. Results are JSON-able dicts (one per case and implementation, plus one per folder run);
+machine conditions. It also times a folder end to end (decode, infer, encode, write) on a few generated
+PNGs through the CLI's batch pipeline, sequential and overlapped (read-ahead and background writes, see
+`batch.run_jobs`). Results are JSON-able dicts (one per case and implementation, plus one per folder mode);
 `format_table` renders them for people.
 
 Timing is only meaningful on a quiet machine: before anything runs, `run_bench` measures how busy the CPUs
@@ -209,8 +210,8 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
 
     Returns one dict per (size, implementation): "impl" is "fast" (the default inference path) or "straight"
     (the reference implementation, only for models that have both and with `reference_impl`); then one
-    "folder" dict (end-to-end: decode, infer, encode, write `folder_images` PNGs of `folder_size`, default
-    the first size; 0 skips it). Latency is seconds per image; "mpix_per_s" counts output pixels.
+    two "folder" dicts, "mode" sequential and overlapped (end-to-end: decode, infer, encode, write
+    `folder_images` PNGs of `folder_size`, default the first size; 0 skips it). Latency is seconds per image; "mpix_per_s" counts output pixels.
     `weights`: a .safetensors file, None for the zoo's, or "random" (no file needed; timing is the same).
     `threads`: torch CPU threads for the run (default: the CPUs available to this process).
     Raises MachineBusyError when other processes already use more than `busy_threshold` of the CPUs
@@ -297,7 +298,7 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
                 speed = straight_row["latency_s"]["median"] / fast_row["latency_s"]["median"]
                 fast_row["speedup_vs_straight"] = straight_row["speedup_vs_straight"] = speed
         if folder_images:
-            results.append(_folder_run(up, folder_size or sizes[0], folder_images, seed, common, say))
+            results += _folder_run(up, folder_size or sizes[0], folder_images, seed, common, say)
     # checked again afterwards (other processes only: the load average now includes this run itself)
     if too_busy or cpu_busy(0.2)["others"] > busy_threshold:
         for row in results:
@@ -305,35 +306,49 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
     return results
 
 
-def _folder_run(up, size: tuple[int, int], count: int, seed: int, common: dict, say) -> dict[str, Any]:
-    """Decode, upscale, encode and write `count` generated PNGs, as `upscale FOLDER -o OUT` does."""
+def _folder_run(up, size: tuple[int, int], count: int, seed: int, common: dict, say,
+                rounds: int = 2) -> list[dict[str, Any]]:
+    """`count` generated PNGs through the batch pipeline of `upscale FOLDER -o OUT` (decode, upscale, encode,
+    write atomically), sequential and overlapped (read-ahead, background writes), interleaved over `rounds`;
+    one row per mode with the median total."""
     import numpy as np
     from PIL import Image
 
-    from .api import upscale_image
-    from .imageio import read_image, save_image
+    from .batch import UpscaleStages, plan_jobs, run_jobs
+    from .imageio import ImageError
 
     h, w = size
+    totals: dict[str, list[float]] = {"sequential": [], "overlapped": []}
+    written: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="upscale-bench-") as tmp:
-        src, dst = Path(tmp, "in"), Path(tmp, "out")
+        src = Path(tmp, "in")
         src.mkdir()
-        dst.mkdir()
         for i in range(count):
             rgb = _synthetic_image(h, w, seed + i)[0].permute(1, 2, 0).numpy()
             Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(src / f"img{i:03d}.png")
-        per_image = []
-        t0 = time.perf_counter()
-        for path in sorted(src.iterdir()):
-            t = time.perf_counter()
-            result = upscale_image(up, read_image(path))
-            save_image(result, dst / path.name, "PNG", overwrite=True)
-            per_image.append(time.perf_counter() - t)
-        total = time.perf_counter() - t0
-        written = sum(1 for _ in dst.iterdir())
-    say(f"{up.entry.label} folder of {count} x {h}x{w}: {total:.2f} s")
-    return {"kind": "folder", **common, "impl": "fast" if getattr(up.model, "fast", False) else "default",
-            "size": [h, w], "images": count, "written": written, "seconds_total": total,
-            "seconds_per_image": _spread(per_image)}
+        stages = UpscaleStages(up, "PNG", overwrite=True, provenance={"model": up.entry.name, "scale": up.scale})
+        for r in range(rounds):
+            for mode in totals:
+                dst = Path(tmp, f"{mode}{r}")
+                jobs = plan_jobs([str(src)], str(dst), up.scale).jobs
+                t0 = time.perf_counter()
+                outcomes = run_jobs(jobs, stages, overwrite=True, skip_existing=False, on_outcome=lambda o: None,
+                                    errors=(ImageError, OSError), overlap=mode == "overlapped")
+                totals[mode].append(time.perf_counter() - t0)
+                failed = [o.error for o in outcomes if o.status != "ok"]
+                if failed:
+                    raise RuntimeError(f"bench folder run failed: {failed[0]}")
+                written[mode] = sum(1 for _ in dst.iterdir())
+    rows = []
+    out_mpix = count * h * w * up.scale**2 / 1e6
+    for mode, values in totals.items():
+        total = statistics.median(values)
+        say(f"{up.entry.label} folder of {count} x {h}x{w}, {mode}: {total:.2f} s")
+        rows.append({"kind": "folder", **common, "impl": "fast" if getattr(up.model, "fast", False) else "default",
+                     "mode": mode, "size": [h, w], "images": count, "written": written[mode], "rounds": rounds,
+                     "seconds_total": total, "totals_s": values, "seconds_per_image": total / count,
+                     "mpix_per_s": out_mpix / total})
+    return rows
 
 
 # -- presentation -------------------------------------------------------------------------------------------------
@@ -376,10 +391,9 @@ def format_table(results: list[dict[str, Any]], console=None):
                           f"{r['peak_memory_mb']:.0f}",
                           "" if speed is None else (f"{speed:.2f}x" if r["impl"] == "fast" else "1.00x"))
         else:
-            per = r["seconds_per_image"]
-            table.add_row(f"folder {r['images']} x {h}x{w}", f"{r['impl']} end-to-end", _ms(per["median"]),
-                          f"{_ms(per['min'])}-{_ms(per['max'])}", f"{_ms(per['q1'])}-{_ms(per['q3'])}",
-                          f"{r['images'] * h * w * r['scale'] ** 2 / 1e6 / r['seconds_total']:.2f}", "", "")
+            lo, hi = min(r["totals_s"]) / r["images"], max(r["totals_s"]) / r["images"]
+            table.add_row(f"folder {r['images']} x {h}x{w}", f"{r['mode']}, per image", _ms(r["seconds_per_image"]),
+                          f"{_ms(lo)}-{_ms(hi)}", "", f"{r['mpix_per_s']:.2f}", "", "")
     notes = []
     if results and results[0]["kind"] == "latency" and results[0]["device"] == "cpu":
         notes.append("peak mem: " + results[0]["memory_kind"])

@@ -145,7 +145,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
     # --quiet or --json, a progress bar only when stderr is a terminal. Ctrl-C or SIGTERM once the command
     # runs (reading the list, planning, loading the model, upscaling) ends with a line saying what was done
     # and exit code 130; the image being written when it came leaves no file behind.
-    from .batch import STDIO, plan_jobs, prepare_folder, read_list, run_jobs
+    from .batch import STDIO, UpscaleStages, plan_jobs, read_list, run_jobs
 
     if overwrite and skip_existing:
         raise UsageProblem("--overwrite and --skip-existing contradict each other")
@@ -197,24 +197,9 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
             base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
                            "precision": upscaler.working_precision, "protocol": protocol, "tile": tile}
 
-            def process(job):
-                from .api import upscale_image
-                from .imageio import format_for, read_image, save_image
-
-                source = sys.stdin.buffer.read() if job.source == STDIO else job.source
-                image = read_image(source, allow_large=allow_large, name="<stdin>" if job.source == STDIO else None)
-                result = upscale_image(upscaler, image)
-                stats = upscaler.stats  # what this image actually ran with
-                used = {"protocol": stats.protocol, "tile": stats.tile, "precision": stats.precision,
-                        "fp32_fallbacks": stats.fp32_fallbacks}
-                provenance = {"model": entry.name, "variant": entry.title, "scale": entry.scale,
-                              "protocol": stats.protocol, "tile": stats.tile or "whole image",
-                              "precision": stats.precision, "device": str(upscaler.device), "upscale": __version__}
-                out_fmt = FORMATS[fmt] if fmt else (format_for(job.dest) if job.dest != STDIO else None) or "PNG"
-                prepare_folder(job)
-                save_image(result, "-" if job.dest == STDIO else job.dest, out_fmt, quality=quality,
-                           overwrite=overwrite, protect=protect, provenance=provenance)
-                return used
+            stages = UpscaleStages(upscaler, FORMATS[fmt] if fmt else None, quality, overwrite, allow_large,
+                                   protect, {"model": entry.name, "variant": entry.title, "scale": entry.scale,
+                                             "device": str(upscaler.device), "upscale": __version__})
 
             if not quiet and sys.stderr.isatty() and len(plan.jobs) > 1:
                 from rich.console import Console
@@ -244,7 +229,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
                 for path in plan.not_images:
                     click.echo(json.dumps({"input": str(path), "output": None, "status": "skipped",
                                            "error": "not an image", **base_record, "seconds": 0.0}))
-            outcomes = run_jobs(plan.jobs, process, overwrite=overwrite, skip_existing=skip_existing,
+            outcomes = run_jobs(plan.jobs, stages, overwrite=overwrite, skip_existing=skip_existing,
                                 on_outcome=report,
                                 errors=(ImageError, OSError, ValueError, RuntimeError, MemoryError))
         except KeyboardInterrupt as e:  # while loading the model or upscaling: report below

@@ -884,6 +884,12 @@ def _to_pillow(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels[..., 0] if channels == 1 else pixels))
 
 
+# zlib level for PNG output. Pillow's default (6) spends 1.3-3x the time of level 4 for files 0.7-3.3% smaller
+# (measured on AGDN x4 outputs and Set14 images: cat_x4 640x424 89 ms -> 31 ms, +3.3%; baboon 40 -> 30 ms,
+# +0.7%); in a folder run on a fast device the encoder is the bottleneck, so 4 it is. Lossless either way.
+PNG_COMPRESS_LEVEL = 4
+
+
 def _encode_png(pixels: np.ndarray, bits: int, img: LoadedImage, icc, prov) -> bytes:
     size = (pixels.shape[1], pixels.shape[0])
     exif = _exif_out(img.exif, _software_line(prov) if prov else None, size, create=False)
@@ -899,7 +905,7 @@ def _encode_png(pixels: np.ndarray, bits: int, img: LoadedImage, icc, prov) -> b
         if xmp:
             info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
         buf = io.BytesIO()
-        options: dict[str, Any] = {"pnginfo": info}
+        options: dict[str, Any] = {"pnginfo": info, "compress_level": PNG_COMPRESS_LEVEL}
         if icc:
             options["icc_profile"] = icc
         if exif_bytes:
@@ -908,7 +914,8 @@ def _encode_png(pixels: np.ndarray, bits: int, img: LoadedImage, icc, prov) -> b
         return buf.getvalue()
     import imagecodecs
 
-    data = imagecodecs.png_encode(np.ascontiguousarray(pixels if pixels.shape[2] > 1 else pixels[..., 0]))
+    data = imagecodecs.png_encode(np.ascontiguousarray(pixels if pixels.shape[2] > 1 else pixels[..., 0]),
+                                  level=PNG_COMPRESS_LEVEL)
     chunks = []
     if icc:
         chunks.append(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
