@@ -824,10 +824,10 @@ def _kernel_block_weights(bw: dict, blk: "AGDB") -> dict:
         out[f"d{k}_b"] = bw[f"d{k}_b"].flatten().to(f32)
         out[f"r{k}_dw"], out[f"r{k}_dwb"] = _taps(bw[f"r{k}_dw"].float()), bw[f"r{k}_dwb"].float()
     out["c4_dw"], out["c4_b"] = _taps(bw["c4_dw"].float()), bw["c4_b"].flatten().to(f32)
-    out["c5_wt"] = bw["c5_wt"].to(f32).contiguous()
+    out["c5_wt"] = _pad_cols(bw["c5_wt"].to(f32))
     b5 = bw["c5_b"].double()
     cf_wt, s2_wt = bw["cf_wt"].double(), bw["s2_wt"].double()
-    out["mvsa_wt"] = torch.cat([cf_wt, s2_wt], dim=1).to(f32).contiguous()
+    out["mvsa_wt"] = _pad_cols(torch.cat([cf_wt, s2_wt], dim=1).to(f32))
     out["cf_b"] = (bw["cf_b"].double() + b5 @ cf_wt).to(f32)
     s2_dw = bw["s2_dw"].double()
     s2_bias = bw["s2_b"].double() + b5 @ s2_wt  # constant per channel before a reflect-padded conv
@@ -848,7 +848,7 @@ def _kernel_block_weights(bw: dict, blk: "AGDB") -> dict:
     out["qkv_wt"], out["qkv_dw"] = _pad_cols(bw["qkv_wt"].float()), _taps(bw["qkv_dw"].float())
     out["ffin_wt"] = _pad_cols(torch.cat([bw["ffa_wt"], bw["ffb_wt"]], dim=1).float())
     out["ff_dw"] = _taps(torch.cat([bw["ffa_dw"], bw["ffb_dw"]]).float())
-    out["ffo_wt"] = bw["ffo_wt"].float().contiguous()
+    out["ffo_wt"] = _pad_cols(bw["ffo_wt"].float())
     for k in ("tau", "heads", "proj"):  # the attention core is shared with the fast path
         out[k] = bw[k]
     m = blk.esa.body[0]  # MVSA's coarse-branch BSConvs, as `mvsa_coarse` reads them
@@ -867,8 +867,8 @@ def _kernel_weights(model: "AGDN", x: torch.Tensor) -> dict:
         c = model.c1.out_channels
         wts["kernel"] = {
             "blocks": [_kernel_block_weights(b, getattr(model, f"B{i + 1}")) for i, b in enumerate(wts["blocks"])],
-            "c1_wt": [wts["c1_wt"][i * c : (i + 1) * c].contiguous() for i in range(model.num_block)],
-            "c1_b": wts["c1_b"], "c2_wt": wts["c2_wt"],
+            "c1_wt": [_pad_cols(wts["c1_wt"][i * c : (i + 1) * c]) for i in range(model.num_block)],
+            "c1_b": wts["c1_b"], "c2_wt": _pad_cols(wts["c2_wt"]),
             "c2_dw": _taps(wts["c2_dw"]), "c2_dwb": wts["c2_dwb"].contiguous(),
         }
     return wts["kernel"]
@@ -889,13 +889,11 @@ def _kernel_forward(model: "AGDN", ops, x: torch.Tensor, placement: Placement | 
     u = f0
     for i, bw in enumerate(kw["blocks"]):
         u = _kernel_block(ops, bw, getattr(model, f"B{i + 1}"), u, n, h, w, placement, ws, ws(f"out{i % 2}", p, c))
-        if i == 0:
-            torch.mm(u, kw["c1_wt"][i], out=acc)
-        else:
-            acc.addmm_(u, kw["c1_wt"][i])
+        ops.gemm(u, kw["c1_wt"][i], acc, i > 0)
     ops.bias_act(acc, kw["c1_b"], 1, acc)
     t = torch.empty_like(f0)
-    pw = torch.mm(acc, kw["c2_wt"], out=ws("pw", p, c))
+    pw = ws("pw", p, c)
+    ops.gemm(acc, kw["c2_wt"], pw, False)
     ops.dwconv3x3(pw, n, h, w, kw["c2_dw"], kw["c2_dwb"], 1, True, f0, 0, 0, t)
     return model.upsampler(_nhwc(t, n, h, w)) + mean
 
@@ -920,7 +918,8 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
                       bw[f"d{k}_b"], distilled[:, (k - 1) * dc : k * dc])
         r = r_next
     ops.dwconv3x3(r, n, h, w, bw["c4_dw"], bw["c4_b"], 1, False, None, 1, 2, distilled[:, 3 * dc :])
-    z = torch.mm(distilled, bw["c5_wt"], out=ws("r0", p, c))  # r0 is free again  # c5 without its bias: folded into MVSA
+    z = ws("r0", p, c)  # r0 is free again
+    ops.gemm(distilled, bw["c5_wt"], z, False)  # c5 without its bias: folded into MVSA
     _kernel_mvsa(ops, bw, z, n, h, w, placement, ws)
     y = ws("y", p, c)
     _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws, y)  # also y = LN3(z)
@@ -931,14 +930,16 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
     gated = ws("mid", p, 2 * c)
     # project_in, dwconv and the gate; the 4C-wide hidden map exists only as three rows per thread
     ops.pw_dwconv(y, n, h, w, bw["ffin_wt"], 0, bw["ff_dw"], None, False, None, 0, 1, gated)
-    return out.addmm_(gated, bw["ffo_wt"])
+    ops.gemm(gated, bw["ffo_wt"], out, True)
+    return out
 
 
 def _kernel_mvsa(ops, bw: dict, z: torch.Tensor, n: int, h: int, w: int, placement, ws: _Workspace) -> None:
     """MVSA in place on z (which still lacks c5's bias; the kernel adds it)."""
     f = bw["cf_b"].shape[0]
     # [conv_f | conv2_1..conv2_4 pointwise], conv1 folded in
-    cs = torch.mm(z, bw["mvsa_wt"], out=ws("wide", z.shape[0], 5 * f))
+    cs = ws("wide", z.shape[0], 5 * f)
+    ops.gemm(z, bw["mvsa_wt"], cs, False)
     h2, w2 = (h + 1) // 2, (w + 1) // 2
     s2 = z.new_empty(n * h2 * w2, 4 * f)
     ops.dwconv3x3(cs[:, f:], n, h, w, bw["s2_dw"], bw["s2_dwb"], 2, True, None, 0, 0, s2)
