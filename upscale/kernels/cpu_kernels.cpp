@@ -347,8 +347,8 @@ ALWAYS_INLINE void dw_pixels(const DwArgs& a, const float* const src[3], int64_t
 // already offset to the conv's first channel. About 3x the speed of `dw_pixels`, whose accumulators and
 // tap indices the compiler kept on the stack.
 template <class Epilogue>
-ALWAYS_INLINE void dw_sweep(const float* const rows[3], int64_t ldx, int64_t W, bool reflect, const float* wp,
-                            int64_t ldw, int64_t c, __mmask16 m, Epilogue&& epilogue) {
+ALWAYS_INLINE void dw_sweep(const float* const rows[3], int64_t ldx, int64_t W, int64_t x0, int64_t x1, bool reflect,
+                            const float* wp, int64_t ldw, int64_t c, __mmask16 m, Epilogue&& epilogue) {
   __m512 w[9];
 #pragma GCC unroll 9
   for (int t = 0; t < 9; ++t) w[t] = _mm512_maskz_loadu_ps(m, wp + t * ldw + c);
@@ -360,10 +360,11 @@ ALWAYS_INLINE void dw_sweep(const float* const rows[3], int64_t ldx, int64_t W, 
     v2 = _mm512_maskz_loadu_ps(m, r2 + xi * ldx);
   };
   const __m512 zero = _mm512_setzero_ps();
-  if (reflect) column(W > 1 ? 1 : 0, a0, a1, a2);  // column -1
+  if (x0 > 0) column(x0 - 1, a0, a1, a2);
+  else if (reflect) column(W > 1 ? 1 : 0, a0, a1, a2);  // column -1
   else a0 = a1 = a2 = zero;
-  column(0, b0, b1, b2);
-  for (int64_t x = 0; x < W; ++x) {
+  column(x0, b0, b1, b2);
+  for (int64_t x = x0; x < x1; ++x) {
     if (x + 1 < W) column(x + 1, n0, n1, n2);
     else if (reflect) column(W > 1 ? W - 2 : 0, n0, n1, n2);  // column W
     else n0 = n1 = n2 = zero;
@@ -376,58 +377,88 @@ ALWAYS_INLINE void dw_sweep(const float* const rows[3], int64_t ldx, int64_t W, 
   }
 }
 
+constexpr int64_t kBlock = 32;  // pixels per block of dw_row_s1
+
 ALWAYS_INLINE __mmask16 lanes_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
-// A whole output row of a stride-1 conv in modes 0 and 1 (mode 2 and stride 2 stay on `dw_pixels`), and the
-// side job, one channel chunk at a time. src[k]: input row of tap row k, nullptr for a zero-padded row.
+// A whole output row of a stride-1 conv (stride 2 stays on `dw_pixels`), and the side job, one channel chunk
+// at a time. src[k]: input row of tap row k, nullptr for a zero-padded row.
 void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
   const int64_t W = a.W, p0 = row * a.Wo;
   const float* rows[3];
   for (int k = 0; k < 3; ++k) rows[k] = src[k] ? src[k] : a.zero_row;
-  if (a.mode == 0) {
-    for (int64_t c = 0; c < a.C; c += kLanes) {
-      const __mmask16 m = lanes_mask(a.C - c);
-      const __m512 bias = a.b ? _mm512_maskz_loadu_ps(m, a.b + c) : _mm512_setzero_ps();
-      float* out = a.op + p0 * a.ldo + c;
-      const int64_t ldo = a.ldo;
-      if (a.res) {
-        const float* res = a.res + p0 * a.ldr + c;
-        const int64_t ldr = a.ldr;
-        if (a.act == kGelu)
-          dw_sweep(rows, a.ldx, W, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-            v = _mm512_add_ps(_mm512_add_ps(v, bias), _mm512_maskz_loadu_ps(m, res + x * ldr));
-            _mm512_mask_storeu_ps(out + x * ldo, m, gelu(Vec(v)));
+  // blocks of kBlock pixels, all channel chunks of a block before the next: the block's three input rows
+  // (kBlock x ldx floats each) stay in L1 across the chunks instead of streaming from L2 once per chunk
+  for (int64_t x0 = 0; x0 < W; x0 += kBlock) {
+    const int64_t x1 = std::min(W, x0 + kBlock);
+    if (a.mode == 0) {
+      for (int64_t c = 0; c < a.C; c += kLanes) {
+        const __mmask16 m = lanes_mask(a.C - c);
+        const __m512 bias = a.b ? _mm512_maskz_loadu_ps(m, a.b + c) : _mm512_setzero_ps();
+        float* out = a.op + p0 * a.ldo + c;
+        const int64_t ldo = a.ldo;
+        if (a.res) {
+          const float* res = a.res + p0 * a.ldr + c;
+          const int64_t ldr = a.ldr;
+          if (a.act == kGelu)
+            dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
+              v = _mm512_add_ps(_mm512_add_ps(v, bias), _mm512_maskz_loadu_ps(m, res + x * ldr));
+              _mm512_mask_storeu_ps(out + x * ldo, m, gelu(Vec(v)));
+            });
+          else
+            dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
+              v = _mm512_add_ps(_mm512_add_ps(v, bias), _mm512_maskz_loadu_ps(m, res + x * ldr));
+              _mm512_mask_storeu_ps(out + x * ldo, m, v);
+            });
+        } else if (a.act == kGelu) {
+          dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
+            _mm512_mask_storeu_ps(out + x * ldo, m, gelu(Vec(_mm512_add_ps(v, bias))));
           });
+        } else {
+          dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
+            _mm512_mask_storeu_ps(out + x * ldo, m, _mm512_add_ps(v, bias));
+          });
+        }
+      }
+    } else if (a.mode == 2) {  // pair: out[j] = act(conv[2j] + conv[2j + 1] + bias[j]), 16 outputs from 32 channels
+      alignas(64) float held[kBlock * kLanes];
+      const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+      for (int64_t o = 0; o < a.G; o += kLanes) {
+        const int64_t c = 2 * o;
+        const __mmask16 mo = lanes_mask(a.G - o), mlo = lanes_mask(a.C - c);
+        const __mmask16 mhi = c + kLanes < a.C ? lanes_mask(a.C - c - kLanes) : __mmask16(0);
+        if (mhi)
+          dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c + kLanes, mhi,
+                   [&](int64_t x, __m512 v) __attribute__((always_inline)) { _mm512_store_ps(held + (x - x0) * kLanes, v); });
         else
-          dw_sweep(rows, a.ldx, W, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-            v = _mm512_add_ps(_mm512_add_ps(v, bias), _mm512_maskz_loadu_ps(m, res + x * ldr));
-            _mm512_mask_storeu_ps(out + x * ldo, m, v);
-          });
-      } else if (a.act == kGelu) {
-        dw_sweep(rows, a.ldx, W, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-          _mm512_mask_storeu_ps(out + x * ldo, m, gelu(Vec(_mm512_add_ps(v, bias))));
+          for (int64_t x = x0; x < x1; ++x) _mm512_store_ps(held + (x - x0) * kLanes, _mm512_setzero_ps());
+        const __m512 bias = a.b ? _mm512_maskz_loadu_ps(mo, a.b + o) : _mm512_setzero_ps();
+        float* out = a.op + p0 * a.ldo + o;
+        const int64_t ldo = a.ldo;
+        const bool act = a.act == kGelu;
+        dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, mlo, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
+          const __m512 hi = _mm512_load_ps(held + (x - x0) * kLanes);
+          __m512 r = _mm512_add_ps(_mm512_add_ps(_mm512_permutex2var_ps(v, even, hi), _mm512_permutex2var_ps(v, odd, hi)), bias);
+          if (act) r = gelu(Vec(r));
+          _mm512_mask_storeu_ps(out + x * ldo, mo, r);
         });
-      } else {
-        dw_sweep(rows, a.ldx, W, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-          _mm512_mask_storeu_ps(out + x * ldo, m, _mm512_add_ps(v, bias));
+      }
+    } else {  // gate: out[c] = gelu(conv[c]) * conv[c + G]; the second half of each chunk pair goes first, to L1
+      alignas(64) float held[kBlock * kLanes];
+      for (int64_t c = 0; c < a.G; c += kLanes) {
+        const __mmask16 m = lanes_mask(a.G - c);
+        dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, a.G + c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
+          _mm512_store_ps(held + (x - x0) * kLanes, v);
+        });
+        float* out = a.op + p0 * a.ldo + c;
+        const int64_t ldo = a.ldo;
+        dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
+          _mm512_mask_storeu_ps(out + x * ldo, m, _mm512_mul_ps(gelu(Vec(v)), _mm512_load_ps(held + (x - x0) * kLanes)));
         });
       }
     }
-  } else {  // gate: out[c] = gelu(conv[c]) * conv[c + G]; the second half of each chunk pair goes first, to L1
-    alignas(64) float held[1024 * kLanes];
-    TORCH_CHECK(W <= 1024, "row too wide for the gate kernel");
-    for (int64_t c = 0; c < a.G; c += kLanes) {
-      const __mmask16 m = lanes_mask(a.G - c);
-      dw_sweep(rows, a.ldx, W, a.reflect, a.wp, a.ldw, a.G + c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-        _mm512_store_ps(held + x * kLanes, v);
-      });
-      float* out = a.op + p0 * a.ldo + c;
-      const int64_t ldo = a.ldo;
-      dw_sweep(rows, a.ldx, W, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-        _mm512_mask_storeu_ps(out + x * ldo, m, _mm512_mul_ps(gelu(Vec(v)), _mm512_load_ps(held + x * kLanes)));
-      });
-    }
-  }
+  }  // pixel blocks
   if (a.side) {  // side_out = GELU(side_in + side_bias), pointwise
     for (int64_t x = 0; x < W; ++x) {
       const float* in = a.side + (p0 + x - a.side_base) * a.lds;
@@ -452,7 +483,7 @@ void dw_rows(const DwArgs args, int64_t begin, int64_t end) {
       src[k] = iy < 0 ? nullptr : args.xp + ((img * args.H + iy) * args.W) * args.ldx;
     }
 #if defined(CPU_CAPABILITY_AVX512)
-    if (args.stride == 1 && args.mode != 2) {
+    if (args.stride == 1) {
       dw_row_s1(args, src, row);
       continue;
     }
@@ -632,10 +663,8 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
       args.side = row_of(img, oy);  // columns [0, side_c) of this row of y
       args.side_base = row * W;
 #if defined(CPU_CAPABILITY_AVX512)
-      if (mode != 2) {
-        dw_row_s1(args, src, row);
-        continue;
-      }
+      dw_row_s1(args, src, row);
+      continue;
 #endif
       int64_t ox = 0;
       for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, row, ox);
