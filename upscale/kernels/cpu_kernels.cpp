@@ -156,6 +156,9 @@ ALWAYS_INLINE Vec sigmoid(Vec x) { return (Vec(1.0f) + (Vec(0.0f) - x).exp()).re
 #endif
 
 ALWAYS_INLINE float hsum(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);  // a tree of shuffles: a quarter of the latency of 16 scalar adds in a row
+#endif
   alignas(64) float lanes[kLanes];
   v.store(lanes);
   float s = 0.0f;
