@@ -870,6 +870,10 @@ def _kernel_weights(model: "AGDN", x: torch.Tensor) -> dict:
             "c1_wt": [_pad_cols(wts["c1_wt"][i * c : (i + 1) * c]) for i in range(model.num_block)],
             "c1_b": wts["c1_b"], "c2_wt": _pad_cols(wts["c2_wt"]),
             "c2_dw": _taps(wts["c2_dw"]), "c2_dwb": wts["c2_dwb"].contiguous(),
+            # the mean added back after the pixel shuffle, as the upsampler conv's bias instead: output channel
+            # k comes from conv channels k*s*s .. (k+1)*s*s - 1; saves a pass over the full-size output
+            "up_b": (model.upsampler[0].bias.detach().double()
+                     + model.rgb_mean.double().flatten().repeat_interleave(model.scale**2)).to(x.dtype),
         }
     return wts["kernel"]
 
@@ -895,7 +899,8 @@ def _kernel_forward(model: "AGDN", ops, x: torch.Tensor, placement: Placement | 
     pw = ws("pw", p, c)
     ops.gemm(acc, kw["c2_wt"], pw, False)
     ops.dwconv3x3(pw, n, h, w, kw["c2_dw"], kw["c2_dwb"], 1, True, f0, 0, 0, t)
-    return model.upsampler(_nhwc(t, n, h, w)) + mean
+    up = model.upsampler[0]
+    return model.upsampler[1](F.conv2d(_nhwc(t, n, h, w), up.weight, kw["up_b"], padding=up.padding))
 
 
 def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w: int,
