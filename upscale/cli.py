@@ -452,7 +452,8 @@ def bench(model, scale, weights, random_weights, device, offline, sizes, precisi
         return
     from rich.console import Console
 
-    format_table(results, Console(soft_wrap=True))
+    # written to a file or a pipe, rich would squeeze the table into 80 columns and cut the figures short
+    format_table(results, Console(soft_wrap=True, width=None if sys.stdout.isatty() else 150))
 
 
 if __name__ == "__main__":
