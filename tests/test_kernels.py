@@ -84,12 +84,15 @@ def test_gelu_is_exact_gelu_to_float32_accuracy():
     truth = F.gelu(x.double())
     assert float((out.double() - truth).abs().max()) < 5e-7  # PyTorch's own float32 GELU: 1.2e-6 here
     assert torch.isfinite(out).all()
-    big = truth.abs() > 1e-3
-    assert float(((out.double() - truth).abs()[big] / truth.abs()[big]).max()) < 5e-6
+    if ops.capability() == "AVX512":  # the kernels' own GELU; other builds use ATen's erf formula (2e-4 here)
+        big = truth.abs() > 1e-3
+        assert float(((out.double() - truth).abs()[big] / truth.abs()[big]).max()) < 5e-6
     special = torch.tensor([[float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 6.0, -6.0, 1e30]])
     ops.bias_act(special, None, 1, got := torch.empty_like(special))
     want = F.gelu(special.double()).float()
-    assert got[0, 0] == float("inf") and got[0, 1] == 0 and torch.isnan(got[0, 2])
+    assert torch.isnan(got[0, 2])
+    if ops.capability() == "AVX512":  # the limits (PyTorch's own float32 GELU gives NaN for both infinities)
+        assert got[0, 0] == float("inf") and got[0, 1] == 0
     torch.testing.assert_close(got[0, 3:], want[0, 3:], atol=5e-7, rtol=0)
 
 
@@ -195,6 +198,18 @@ def test_disabled_kernels_fall_back_to_the_eager_path():
                 UPSCALE_CPU_KERNELS="0")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("True PyTorch ops (disabled by UPSCALE_CPU_KERNELS)")
+
+
+def test_a_cpu_without_avx512_takes_the_eager_path_without_building(tmp_path):
+    # built for AVX2, the generic loops do not cover MVSA's 10 coarse channels (more than one 8-float vector)
+    code = ("import numpy as np; from upscale import kernels; kernels._has_avx512 = lambda: False;"
+            "from upscale.api import load_model, upscale_image; m = load_model('agdn', 2);"
+            "out = upscale_image(m, (np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8));"
+            "print(kernels.load() is None, kernels.status(), out.shape)")
+    done = _run(code, UPSCALE_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("True PyTorch ops (the CPU has no AVX-512") and "(40, 48, 3)" in done.stdout
+    assert done.stderr == "" and not list((tmp_path / "kernels").rglob("*.so"))
 
 
 def test_a_failed_build_falls_back_with_one_line(tmp_path):

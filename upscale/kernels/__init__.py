@@ -6,8 +6,8 @@ such chains in one pass. It is built here, not at install time, because a wheel 
 (`-march=native`) or torch build, and building against torch at install time would make pip pull a CUDA
 torch into the build environment.
 
-`load()` returns the `torch.ops.upscale_cpu` namespace, or None when the kernels cannot be had: no C++
-compiler, a compile error, a platform other than Linux, or `UPSCALE_CPU_KERNELS=0`. Callers then take the
+`load()` returns the `torch.ops.upscale_cpu` namespace, or None when the kernels cannot be had: a CPU without
+AVX-512, no C++ compiler, a compile error, a platform other than Linux, or `UPSCALE_CPU_KERNELS=0`. Callers then take the
 eager PyTorch path, which computes the same values (the tests compare the two). The first build takes 10-30 s
 (said on stderr when it is a terminal); the shared library is cached under the upscale cache directory, keyed
 by the source, the torch version, the compiler and the CPU, and written atomically, so concurrent first runs
@@ -53,6 +53,18 @@ def _cpu_signature() -> str:
         return "".join(lines)
     except OSError:
         return platform.processor()
+
+
+def _has_avx512() -> bool:
+    """Whether this CPU has the AVX-512 subsets the kernels are written for (F, BW, DQ, VL). Built for less
+    (AVX2 or plain x86-64) the kernels fall back to generic loops, which do not cover every channel count
+    AGDN-S and MVSA need (more coarse channels than one 8-float vector): those CPUs take the eager path."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in flags for flag in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
 
 
 def _command(cxx: str, output: Path) -> list[str]:
@@ -108,6 +120,8 @@ def load():
         reason = "disabled by UPSCALE_CPU_KERNELS"
     elif sys.platform != "linux":
         reason = f"not built on {sys.platform}"
+    elif not _has_avx512():
+        reason = "the CPU has no AVX-512 (the kernels' vector code)"
     elif (cxx := _compiler()) is None:
         reason = "no C++ compiler (c++, g++ or clang++; or set CXX)"
     else:
@@ -128,4 +142,4 @@ def load():
 def status() -> str:
     """One line for reports: whether the fused kernels are in use, and why not."""
     ops = load()
-    return "fused CPU kernels" if ops is not None else f"PyTorch ops ({_state.get('reason')})"
+    return f"fused CPU kernels ({ops.capability()})" if ops is not None else f"PyTorch ops ({_state.get('reason')})"

@@ -7,6 +7,8 @@
 // rows with ATen's thread pool (the same OpenMP runtime and thread count as PyTorch itself), vectorised over
 // channels with ATen's Vectorized<float> (AVX-512: own GELU, exp and reciprocal, at least as accurate as
 // PyTorch's; elsewhere ATen's). A 1x1 conv that feeds a depthwise conv can run inside it (pw_dwconv).
+// With AVX-512, 1x1 convs use a register-blocked GEMM of our own (`gemm_rows`) and stride-1 depthwise convs a
+// sweep with the taps in registers (`dw_sweep`); other builds take BLAS's sgemm and the generic loops.
 // Built on first use by upscale/kernels/__init__.py; every op has an eager equivalent in
 // upscale/models/agdn.py (the fast path without kernels), and tests/test_kernels.py compares them.
 
@@ -28,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 #include <cmath>
 #include <vector>
@@ -1264,7 +1267,8 @@ void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t im
   check_map(v, "v");
   check_map(z, "z");
   check_map(out, "out");
-  const int64_t C = z.size(1), Cp = (C + kLanes - 1) / kLanes * kLanes, nv = Cp / kLanes;
+  // mats rows are padded to whole 16-float vectors (the Python side's layout, whatever this build's vector width)
+  const int64_t C = z.size(1), Cp = (C + 15) / 16 * 16, nv = (C + kLanes - 1) / kLanes;
   TORCH_CHECK(C <= 256 && mats.is_contiguous() && mats.numel() == images * ny * nx * C * Cp, "mats shape");
   const int64_t* rs = row_seg.const_data_ptr<int64_t>();
   const int64_t* cs = col_seg.const_data_ptr<int64_t>();
@@ -1427,9 +1431,22 @@ void mvsa_coarse(const Tensor& s2, int64_t images, int64_t H, int64_t W, const T
   });
 }
 
+// Which vector code this build runs: AVX512 (own GEMM, depthwise sweep and GELU), AVX2 or DEFAULT (ATen's
+// vector types, BLAS's sgemm)
+std::string capability() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "DEFAULT";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(upscale_cpu, m) {
+  m.def("capability() -> str", capability);
   m.def("dwconv3x3(Tensor x, int images, int H, int W, Tensor weight, Tensor? bias, int stride, bool reflect, "
         "Tensor? residual, int act, int mode, Tensor out, Tensor? side_in=None, Tensor? side_bias=None, "
         "Tensor? side_out=None) -> ()", dwconv3x3);

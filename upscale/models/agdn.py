@@ -786,14 +786,15 @@ def _segments(spans: list[tuple[int, int]], n: int, device) -> tuple[list[tuple[
 #   qkv_dwconv, and the FFN's project_in + dwconv + gate; their wide intermediate maps never reach memory;
 # - GEMMs are written without their bias, which is added by the kernel that reads the result, or folded
 #   forward (c5's bias into MVSA, exactly: every consumer of z is affine in it before MVSA's product; a bias
-#   before a reflect-padded depthwise conv becomes bias * sum of its taps); GEMM outputs are padded to 16
-#   columns (MKL runs 64 or 128 columns much faster than 63 or 126);
+#   before a reflect-padded depthwise conv becomes bias * sum of its taps); GEMM weights are padded to whole
+#   16-float vectors of output columns (`_pad_cols`), as the kernels' GEMM reads them;
 # - c1 reads the block outputs as they come (c1 = sum over blocks of W_i F_i), no concatenated buffer;
 # - RCCA's mean and std come from shifted sums in float64, computed in the pass that makes GELU(decompose(t));
 #   LN3 is computed in RCCA's last pass, LN4 and the block residual in the attention's last pass;
-# - MVSA's whole coarse branch is one call (`mvsa_coarse`), its resize, conv4 and mask another (`mvsa_tail`).
-# Measured on this project's 2-core machine (AGDN x4, 128 x 128, `upscale bench`): eager fast path ~230 ms,
-# this path ~100 ms, the straight path ~470 ms.
+# - MVSA's whole coarse branch is one call (`mvsa_coarse`), its resize, conv4 and mask another (`mvsa_tail`);
+# - the RGB mean is added back through the upsampler conv's bias, not as a pass over the output.
+# Measured on this project's 2-core machines (AGDN x4, 128 x 128, `upscale bench`): eager fast path ~230 ms,
+# this path ~100 ms, the straight path ~450-500 ms.
 
 _LANES = 16  # weights padded to whole vectors of the widest SIMD the kernels use (AVX-512: 16 floats)
 
@@ -807,8 +808,8 @@ def _taps(dw: torch.Tensor) -> torch.Tensor:
 
 
 def _pad_cols(w: torch.Tensor) -> torch.Tensor:
-    """A GEMM's weight with zero columns up to a multiple of 16 outputs: MKL's sgemm was 1.4-1.6x faster for
-    64 or 128 output columns than for 63 or 126 (measured here); the kernels read only the real columns."""
+    """A GEMM's weight (K, C) with zero columns up to a multiple of 16: the kernels' GEMM loads whole vectors
+    of weights and stores only the real output columns."""
     cols = w.shape[1]
     out = w.new_zeros(w.shape[0], -(-cols // 16) * 16)
     out[:, :cols] = w
