@@ -131,18 +131,22 @@ def test_rcca_stats_and_combine():
         _close(got, want, rel=5e-6)
 
 
-@pytest.mark.parametrize("h,w,c", [(48, 48, 42), (50, 50, 42), (7, 9, 42), (101, 77, 42), (50, 61, 24), (50, 50, 60)])
-def test_cell_gram_and_apply_match_per_cell_matmuls(h, w, c):
+@pytest.mark.parametrize("h,w,c,heads", [(48, 48, 42, 3), (50, 50, 42, 3), (7, 9, 42, 3), (101, 77, 42, 3),
+                                         (50, 61, 24, 3), (50, 50, 42, 1), (50, 50, 60, 1), (33, 20, 60, 4)])
+def test_cell_gram_and_apply_match_per_cell_matmuls(h, w, c, heads):
     """Cells of every width (the TLC grid of an h x w map), including ones narrower than the kernel's 4-pixel
-    groups: a group must never spill into the next cell. C = 42 (AGDN), 24 (AGDN-S) and a generic width."""
+    groups: a group must never spill into the next cell. C = 42 (AGDN), 24 (AGDN-S) and generic widths; with
+    heads, the gram's diagonal blocks only (zeros elsewhere)."""
     g = torch.Generator().manual_seed(h * w)
     n = 2
     qkv = torch.randn(n, h, w, 3 * c, generator=g)
     ry, row_seg, cx, col_seg, _, _ = A._cell_layout(48, h, w, None)
-    gram = torch.empty(n, len(ry), len(cx), c, c)
+    gram = torch.full((n, len(ry), len(cx), c, c), float("nan"))
     sq = torch.empty(n, len(ry), len(cx), 2 * c)
     flat = qkv.view(-1, 3 * c)
-    ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq)
+    ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, heads)
+    head = torch.arange(c) // (c // heads)
+    blocks = (head[:, None] == head[None, :]).float()
     mats = torch.randn(n, len(ry), len(cx), c, c, generator=g)
     padded = torch.zeros(n, len(ry), len(cx), c, -(-c // 16) * 16)
     padded[..., :c] = mats
@@ -154,10 +158,33 @@ def test_cell_gram_and_apply_match_per_cell_matmuls(h, w, c):
         for yi, (y0, y1) in enumerate(ry):
             for xi, (x0, x1) in enumerate(cx):
                 cell = qkv[i, y0:y1, x0:x1].reshape(-1, 3 * c)
-                _close(gram[i, yi, xi], cell[:, :c].t() @ cell[:, c : 2 * c], rel=1e-5, what=f"gram {yi},{xi}")
+                want = (cell[:, :c].t() @ cell[:, c : 2 * c]) * blocks
+                _close(gram[i, yi, xi], want, rel=1e-5, what=f"gram {yi},{xi}")
                 _close(sq[i, yi, xi], cell[:, : 2 * c].square().sum(0), rel=1e-5, what=f"norms {yi},{xi}")
                 want = z[i, y0:y1, x0:x1] + qkv[i, y0:y1, x0:x1, 2 * c :] @ mats[i, yi, xi]
                 _close(out[i, y0:y1, x0:x1], want, rel=1e-5, what=f"apply {yi},{xi}")
+
+
+@pytest.mark.parametrize("h,w,placement", [(128, 128, None), (50, 61, None), (30, 30, None),
+                                           (96, 70, A.Placement((300, 200), (50, 61)))])
+def test_cell_mats_matches_the_python_reference(agdn_x4, h, w, placement):
+    """The per-cell attention matrices (window sums, normalisation, ReLU, heads, project_out folded, mean over
+    covering windows) against `_cell_matrices`, from one gram of random q and k."""
+    bw = A._kernel_weights(agdn_x4, torch.zeros(1, 3, 8, 8))["blocks"][2]
+    c = bw["proj"].shape[0]
+    g = torch.Generator().manual_seed(h + w)
+    n = 2
+    ry, row_seg, cx, col_seg, to_windows, to_cells = A._cell_layout(48, h, w, placement)
+    qk = torch.randn(n * h * w, 2 * c, generator=g)
+    gram = torch.empty(n, len(ry), len(cx), c, c)
+    sq = torch.empty(n, len(ry), len(cx), 2 * c)
+    ops.cell_gram(qk, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, A.HEADS)
+    mats = torch.full((n, len(ry), len(cx), c, -(-c // 16) * 16), float("nan"))
+    ops.cell_mats(gram, sq, to_windows, to_cells, bw["tau"], bw["proj"], A.HEADS, mats)
+    assert bool((mats[..., c:] == 0).all()), "padding columns must be zeros"
+    for i in range(n):
+        want = A._cell_matrices(bw, gram[i], sq[i], to_windows, to_cells)
+        _close(mats[i, ..., :c], want, rel=1e-6, what=f"image {i}")
 
 
 @pytest.mark.parametrize("h,w,placement", [(64, 64, None), (37, 53, None), (15, 15, None),

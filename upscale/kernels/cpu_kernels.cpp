@@ -174,6 +174,18 @@ ALWAYS_INLINE void store(Vec v, float* p, int64_t n) {
   if (n == kLanes) v.store(p); else v.store(p, n);
 }
 
+// Loads of the first n lanes with the choice made once, outside an inner loop (`load` decides per call, and
+// its branches kept a register tile's vectors on the stack)
+#if defined(CPU_CAPABILITY_AVX512)
+using LaneMask = __mmask16;
+ALWAYS_INLINE LaneMask lane_mask(int64_t n) { return n >= 16 ? LaneMask(0xFFFF) : LaneMask((1u << n) - 1); }
+ALWAYS_INLINE Vec load_lanes(const float* p, LaneMask m) { return _mm512_maskz_loadu_ps(m, p); }
+#else
+using LaneMask = int64_t;
+ALWAYS_INLINE LaneMask lane_mask(int64_t n) { return n; }
+ALWAYS_INLINE Vec load_lanes(const float* p, LaneMask n) { return load(p, n); }
+#endif
+
 void check_map(const Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1, name,
               ": expected a float32 (pixels, channels) matrix with contiguous channels");
@@ -1104,47 +1116,95 @@ ALWAYS_INLINE void for_each_run(const int64_t* seg_of, int64_t W, Fn&& fn) {
   }
 }
 
-// cell_gram's work on output rows [begin, end), accumulating into `mine` (this thread's cells). NV: vectors
-// per channel row when known at compile time, else 0 (runtime nv, up to 16).
-template <int NV>
-void gram_rows(const float* base, int64_t ld, int64_t H, int64_t W, int64_t C, int64_t Cp, int64_t nv_rt,
+// One register tile of a cell's G: q channels [i0, i0 + R) x k vectors [j0, j0 + NVB) (k channels
+// j0 * kLanes ...), summed over `count` pixels from `p` (`ld` floats apart; q at [0, C), k at [C, 2C)) and
+// added into g (row pitch Cp). The accumulators stay in registers for the whole run of pixels (R is a
+// compile-time constant for that: with a runtime row count they were kept on the stack, 3x slower).
+template <int NVB, int R>
+ALWAYS_INLINE void gram_tile(const float* p, int64_t ld, int64_t count, int64_t C, int64_t i0, int64_t j0, float* g,
+                             int64_t Cp) {
+  Vec acc[R][NVB];
+  LaneMask mask[NVB];
+  for (int v = 0; v < NVB; ++v) mask[v] = lane_mask(C - (j0 + v) * kLanes);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NVB; ++v) acc[r][v] = Vec(0.0f);
+  for (int64_t x = 0; x < count; ++x, p += ld) {
+    Vec kv[NVB];
+    for (int v = 0; v < NVB; ++v) kv[v] = load_lanes(p + C + (j0 + v) * kLanes, mask[v]);
+    for (int r = 0; r < R; ++r) {
+      const Vec q(p[i0 + r]);
+      for (int v = 0; v < NVB; ++v) acc[r][v] = at::vec::fmadd(q, kv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NVB; ++v) {
+      float* dst = g + (i0 + r) * Cp + (j0 + v) * kLanes;
+      (Vec::loadu(dst) + acc[r][v]).store(dst);
+    }
+}
+
+// Accumulator budget of a tile: rows for NVB vectors (at most 24 accumulators of the 32 registers)
+template <int NVB>
+constexpr int kGramRows = NVB == 1 ? 16 : NVB == 2 ? 12 : NVB == 3 ? 8 : 6;
+
+// gram_tile with the row count `rows` (1 .. kGramRows<NVB>) as its template argument
+template <int NVB, int R = 1>
+void gram_tile_rows(int rows, const float* p, int64_t ld, int64_t count, int64_t C, int64_t i0, int64_t j0,
+                    float* g, int64_t Cp) {
+  if constexpr (R < kGramRows<NVB>) {
+    if (rows != R) return gram_tile_rows<NVB, R + 1>(rows, p, ld, count, C, i0, j0, g, Cp);
+  }
+  gram_tile<NVB, R>(p, ld, count, C, i0, j0, g, Cp);
+}
+
+// G rows [i0, i1) x k vectors [j0, j1) over a run of pixels, in register tiles: vector groups of up to 4,
+// rows split evenly into chunks within the group's budget.
+inline void gram_block(const float* p, int64_t ld, int64_t count, int64_t C, int64_t i0, int64_t i1, int64_t j0,
+                       int64_t j1, float* g, int64_t Cp) {
+  for (int64_t jv = j0; jv < j1; jv += 4) {
+    const int64_t nvb = std::min<int64_t>(4, j1 - jv);
+    const int64_t rmax = nvb == 1 ? kGramRows<1> : nvb == 2 ? kGramRows<2> : nvb == 3 ? kGramRows<3> : kGramRows<4>;
+    const int64_t chunks = (i1 - i0 + rmax - 1) / rmax, step = (i1 - i0 + chunks - 1) / chunks;
+    for (int64_t i = i0; i < i1; i += step) {
+      const int rows = static_cast<int>(std::min(step, i1 - i));
+      switch (nvb) {
+        case 1: gram_tile_rows<1>(rows, p, ld, count, C, i, jv, g, Cp); break;
+        case 2: gram_tile_rows<2>(rows, p, ld, count, C, i, jv, g, Cp); break;
+        case 3: gram_tile_rows<3>(rows, p, ld, count, C, i, jv, g, Cp); break;
+        default: gram_tile_rows<4>(rows, p, ld, count, C, i, jv, g, Cp); break;
+      }
+    }
+  }
+}
+
+// cell_gram's work on output rows [begin, end), accumulating into `mine` (this thread's cells): per run of
+// one cell's pixels along a row, each head's diagonal block of G (the vectors covering its k channels), then
+// the squared norms.
+void gram_rows(const float* base, int64_t ld, int64_t H, int64_t W, int64_t C, int64_t Cp, int64_t heads,
                const int64_t* rs, const int64_t* cs, int64_t ny, int64_t nx, int64_t cell_size, float* mine,
                int64_t begin, int64_t end) {
-  const int64_t nv = NV > 0 ? NV : nv_rt;
-  constexpr int kMaxNV = NV > 0 ? NV : 16;
+  const int64_t ch = C / heads, nv = (C + kLanes - 1) / kLanes;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t img = row / H, y = row % H;
     for_each_run(cs, W, [&](int64_t seg, int64_t x_begin, int64_t x_end) {
       float* g = mine + ((img * ny + rs[y]) * nx + seg) * cell_size;
+      const float* p = base + (row * W + x_begin) * ld;
+      const int64_t count = x_end - x_begin;
+      for (int64_t h = 0; h < heads; ++h)
+        gram_block(p, ld, count, C, h * ch, (h + 1) * ch, h * ch / kLanes, ((h + 1) * ch - 1) / kLanes + 1, g, Cp);
       float* sq_q = g + C * Cp;
       float* sq_k = sq_q + Cp;
-      for (int64_t x = x_begin; x < x_end; x += 4) {  // four pixels per pass over G: 4 FMAs per G row
-        // (a last group of fewer than four repeats its last pixel with weight 0)
-        const int64_t m = std::min<int64_t>(4, x_end - x);
-        const float* px[4];
-        for (int u = 0; u < 4; ++u) px[u] = base + (row * W + x + std::min<int64_t>(u, m - 1)) * ld;
-        const float wgt[4] = {1.0f, m > 1 ? 1.0f : 0.0f, m > 2 ? 1.0f : 0.0f, m > 3 ? 1.0f : 0.0f};
-        Vec kv[4][kMaxNV];
-        for (int u = 0; u < 4; ++u)
-          for (int64_t j = 0; j < nv; ++j) {
-            const int64_t n = std::min(kLanes, C - j * kLanes);
-            kv[u][j] = load(px[u] + C + j * kLanes, n) * Vec(wgt[u]);
-            const Vec qv = load(px[u] + j * kLanes, n) * Vec(wgt[u]);
-            at::vec::fmadd(qv, qv, Vec::loadu(sq_q + j * kLanes)).store(sq_q + j * kLanes);
-            at::vec::fmadd(kv[u][j], kv[u][j], Vec::loadu(sq_k + j * kLanes)).store(sq_k + j * kLanes);
-          }
-        for (int64_t i = 0; i < C; ++i) {
-          const Vec q0(px[0][i] * wgt[0]), q1(px[1][i] * wgt[1]), q2(px[2][i] * wgt[2]), q3(px[3][i] * wgt[3]);
-          float* gr = g + i * Cp;
-          for (int64_t j = 0; j < nv; ++j) {
-            Vec a = Vec::loadu(gr + j * kLanes);
-            a = at::vec::fmadd(q0, kv[0][j], a);
-            a = at::vec::fmadd(q1, kv[1][j], a);
-            a = at::vec::fmadd(q2, kv[2][j], a);
-            a = at::vec::fmadd(q3, kv[3][j], a);
-            a.store(gr + j * kLanes);
-          }
+      for (int64_t j = 0; j < nv; ++j) {
+        const int64_t n = std::min(kLanes, C - j * kLanes);
+        Vec aq(0.0f), ak(0.0f);
+        const float* px = p + j * kLanes;
+        for (int64_t x = 0; x < count; ++x, px += ld) {
+          const Vec qv = load(px, n), kv = load(px + C, n);
+          aq = at::vec::fmadd(qv, qv, aq);
+          ak = at::vec::fmadd(kv, kv, ak);
         }
+        (Vec::loadu(sq_q + j * kLanes) + aq).store(sq_q + j * kLanes);
+        (Vec::loadu(sq_k + j * kLanes) + ak).store(sq_k + j * kLanes);
       }
     });
   }
@@ -1153,15 +1213,18 @@ void gram_rows(const float* base, int64_t ld, int64_t H, int64_t W, int64_t C, i
 // Channel attention over cells. A cell is a block of pixels (a segment of rows x a segment of columns) that
 // one fixed set of TLC windows covers; row_seg[y] / col_seg[x] give each row's / column's segment.
 // cell_gram: per cell, G = sum over its pixels of q k^T (C x C, row = q channel) and the squared norms of the
-// q and k channels, from a map whose columns [0, C) are q and [C, 2C) are k. Threads take row ranges, each
-// with its own accumulators, summed at the end (so the split does not depend on how cells are sized).
+// q and k channels, from a map whose columns [0, C) are q and [C, 2C) are k. With `heads` > 1 only the heads'
+// diagonal blocks of G are computed (the attention never reads the rest), the others are written as zeros.
+// Threads take row ranges, each with its own accumulators, summed at the end (so the split does not depend
+// on how cells are sized).
 void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C, const Tensor& row_seg,
-               const Tensor& col_seg, int64_t ny, int64_t nx, Tensor gram, Tensor sq) {
+               const Tensor& col_seg, int64_t ny, int64_t nx, Tensor gram, Tensor sq, int64_t heads) {
   check_map(qk, "qk");
   TORCH_CHECK(qk.size(1) >= 2 * C && qk.size(0) == images * H * W && C <= 256, "qk: (pixels, >= 2C)");
+  TORCH_CHECK(heads >= 1 && C % heads == 0, "cell_gram: C must split into the heads");
   TORCH_CHECK(gram.is_contiguous() && gram.numel() == images * ny * nx * C * C, "gram: (images, ny, nx, C, C)");
   TORCH_CHECK(sq.is_contiguous() && sq.numel() == images * ny * nx * 2 * C, "sq: (images, ny, nx, 2C)");
-  const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes, nv = Cp / kLanes;
+  const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes;
   const int64_t cells = images * ny * nx, cell_size = C * Cp + 2 * Cp;
   const int64_t* rs = row_seg.const_data_ptr<int64_t>();
   const int64_t* cs = col_seg.const_data_ptr<int64_t>();
@@ -1169,25 +1232,20 @@ void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C
   const int64_t ld = qk.stride(0);
   const int threads = at::get_num_threads();
   std::vector<float> partial(static_cast<size_t>(threads) * cells * cell_size, 0.0f);
-
-  auto run = [&](auto nv_const) {
-    constexpr int NV = decltype(nv_const)::value;
-    at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
-      float* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * cells * cell_size;
-      gram_rows<NV>(base, ld, H, W, C, Cp, nv, rs, cs, ny, nx, cell_size, mine, begin, end);
-    });
-  };
-  // the vector count as a compile-time constant keeps the accumulators in registers (AGDN: 3, AGDN-S: 2)
-  if (nv == 2) run(std::integral_constant<int, 2>{});
-  else if (nv == 3) run(std::integral_constant<int, 3>{});
-  else run(std::integral_constant<int, 0>{});
+  at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
+    float* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * cells * cell_size;
+    gram_rows(base, ld, H, W, C, Cp, heads, rs, cs, ny, nx, cell_size, mine, begin, end);
+  });
   float* gp = gram.data_ptr<float>();
   float* sp = sq.data_ptr<float>();
+  const int64_t ch = C / heads;
   for (int64_t cell = 0; cell < cells; ++cell) {
     for (int64_t i = 0; i < C; ++i)
       for (int64_t j = 0; j < C; ++j) {
         float total = 0.0f;
-        for (int t = 0; t < threads; ++t) total += partial[(static_cast<size_t>(t) * cells + cell) * cell_size + i * Cp + j];
+        if (i / ch == j / ch)
+          for (int t = 0; t < threads; ++t)
+            total += partial[(static_cast<size_t>(t) * cells + cell) * cell_size + i * Cp + j];
         gp[(cell * C + i) * C + j] = total;
       }
     for (int64_t j = 0; j < 2 * C; ++j) {
@@ -1196,6 +1254,91 @@ void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C
       for (int t = 0; t < threads; ++t) total += partial[(static_cast<size_t>(t) * cells + cell) * cell_size + off];
       sp[cell * 2 * C + j] = total;
     }
+  }
+}
+
+// cell_mats: from cell_gram's G and squared norms, per cell the C x C matrix M with out = z + v @ M (what
+// cell_apply reads: float32, rows padded to Cp = 16-float multiples with zeros). In float64, as the Python
+// reference `_cell_matrices`: per window w, sums over the cells it covers (to_windows: windows x cells, 0/1),
+// A_w = relu(G_w / (|q_i| |k_j|) * tau_i) on the heads' diagonal blocks (norms clamped at 1e-12), then
+// B_w = project_out @ A_w; per cell, M = (sum over windows of to_cells[cell, w] * B_w)^T (to_cells: the mean
+// over the windows covering it). Applying project_out per window, not per cell, is the same sum.
+void cell_mats(const Tensor& gram, const Tensor& sq, const Tensor& to_windows, const Tensor& to_cells,
+               const Tensor& tau, const Tensor& proj, int64_t heads, Tensor mats) {
+  const int64_t C = gram.size(-1), Cp = (C + 15) / 16 * 16;
+  const int64_t nw = to_windows.size(0), ncell = to_windows.size(1);
+  TORCH_CHECK(gram.scalar_type() == at::kFloat && gram.is_contiguous() && gram.numel() % (ncell * C * C) == 0,
+              "gram: (images, ny, nx, C, C) float32");
+  const int64_t images = gram.numel() / (ncell * C * C);
+  TORCH_CHECK(sq.scalar_type() == at::kFloat && sq.is_contiguous() && sq.numel() == images * ncell * 2 * C,
+              "sq: (images, ny, nx, 2C) float32");
+  TORCH_CHECK(to_windows.scalar_type() == at::kDouble && to_windows.is_contiguous() &&
+              to_cells.scalar_type() == at::kDouble && to_cells.is_contiguous() && to_cells.size(0) == ncell &&
+              to_cells.size(1) == nw, "cover matrices: float64 (windows, cells) and (cells, windows)");
+  TORCH_CHECK(tau.scalar_type() == at::kDouble && tau.is_contiguous() && tau.numel() == C &&
+              proj.scalar_type() == at::kDouble && proj.is_contiguous() && proj.numel() == C * C,
+              "tau (C) and proj (C, C): float64");
+  TORCH_CHECK(heads >= 1 && C % heads == 0, "cell_mats: C must split into the heads");
+  TORCH_CHECK(mats.scalar_type() == at::kFloat && mats.is_contiguous() && mats.numel() == images * ncell * C * Cp,
+              "mats: (images, ny, nx, C, Cp) float32");
+  const double *tw = to_windows.const_data_ptr<double>(), *tc = to_cells.const_data_ptr<double>();
+  const double *tp = tau.const_data_ptr<double>(), *pp = proj.const_data_ptr<double>();
+  const float *gp = gram.const_data_ptr<float>(), *sp = sq.const_data_ptr<float>();
+  float* mp = mats.data_ptr<float>();
+  const int64_t ch = C / heads;
+  std::vector<double> proj_t(C * C);  // proj_t[i][r] = proj[r][i]: B_w^T rows are sums of its rows
+  for (int64_t r = 0; r < C; ++r)
+    for (int64_t i = 0; i < C; ++i) proj_t[i * C + r] = pp[r * C + i];
+  std::vector<double> bt(nw * C * C);  // B_w^T per window, of the image at hand
+  for (int64_t img = 0; img < images; ++img) {
+    const float* g_img = gp + img * ncell * C * C;
+    const float* s_img = sp + img * ncell * 2 * C;
+    at::parallel_for(0, nw, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> gw(C * C), norm(2 * C);
+      for (int64_t w = begin; w < end; ++w) {
+        std::fill(gw.begin(), gw.end(), 0.0);
+        std::fill(norm.begin(), norm.end(), 0.0);
+        for (int64_t cell = 0; cell < ncell; ++cell) {
+          const double f = tw[w * ncell + cell];
+          if (f == 0.0) continue;
+          const float* gc = g_img + cell * C * C;
+          for (int64_t i = 0; i < C; ++i) {
+            const int64_t j0 = i / ch * ch;
+            for (int64_t j = j0; j < j0 + ch; ++j) gw[i * C + j] += f * gc[i * C + j];
+          }
+          for (int64_t j = 0; j < 2 * C; ++j) norm[j] += f * s_img[cell * 2 * C + j];
+        }
+        for (auto& v : norm) v = std::max(std::sqrt(v), 1e-12);
+        double* b = bt.data() + w * C * C;  // b[j][r] = sum over i of A[i][j] proj[r][i]
+        std::fill(b, b + C * C, 0.0);
+        for (int64_t j = 0; j < C; ++j) {
+          const int64_t i0 = j / ch * ch;
+          for (int64_t i = i0; i < i0 + ch; ++i) {
+            const double a = std::max(gw[i * C + j] / (norm[i] * norm[C + j]) * tp[i], 0.0);
+            if (a == 0.0) continue;
+            const double* pr = proj_t.data() + i * C;
+            for (int64_t r = 0; r < C; ++r) b[j * C + r] += a * pr[r];
+          }
+        }
+      }
+    });
+    at::parallel_for(0, ncell, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> m(C * C);
+      for (int64_t cell = begin; cell < end; ++cell) {
+        std::fill(m.begin(), m.end(), 0.0);
+        for (int64_t w = 0; w < nw; ++w) {
+          const double f = tc[cell * nw + w];
+          if (f == 0.0) continue;
+          const double* b = bt.data() + w * C * C;
+          for (int64_t k = 0; k < C * C; ++k) m[k] += f * b[k];
+        }
+        float* dst = mp + (img * ncell + cell) * C * Cp;
+        for (int64_t j = 0; j < C; ++j) {
+          for (int64_t r = 0; r < C; ++r) dst[j * Cp + r] = static_cast<float>(m[j * C + r]);
+          for (int64_t r = C; r < Cp; ++r) dst[j * Cp + r] = 0.0f;
+        }
+      }
+    });
   }
 }
 
@@ -1461,7 +1604,9 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("rcca_combine(Tensor z, Tensor t, Tensor g, Tensor sigma, Tensor w, int images, Tensor? ln_weight=None, "
         "Tensor? ln_bias=None, Tensor? ln_out=None) -> ()", rcca_combine);
   m.def("mvsa_tail", mvsa_tail);
-  m.def("cell_gram", cell_gram);
+  m.def("cell_gram(Tensor qk, int images, int H, int W, int C, Tensor row_seg, Tensor col_seg, int ny, int nx, "
+        "Tensor gram, Tensor sq, int heads=1) -> ()", cell_gram);
+  m.def("cell_mats", cell_mats);
   m.def("cell_apply(Tensor v, Tensor z, Tensor mats, int images, int H, int W, Tensor row_seg, Tensor col_seg, "
         "int ny, int nx, Tensor out, Tensor? ln_weight=None, Tensor? ln_bias=None, Tensor? ln_out=None, "
         "Tensor? residual=None) -> ()", cell_apply);

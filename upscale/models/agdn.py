@@ -687,10 +687,9 @@ def _attention_core(bw: dict, attn: SparseAttention, qkv: torch.Tensor, z: torch
         flat = qkv.view(p, 3 * c)
         gram = qkv.new_empty(n, len(ry), len(cx), c, c)
         sq = qkv.new_empty(n, len(ry), len(cx), 2 * c)
-        ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq)
-        mats = qkv.new_zeros(n, len(ry), len(cx), c, -(-c // _LANES) * _LANES)
-        for i in range(n):
-            mats[i, ..., :c] = _cell_matrices(bw, gram[i], sq[i], to_windows, to_cells)
+        ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, HEADS)
+        mats = qkv.new_empty(n, len(ry), len(cx), c, -(-c // _LANES) * _LANES)
+        ops.cell_mats(gram, sq, to_windows, to_cells, bw["tau"], bw["proj"], HEADS, mats)  # `_cell_matrices`
         extra = () if ln4_and_residual is None else (bw["ln4_w"], bw["ln4_b"], *ln4_and_residual)
         ops.cell_apply(flat[:, 2 * c :], z, mats, n, h, w, row_seg, col_seg, len(ry), len(cx), out.view(p, c), *extra)
         return out.view(p, c)
