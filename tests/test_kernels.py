@@ -334,3 +334,13 @@ def test_rcca_local_weight_matches_box_statistics(agdn_x4, n, h, w):
     finally:
         torch.set_num_threads(previous)
     _close(got, want, rel=2e-6)
+
+
+@pytest.mark.parametrize("n,h,w,c,s", [(1, 7, 9, 3, 4), (2, 5, 6, 3, 2), (1, 4, 3, 3, 3), (1, 1, 1, 2, 4)])
+def test_pixel_shuffle_from_channels_last_rows(n, h, w, c, s):
+    """The upsampler's PixelShuffle read from (pixels, C*s*s) rows equals F.pixel_shuffle on the NCHW map."""
+    g = torch.Generator().manual_seed(h * w * s)
+    x = torch.randn(n, c * s * s, h, w, generator=g)
+    out = torch.full((n, c, h * s, w * s), float("nan"))
+    ops.pixel_shuffle(x.permute(0, 2, 3, 1).contiguous().view(-1, c * s * s), n, h, w, s, out)
+    assert torch.equal(out, F.pixel_shuffle(x, s))

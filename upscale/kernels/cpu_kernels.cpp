@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <cmath>
@@ -1590,6 +1591,34 @@ void mvsa_coarse(const Tensor& s2, int64_t images, int64_t H, int64_t W, const T
   });
 }
 
+// PixelShuffle from a channels-last map: x (images*H*W pixels, C*s*s channels; channel k*s*s + i*s + j) ->
+// out (images, C, H*s, W*s) contiguous, out[k, y*s + i, x*s + j] = x[pixel (y, x), k*s*s + i*s + j]. The
+// upsampler's last step: eager PyTorch's 6-D strided copy moved 4-float runs at ~5 GB/s (0.7-1.5 ms of a
+// 128 x 128 x4 forward); here each output row is a sequence of s-float copies, parallel over output rows.
+void pixel_shuffle(const Tensor& x, int64_t images, int64_t H, int64_t W, int64_t s, Tensor out) {
+  check_map(x, "x");
+  TORCH_CHECK(s >= 1 && x.size(1) % (s * s) == 0 && x.size(0) == images * H * W, "x: (pixels, C*s*s)");
+  const int64_t C = x.size(1) / (s * s), ldx = x.stride(0);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == images * C * H * s * W * s,
+              "out: (images, C, H*s, W*s) float32");
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t Wo = W * s;
+  at::parallel_for(0, images * C * H * s, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {  // r = ((img * C + k) * H + y) * s + i
+      const int64_t i = r % s, y = (r / s) % H, k = (r / (s * H)) % C, img = r / (s * H * C);
+      const float* src = xp + (img * H + y) * W * ldx + (k * s + i) * s;
+      float* dst = op + r * Wo;
+      if (s == 4) {
+        for (int64_t xx = 0; xx < W; ++xx) std::memcpy(dst + 4 * xx, src + xx * ldx, 4 * sizeof(float));
+      } else {
+        for (int64_t xx = 0; xx < W; ++xx)
+          for (int64_t j = 0; j < s; ++j) dst[xx * s + j] = src[xx * ldx + j];
+      }
+    }
+  });
+}
+
 // Which vector code this build runs: AVX512 (own GEMM, depthwise sweep and GELU), AVX2 or DEFAULT (ATen's
 // vector types, BLAS's sgemm)
 std::string capability() {
@@ -1627,4 +1656,5 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "int ny, int nx, Tensor out, Tensor? ln_weight=None, Tensor? ln_bias=None, Tensor? ln_out=None, "
         "Tensor? residual=None) -> ()", cell_apply);
   m.def("mvsa_coarse", mvsa_coarse);
+  m.def("pixel_shuffle", pixel_shuffle);
 }

@@ -900,7 +900,11 @@ def _kernel_forward(model: "AGDN", ops, x: torch.Tensor, placement: Placement | 
     ops.gemm(acc, kw["c2_wt"], pw, False)
     ops.dwconv3x3(pw, n, h, w, kw["c2_dw"], kw["c2_dwb"], 1, True, f0, 0, 0, t)
     up = model.upsampler[0]
-    return model.upsampler[1](F.conv2d(_nhwc(t, n, h, w), up.weight, kw["up_b"], padding=up.padding))
+    y = F.conv2d(_nhwc(t, n, h, w), up.weight, kw["up_b"], padding=up.padding)  # channels-last like its input
+    s = model.scale
+    out = y.new_empty(n, y.shape[1] // (s * s), h * s, w * s)
+    ops.pixel_shuffle(_rows(y).contiguous(), n, h, w, s, out)  # contiguous: no copy for channels-last y
+    return out
 
 
 def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w: int,
