@@ -202,6 +202,26 @@ def test_fast_path_batch_and_new_weights():
         _close(second, other(x, fast=False), 1e-5, 2e-6, "after load_state_dict")
 
 
+def test_fast_path_sees_weights_edited_in_place_or_replaced():
+    """The folded weights are cached between calls; an in-place edit of a parameter or a new Parameter object
+    on a submodule must rebuild them (the fast path then still equals the straight one)."""
+    entry = registry.resolve("agdn", 2)
+    torch.manual_seed(3)
+    model = ARCH.build("agdn", 2, entry.hparams)
+    x = _random_smooth(24, 20, 5)
+    with torch.no_grad():
+        first = model(x)
+        model.B3.c5.weight.mul_(1.5)  # in place: the version counter moves
+        edited = model(x)
+        assert not torch.allclose(first, edited)
+        _close(edited, model(x, fast=False), 1e-5, 2e-6, "after an in-place edit")
+        model.B5.ea.restormer_attn.project_out.weight = torch.nn.Parameter(
+            -model.B5.ea.restormer_attn.project_out.weight.detach().clone())
+        replaced = model(x)
+        assert not torch.allclose(edited, replaced)
+        _close(replaced, model(x, fast=False), 1e-5, 2e-6, "after replacing a Parameter")
+
+
 def test_straight_path_where_the_fast_path_does_not_apply(agdn_models):
     model = agdn_models[2]
     x = _photo(20, 24)

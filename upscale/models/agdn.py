@@ -341,6 +341,7 @@ class AGDN(nn.Module):
         self.use_kernels = True
         self._fast_cache: tuple | None = None  # folded weights, rebuilt when a parameter changes
         self._workspace: _Workspace | None = None  # the fused-kernel path's scratch for the last input size
+        self._module_list: list | None = None  # every submodule, for `_fast_weights`' cache key
         self.register_load_state_dict_post_hook(_clear_fast_cache)
 
     def bytes_per_pixel(self, device: torch.device, dtype: torch.dtype) -> int | None:
@@ -403,6 +404,7 @@ def _autocast_on(device_type: str) -> bool:
 
 def _clear_fast_cache(module, incompatible_keys) -> None:
     module._fast_cache = None
+    module._module_list = None
 
 
 # ----------------------------------------------------------------------------------------------- fast path
@@ -538,8 +540,12 @@ def _fast_weights(model: "AGDN", x: torch.Tensor) -> dict:
     """Folded weights, cached until a parameter changes (in place, by loading, or by moving the model)."""
     # inference tensors (a model built under inference_mode) track no version; loading a state dict into the
     # model also clears the cache (hook in AGDN.__init__)
+    # (the submodule list is kept between calls: `parameters()` walks the module tree, ~1 ms a forward; the
+    # parameters are still read from each module, so a replaced Parameter is seen)
+    if model._module_list is None:
+        model._module_list = list(model.modules())
     key = (x.device, x.dtype, tuple((p.data_ptr(), -1 if p.is_inference() else p._version)
-                                    for p in model.parameters()))
+                                    for m in model._module_list for p in m._parameters.values() if p is not None))
     cache = model._fast_cache
     if cache is not None and cache[0] == key:
         return cache[1]
