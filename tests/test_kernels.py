@@ -266,25 +266,27 @@ def test_dwconv_side_job_in_the_same_pass():
     assert distilled[:, :21].abs().max() == 0 and distilled[:, 42:].abs().max() == 0
 
 
-def test_fused_layer_norms_and_residual():
-    """rcca_combine and cell_apply can also write the next LayerNorm of their result (and add a residual)."""
+@pytest.mark.parametrize("p,c", [(64, 42), (67, 42), (5, 24), (259, 16), (30, 70)])
+def test_fused_layer_norms_and_residual(p, c):
+    """rcca_combine and cell_apply can also write the next LayerNorm of their result (and add a residual);
+    pixel counts that leave a partial group of four, channel counts of 1-4 vectors and more."""
     g = torch.Generator().manual_seed(5)
-    p, c = 64, 42
     z, t, gv = torch.randn(p, c, generator=g), torch.randn(p, c, generator=g), torch.randn(p, generator=g)
     sigma, wgt = torch.randn(c, generator=g), torch.randn(1, c, generator=g)
     lw, lb = torch.randn(c, generator=g), torch.randn(c, generator=g)
-    y = torch.empty(p, c)
+    y = torch.full((p, c), float("nan"))
     want = z + t * (sigma + wgt) - sigma * gv[:, None]
     ops.rcca_combine(z, t, gv, sigma, wgt, 1, lw, lb, y)
     _close(z, want, rel=5e-6)
     _close(y, F.layer_norm(want, (c,), lw, lb, 1e-5), rel=5e-6)
-    h, w = 8, 8
+    h, w = 1, p
     v, u = torch.randn(p, c, generator=g), torch.randn(p, c, generator=g)
-    mats = torch.zeros(1, 1, 1, c, 48)
+    mats = torch.zeros(1, 1, 1, c, -(-c // 16) * 16)
     mats[..., :c] = torch.randn(c, c, generator=g)
-    seg = torch.zeros(8, dtype=torch.long)
     out = torch.empty(p, c)
-    ops.cell_apply(v, z, mats, 1, h, w, seg, seg, 1, 1, out, lw, lb, y, u)
+    y = torch.full((p, c), float("nan"))
+    ops.cell_apply(v, z, mats, 1, h, w, torch.zeros(h, dtype=torch.long), torch.zeros(w, dtype=torch.long), 1, 1,
+                   out, lw, lb, y, u)
     attn = z + v @ mats[0, 0, 0, :, :c]
     _close(y, F.layer_norm(attn, (c,), lw, lb, 1e-5), rel=5e-6)
     _close(out, attn + u, rel=5e-6)
