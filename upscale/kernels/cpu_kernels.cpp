@@ -1296,16 +1296,16 @@ void gram_rows(const float* base, int64_t ld, int64_t H, int64_t W, int64_t C, i
       float* sq_q = g + C * Cp;
       float* sq_k = sq_q + Cp;
       for (int64_t j = 0; j < nv; ++j) {
-        const int64_t n = std::min(kLanes, C - j * kLanes);
-        Vec aq(0.0f), ak(0.0f);
+        const LaneMask mask = lane_mask(C - j * kLanes);
+        Vec aq[2] = {Vec(0.0f), Vec(0.0f)}, ak[2] = {Vec(0.0f), Vec(0.0f)};  // two chains each: FMA latency
         const float* px = p + j * kLanes;
         for (int64_t x = 0; x < count; ++x, px += ld) {
-          const Vec qv = load(px, n), kv = load(px + C, n);
-          aq = at::vec::fmadd(qv, qv, aq);
-          ak = at::vec::fmadd(kv, kv, ak);
+          const Vec qv = load_lanes(px, mask), kv = load_lanes(px + C, mask);
+          aq[x & 1] = at::vec::fmadd(qv, qv, aq[x & 1]);
+          ak[x & 1] = at::vec::fmadd(kv, kv, ak[x & 1]);
         }
-        (Vec::loadu(sq_q + j * kLanes) + aq).store(sq_q + j * kLanes);
-        (Vec::loadu(sq_k + j * kLanes) + ak).store(sq_k + j * kLanes);
+        (Vec::loadu(sq_q + j * kLanes) + (aq[0] + aq[1])).store(sq_q + j * kLanes);
+        (Vec::loadu(sq_k + j * kLanes) + (ak[0] + ak[1])).store(sq_k + j * kLanes);
       }
     });
   }
@@ -1332,23 +1332,30 @@ void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C
   const float* base = qk.const_data_ptr<float>();
   const int64_t ld = qk.stride(0);
   const int threads = at::get_num_threads();
-  std::vector<float> partial(static_cast<size_t>(threads) * cells * cell_size, 0.0f);
+  // kept between calls (per calling thread): a fresh buffer of this size is a new mapping from the OS on
+  // every call, page-faulted in 4 KiB at a time
+  thread_local std::vector<float> partial_buffer;
+  const size_t need = static_cast<size_t>(threads) * cells * cell_size;
+  if (partial_buffer.size() < need) partial_buffer.resize(need);
+  float* const partial = partial_buffer.data();  // (the worker threads must not name the thread_local)
+  std::fill_n(partial, need, 0.0f);
   at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
-    float* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * cells * cell_size;
+    float* mine = partial + static_cast<size_t>(at::get_thread_num()) * cells * cell_size;
     gram_rows(base, ld, H, W, C, Cp, heads, rs, cs, ny, nx, cell_size, mine, begin, end);
   });
   float* gp = gram.data_ptr<float>();
   float* sp = sq.data_ptr<float>();
   const int64_t ch = C / heads;
   for (int64_t cell = 0; cell < cells; ++cell) {
-    for (int64_t i = 0; i < C; ++i)
-      for (int64_t j = 0; j < C; ++j) {
-        float total = 0.0f;
-        if (i / ch == j / ch)
-          for (int t = 0; t < threads; ++t)
-            total += partial[(static_cast<size_t>(t) * cells + cell) * cell_size + i * Cp + j];
-        gp[(cell * C + i) * C + j] = total;
+    for (int64_t i = 0; i < C; ++i) {
+      float* dst = gp + (cell * C + i) * C;
+      std::fill_n(dst, C, 0.0f);
+      const int64_t j0 = i / ch * ch;  // the head's block; zeros elsewhere
+      for (int t = 0; t < threads; ++t) {
+        const float* src = partial + (static_cast<size_t>(t) * cells + cell) * cell_size + i * Cp;
+        for (int64_t j = j0; j < j0 + ch; ++j) dst[j] += src[j];
       }
+    }
     for (int64_t j = 0; j < 2 * C; ++j) {
       const int64_t off = C * Cp + (j < C ? j : Cp + j - C);
       float total = 0.0f;
