@@ -1640,11 +1640,12 @@ void mvsa_coarse(const Tensor& s2, int64_t images, int64_t H, int64_t W, const T
   // one task per (image, branch, channel): the windows are the work
   at::parallel_for(0, images * 2 * f, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t img = task / (2 * f), branch = (task / f) % 2, c = task % f;
+      // branches alternate (k = 7 windows cost twice k = 5 ones; the threads take equal runs of tasks)
+      const int64_t img = task / (2 * f), branch = task % 2, c = (task / 2) % f;
       const int64_t k = branch == 0 ? 5 : 7, oh_b = oh[branch], ow_b = ow[branch];
       const int64_t pool_c = branch == 0 ? 0 : f, var_c = branch == 0 ? 3 * f : 2 * f;
       const float* base = sp + img * H * W * ld;
-      float* a = pooled.data() + task * plane;
+      float* a = pooled.data() + ((img * 2 + branch) * f + c) * plane;
       // the two channels as contiguous planes with a border of 1: -inf around the pooled one (max-pool
       // padding), mirrored around the variance one (reflect padding)
       const int64_t PW = W + 2;
@@ -1707,7 +1708,10 @@ void mvsa_coarse(const Tensor& s2, int64_t images, int64_t H, int64_t W, const T
         std::copy_n(pooled.data() + (task * f + c) * plane, oh_b * ow_b, a.data() + c * oh_b * ow_b);
       const float* wb = wp + branch * 2 * per_conv;
       bsconv_small(a.data(), b.data(), f, oh_b, ow_b, wb);
-      for (auto& v : b) v = 0.5f * v * (1.0f + std::erf(v * static_cast<float>(M_SQRT1_2)));
+      for (size_t i = 0; i < b.size(); i += kLanes) {  // the kernels' GELU (the scalar erf cost as much as a BSConv)
+        const int64_t n = std::min<int64_t>(kLanes, b.size() - i);
+        store(gelu(load(b.data() + i, n)), b.data() + i, n);
+      }
       Tensor& g = branch == 0 ? g1 : g2;
       bsconv_small(b.data(), g.data_ptr<float>() + img * f * oh_b * ow_b, f, oh_b, ow_b, wb + per_conv);
     }
