@@ -346,3 +346,40 @@ def test_pixel_shuffle_from_channels_last_rows(n, h, w, c, s):
     out = torch.full((n, c, h * s, w * s), float("nan"))
     ops.pixel_shuffle(x.permute(0, 2, 3, 1).contiguous().view(-1, c * s * s), n, h, w, s, out)
     assert torch.equal(out, F.pixel_shuffle(x, s))
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_row_sharing_gives_every_row_once_at_any_thread_count(threads):
+    """The kernels share rows between threads at run time (a thread that finishes early takes rows from the end
+    of another's share); every row must be computed exactly once whatever the thread count: the per-row ops
+    give bit-identical results, the grams (per-thread partial sums) the same up to rounding."""
+    g = torch.Generator().manual_seed(threads)
+    n, h, w, c = 2, 23, 17, 42
+    x, wpw = torch.randn(n * h * w, c, generator=g), torch.randn(c, 64, generator=g)
+    weight, bias = A._taps(torch.randn(c, 1, 3, 3, generator=g)), torch.randn(c, generator=g)
+    res = torch.randn(n * h * w, c, generator=g)
+    ry, row_seg, cx, col_seg, _, _ = A._cell_layout(8, h, w, None)
+    qk = torch.randn(n * h * w, 2 * c, generator=g)
+
+    def run():
+        pw, dw = torch.full((n * h * w, c), float("nan")), torch.full((n * h * w, c), float("nan"))
+        mm = torch.ones(n * h * w, 50)  # accumulated into: a row done twice would show
+        ops.pw_dwconv(x, n, h, w, wpw, 21, weight, bias, True, res, 1, 0, pw)
+        ops.dwconv3x3(x, n, h, w, weight, bias, 1, False, res, 1, 0, dw)
+        ops.gemm(x, wpw, mm, True)
+        gram, sq = torch.empty(n, len(ry), len(cx), c, c), torch.empty(n, len(ry), len(cx), 2 * c)
+        ops.cell_gram(qk, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, A.HEADS)
+        return pw, dw, mm, gram, sq
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = run()
+        torch.set_num_threads(threads)
+        got = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, b, what in zip(got[:3], want[:3], ("pw_dwconv", "dwconv3x3", "gemm")):
+        assert torch.equal(a, b), what
+    _close(got[3], want[3], rel=1e-6, what="gram")
+    _close(got[4], want[4], rel=1e-6, what="squared norms")

@@ -30,6 +30,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -172,6 +174,51 @@ void check_map(const Tensor& t, const char* name) {
 
 const float* opt_ptr(const std::optional<Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr<float>() : nullptr;
+}
+
+// Rows [0, n) over the threads, balanced at run time: each thread takes its own contiguous share in ascending
+// order, then helps the others from the far end of theirs, descending (so a worker that keeps neighbouring
+// rows, like pw_dwconv's ring of GEMM rows, still computes each row once). With a static split, a core slowed
+// by anything else on the machine held the other at the end of every op. make_worker() is called once per
+// thread, inside the parallel region, and returns that thread's fn(row).
+template <class MakeWorker>
+void parallel_rows(int64_t n, MakeWorker&& make_worker) {
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n));
+  if (threads <= 1) {
+    auto work = make_worker();
+    for (int64_t r = 0; r < n; ++r) work(r);
+    return;
+  }
+  // share i: [front, back) packed into one word (front high, back low), claimed by compare-and-swap
+  std::unique_ptr<std::atomic<uint64_t>[]> shares(new std::atomic<uint64_t>[threads]);
+  for (int i = 0; i < threads; ++i)
+    shares[i].store((static_cast<uint64_t>(n * i / threads) << 32) | static_cast<uint64_t>(n * (i + 1) / threads));
+  TORCH_CHECK(n < (int64_t(1) << 31), "parallel_rows: too many rows");
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    auto work = make_worker();
+    for (int64_t me = first; me < last; ++me) {
+      for (;;) {  // own share, from the front
+        uint64_t v = shares[me].load();
+        const int64_t f = static_cast<int64_t>(v >> 32), b = static_cast<int64_t>(v & 0xFFFFFFFFu);
+        if (f >= b) break;
+        if (shares[me].compare_exchange_weak(v, (static_cast<uint64_t>(f + 1) << 32) | static_cast<uint64_t>(b))) work(f);
+      }
+      for (;;) {  // then the largest remainder of the others, from the back
+        int victim = -1;
+        int64_t most = 0;
+        for (int i = 0; i < threads; ++i) {
+          const uint64_t v = shares[i].load();
+          const int64_t left = static_cast<int64_t>(v & 0xFFFFFFFFu) - static_cast<int64_t>(v >> 32);
+          if (left > most) most = left, victim = i;
+        }
+        if (victim < 0) break;
+        uint64_t v = shares[victim].load();
+        const int64_t f = static_cast<int64_t>(v >> 32), b = static_cast<int64_t>(v & 0xFFFFFFFFu);
+        if (f < b && shares[victim].compare_exchange_weak(v, (static_cast<uint64_t>(f) << 32) | static_cast<uint64_t>(b - 1)))
+          work(b - 1);
+      }
+    }
+  });
 }
 
 // Source index of tap k (0..2) for output o along an axis of n pixels; -1 marks zero padding.
@@ -601,11 +648,13 @@ void gemm(const Tensor& x, const Tensor& w, Tensor out, bool accumulate) {
   const float* wp = w.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldo = out.stride(0), K = x.size(1), Cm = w.size(1), C = out.size(1);
-  at::parallel_for(0, x.size(0), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; p += 256) {
-      const int64_t n = std::min<int64_t>(256, end - p);
+  constexpr int64_t kRows = 128;  // pixels per unit of work
+  const int64_t P = x.size(0);
+  parallel_rows((P + kRows - 1) / kRows, [&] {
+    return [&](int64_t r) {
+      const int64_t p = r * kRows, n = std::min(kRows, P - p);
       gemm_block(xp + p * ldx, ldx, n, wp, Cm, K, op + p * ldo, ldo, C, accumulate);
-    }
+    };
   });
 }
 
@@ -638,20 +687,24 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   const float* wp = wpw.const_data_ptr<float>();
   const int64_t ldx = x.stride(0);
   TORCH_CHECK(Cm < (1 << 30) && W < (1 << 30) && ldx < (1 << 30), "too large for BLAS int");
-  at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ring(3 * W * Cm + kLanes, 0.0f);
-    const std::vector<float> zero_row((W + 2) * Cm + kLanes, 0.0f);
-    int64_t held[3] = {-1, -1, -1};  // which image row each ring slot holds
-    auto row_of = [&](int64_t img, int64_t iy) -> const float* {
+  struct Ring {  // a thread's three rows of y
+    std::vector<float> rows, zero_row;
+    int64_t held[3] = {-1, -1, -1};  // which image row each slot holds
+  };
+  parallel_rows(images * H, [&] {
+    auto ring = std::make_shared<Ring>();
+    ring->rows.assign(3 * W * Cm + kLanes, 0.0f);
+    ring->zero_row.assign((W + 2) * Cm + kLanes, 0.0f);
+    auto row_of = [&, ring](int64_t img, int64_t iy) -> const float* {
       const int64_t key = img * H + iy, slot = iy % 3;
-      float* dst = ring.data() + slot * W * Cm;
-      if (held[slot] != key) {  // y row = x row (W x Cin) @ wpw (Cin x Cm)
+      float* dst = ring->rows.data() + slot * W * Cm;
+      if (ring->held[slot] != key) {  // y row = x row (W x Cin) @ wpw (Cin x Cm)
         gemm_block(xp + key * W * ldx, ldx, W, wp, Cm, Cin, dst, Cm, Cm, false);
-        held[slot] = key;
+        ring->held[slot] = key;
       }
       return dst;
     };
-    for (int64_t row = begin; row < end; ++row) {
+    return [&, ring, row_of](int64_t row) {
       const int64_t img = row / H, oy = row % H;
       const float* src[3];
       for (int k = 0; k < 3; ++k) {
@@ -659,17 +712,17 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
         src[k] = iy < 0 ? nullptr : row_of(img, iy) + conv_off;
       }
       DwArgs args = base;
-      args.zero_row = zero_row.data();
+      args.zero_row = ring->zero_row.data();
       args.side = row_of(img, oy);  // columns [0, side_c) of this row of y
       args.side_base = row * W;
 #if defined(CPU_CAPABILITY_AVX512)
       dw_row_s1(args, src, row);
-      continue;
-#endif
+#else
       int64_t ox = 0;
       for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, row, ox);
       for (; ox < W; ++ox) dw_pixels<1>(args, src, row, ox);
-    }
+#endif
+    };
   });
 }
 
@@ -714,7 +767,7 @@ void dwconv3x3(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   const std::vector<float> zero_row((W + 2) * ldx + kLanes, 0.0f);  // stands in for zero-padded rows
   const DwArgs args{xp, wp, b, res, op, side, side_b, side_o, zero_row.data(), H, W, Ho, Wo, C, G, CS, ldx, ldw, ldr,
                     ldo, lds, ldso, stride, act, mode, reflect};
-  at::parallel_for(0, images * Ho, 1, [&](int64_t begin, int64_t end) { dw_rows(args, begin, end); });
+  parallel_rows(images * Ho, [&] { return [&](int64_t row) { dw_rows(args, row, row + 1); }; });
 }
 
 // LayerNorm over the C channels of one pixel held in vectors v[0..nv) (lanes beyond C are zero), written
@@ -1067,7 +1120,9 @@ void rcca_combine(Tensor z, const Tensor& t, const Tensor& g, const Tensor& sigm
   if (lw && nv <= 4) {  // four pixels at a time, for the vectorised LayerNorm (AGDN: 3 vectors, AGDN-S: 2)
     auto run = [&](auto nv_const) {
       constexpr int NV = decltype(nv_const)::value;
-      at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+      constexpr int64_t kRows = 256;  // pixels per unit of work
+      parallel_rows((P + kRows - 1) / kRows, [&] { return [&](int64_t r) {
+        const int64_t begin = r * kRows, end = std::min(P, begin + kRows);
         for (int64_t p = begin; p < end; p += 4) {
           const int count = static_cast<int>(std::min<int64_t>(4, end - p));
           Vec row[4][NV];
@@ -1082,7 +1137,7 @@ void rcca_combine(Tensor z, const Tensor& t, const Tensor& g, const Tensor& sigm
           }
           layer_norm_4<NV>(row, count, C, lw, lb, 1e-5, lo + p * ldl, ldl);
         }
-      });
+      }; });
     };
     if (nv == 1) run(std::integral_constant<int, 1>{});
     else if (nv == 2) run(std::integral_constant<int, 2>{});
@@ -1163,10 +1218,10 @@ void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf,
     auto run = [&](auto nv_const) {
       constexpr int NV = decltype(nv_const)::value;
       const __mmask16 last = lane_mask(C - (NV - 1) * kLanes);
-      at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> srow_buffer((W + 3) * kLanes, 0.0f);  // + 3: a last group of four reads past W
-        float* srow = srow_buffer.data();
-        for (int64_t row = begin; row < end; ++row) {
+      parallel_rows(images * H, [&] {
+        auto srow_buffer = std::make_shared<std::vector<float>>((W + 3) * kLanes, 0.0f);  // + 3: a last group of four reads past W
+        return [&, srow_buffer](int64_t row) {
+          float* srow = srow_buffer->data();
           const int64_t img = row / H, y = row % H;
           for (int64_t x = 0; x < W; ++x) sample(img, y, x, row * W + x, srow + x * kLanes);
           for (int64_t x = 0; x < W; x += 4) {
@@ -1200,7 +1255,7 @@ void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf,
               }
             }
           }
-        }
+        };
       });
     };
     if (nvz == 2) run(std::integral_constant<int, 2>{});
@@ -1362,9 +1417,9 @@ void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C
   if (partial_buffer.size() < need) partial_buffer.resize(need);
   float* const partial = partial_buffer.data();  // (the worker threads must not name the thread_local)
   std::fill_n(partial, need, 0.0f);
-  at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
+  parallel_rows(images * H, [&] {
     float* mine = partial + static_cast<size_t>(at::get_thread_num()) * cells * cell_size;
-    gram_rows(base, ld, H, W, C, Cp, heads, rs, cs, ny, nx, cell_size, mine, begin, end);
+    return [&, mine](int64_t row) { gram_rows(base, ld, H, W, C, Cp, heads, rs, cs, ny, nx, cell_size, mine, row, row + 1); };
   });
   float* gp = gram.data_ptr<float>();
   float* sp = sq.data_ptr<float>();
@@ -1569,7 +1624,7 @@ void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t im
   const ApplyArgs args{vp, zp, mp, op, rs, cs, lw, lb, lo, rp, H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr};
   auto run = [&](auto nv_const) {
     constexpr int NV = decltype(nv_const)::value;
-    at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) { apply_rows<NV>(args, begin, end); });
+    parallel_rows(images * H, [&] { return [&](int64_t row) { apply_rows<NV>(args, row, row + 1); }; });
   };
   if (nv == 2) run(std::integral_constant<int, 2>{});
   else if (nv == 3) run(std::integral_constant<int, 3>{});
