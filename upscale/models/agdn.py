@@ -797,9 +797,12 @@ def _segments(spans: list[tuple[int, int]], n: int, device) -> tuple[list[tuple[
 # - RCCA's mean and std come from shifted sums in float64, computed in the pass that makes GELU(decompose(t));
 #   LN3 is computed in RCCA's last pass, LN4 and the block residual in the attention's last pass;
 # - MVSA's whole coarse branch is one call (`mvsa_coarse`), its resize, conv4 and mask another (`mvsa_tail`);
-# - the RGB mean is added back through the upsampler conv's bias, not as a pass over the output.
+# - the attention's grams cover only the heads' diagonal blocks; the per-cell matrices (`_cell_matrices`, in
+#   float64) are one kernel call (`cell_mats`), with project_out applied per window instead of per cell;
+# - the RGB mean is added back through the upsampler conv's bias, not as a pass over the output, and the
+#   pixel shuffle reads the conv's channels-last output directly (`pixel_shuffle`).
 # Measured on this project's 2-core machines (AGDN x4, 128 x 128, `upscale bench`): eager fast path ~230 ms,
-# this path ~100 ms, the straight path ~450-500 ms.
+# this path ~80-90 ms, the straight path ~400-500 ms.
 
 _LANES = 16  # weights padded to whole vectors of the widest SIMD the kernels use (AVX-512: 16 floats)
 
