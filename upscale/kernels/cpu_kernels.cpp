@@ -1718,40 +1718,38 @@ void mvsa_coarse(const Tensor& s2, int64_t images, int64_t H, int64_t W, const T
       }
       std::copy_n(vrp.data() + (H > 1 ? 2 : 1) * PW, PW, vrp.data());  // mirrored rows
       std::copy_n(vrp.data() + (H > 1 ? H - 1 : 1) * PW, PW, vrp.data() + (H + 1) * PW);
-      // separable: window max and sums along each row first (every row, at the output columns), then down
-      // the columns; the variance from the sums of x and x^2 in float64
-      const int64_t PH = H + 2;
-      std::vector<float> row_max(PH * ow_b);
-      std::vector<double> row_s1(PH * ow_b), row_s2(PH * ow_b);
-      for (int64_t yy = 0; yy < PH; ++yy)
+      // separable: window max and sums down the columns first (for an output row, every padded column:
+      // contiguous, so the compiler vectorises it), then along the row at the output columns; the variance
+      // from the sums of x and x^2 in float64
+      std::vector<float> col_max(PW);
+      std::vector<double> col_s1(PW), col_s2(PW);
+      const double count = static_cast<double>(k * k);
+      for (int64_t y = 0; y < oh_b; ++y) {
+        std::fill(col_max.begin(), col_max.end(), -INFINITY);
+        std::fill(col_s1.begin(), col_s1.end(), 0.0);
+        std::fill(col_s2.begin(), col_s2.end(), 0.0);
+        for (int64_t dy = 0; dy < k; ++dy) {
+          const float* mrow = mxp.data() + (3 * y + dy) * PW;
+          const float* vrow = vrp.data() + (3 * y + dy) * PW;
+          for (int64_t xx = 0; xx < PW; ++xx) {
+            col_max[xx] = std::max(col_max[xx], mrow[xx]);
+            const double v = vrow[xx];
+            col_s1[xx] += v;
+            col_s2[xx] += v * v;
+          }
+        }
         for (int64_t x = 0; x < ow_b; ++x) {
-          const float* mrow = mxp.data() + yy * PW + 3 * x;
-          const float* vrow = vrp.data() + yy * PW + 3 * x;
           float mx = -INFINITY;
           double s1 = 0.0, s2 = 0.0;
           for (int64_t dx = 0; dx < k; ++dx) {
-            mx = std::max(mx, mrow[dx]);
-            s1 += vrow[dx];
-            s2 += static_cast<double>(vrow[dx]) * vrow[dx];
-          }
-          row_max[yy * ow_b + x] = mx;
-          row_s1[yy * ow_b + x] = s1;
-          row_s2[yy * ow_b + x] = s2;
-        }
-      const double count = static_cast<double>(k * k);
-      for (int64_t y = 0; y < oh_b; ++y)
-        for (int64_t x = 0; x < ow_b; ++x) {
-          float mx = -INFINITY;
-          double s1 = 0.0, s2 = 0.0;
-          for (int64_t dy = 0; dy < k; ++dy) {
-            const int64_t i = (3 * y + dy) * ow_b + x;
-            mx = std::max(mx, row_max[i]);
-            s1 += row_s1[i];
-            s2 += row_s2[i];
+            mx = std::max(mx, col_max[3 * x + dx]);
+            s1 += col_s1[3 * x + dx];
+            s2 += col_s2[3 * x + dx];
           }
           const double var = std::max(0.0, (s2 - s1 * s1 / count) / (count - 1));
           a[y * ow_b + x] = mx + static_cast<float>(var);
         }
+      }
     }
   });
   // then per (image, branch): BSConv, GELU, BSConv on the small maps
