@@ -423,8 +423,6 @@ ALWAYS_INLINE void dw_sweep(const float* const rows[3], int64_t ldx, int64_t W, 
 
 constexpr int64_t kBlock = 32;  // pixels per block of dw_row_s1
 
-ALWAYS_INLINE __mmask16 lanes_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
-
 // A whole output row of a stride-1 conv (stride 2 stays on `dw_pixels`), and the side job, one channel chunk
 // at a time. src[k]: input row of tap row k, nullptr for a zero-padded row.
 void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
@@ -437,7 +435,7 @@ void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
     const int64_t x1 = std::min(W, x0 + kBlock);
     if (a.mode == 0) {
       for (int64_t c = 0; c < a.C; c += kLanes) {
-        const __mmask16 m = lanes_mask(a.C - c);
+        const __mmask16 m = lane_mask(a.C - c);
         const __m512 bias = a.b ? _mm512_maskz_loadu_ps(m, a.b + c) : _mm512_setzero_ps();
         float* out = a.op + p0 * a.ldo + c;
         const int64_t ldo = a.ldo;
@@ -470,8 +468,8 @@ void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
       const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
       for (int64_t o = 0; o < a.G; o += kLanes) {
         const int64_t c = 2 * o;
-        const __mmask16 mo = lanes_mask(a.G - o), mlo = lanes_mask(a.C - c);
-        const __mmask16 mhi = c + kLanes < a.C ? lanes_mask(a.C - c - kLanes) : __mmask16(0);
+        const __mmask16 mo = lane_mask(a.G - o), mlo = lane_mask(a.C - c);
+        const __mmask16 mhi = c + kLanes < a.C ? lane_mask(a.C - c - kLanes) : __mmask16(0);
         if (mhi)
           dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c + kLanes, mhi,
                    [&](int64_t x, __m512 v) __attribute__((always_inline)) { _mm512_store_ps(held + (x - x0) * kLanes, v); });
@@ -491,7 +489,7 @@ void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
     } else {  // gate: out[c] = gelu(conv[c]) * conv[c + G]; the second half of each chunk pair goes first, to L1
       alignas(64) float held[kBlock * kLanes];
       for (int64_t c = 0; c < a.G; c += kLanes) {
-        const __mmask16 m = lanes_mask(a.G - c);
+        const __mmask16 m = lane_mask(a.G - c);
         dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, a.G + c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
           _mm512_store_ps(held + (x - x0) * kLanes, v);
         });
@@ -508,7 +506,7 @@ void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
       const float* in = a.side + (p0 + x - a.side_base) * a.lds;
       float* out = a.side_o + (p0 + x) * a.ldso;
       for (int64_t c = 0; c < a.CS; c += kLanes) {
-        const __mmask16 m = lanes_mask(a.CS - c);
+        const __mmask16 m = lane_mask(a.CS - c);
         __m512 v = _mm512_maskz_loadu_ps(m, in + c);
         if (a.side_b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, a.side_b + c));
         _mm512_mask_storeu_ps(out + c, m, gelu(Vec(v)));
