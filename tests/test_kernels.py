@@ -227,16 +227,37 @@ def test_disabled_kernels_fall_back_to_the_eager_path():
     assert done.stdout.startswith("True PyTorch ops (disabled by UPSCALE_CPU_KERNELS)")
 
 
-def test_a_cpu_without_avx512_takes_the_eager_path_without_building(tmp_path):
-    # built for AVX2, the generic loops do not cover MVSA's 10 coarse channels (more than one 8-float vector)
-    code = ("import numpy as np; from upscale import kernels; kernels._has_avx512 = lambda: False;"
+def test_a_cpu_without_avx2_takes_the_eager_path_without_building(tmp_path):
+    code = ("import numpy as np; from upscale import kernels; kernels._has_avx2 = lambda: False;"
             "from upscale.api import load_model, upscale_image; m = load_model('agdn', 2);"
             "out = upscale_image(m, (np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8));"
             "print(kernels.load() is None, kernels.status(), out.shape)")
     done = _run(code, UPSCALE_CACHE_DIR=str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("True PyTorch ops (the CPU has no AVX-512") and "(40, 48, 3)" in done.stdout
+    assert done.stdout.startswith("True PyTorch ops (the CPU has no AVX2") and "(40, 48, 3)" in done.stdout
     assert done.stderr == "" and not list((tmp_path / "kernels").rglob("*.so"))
+
+
+def test_the_build_targets_what_the_setting_and_the_cpu_say():
+    flags = kernels._cpu_flags()
+    if os.environ.get("UPSCALE_CPU_KERNELS", "").lower() == "avx2":
+        expected = "AVX2"
+    else:
+        expected = "AVX512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(flags) else "AVX2"
+    assert ops.capability() == expected
+
+
+@pytest.mark.skipif(os.environ.get("UPSCALE_CPU_KERNELS", "").lower() == "avx2", reason="this run is the AVX2 build")
+def test_the_avx2_build_matches_the_eager_path_too():
+    # CPUs without AVX-512 (most desktops and laptops) run the AVX2 code; build it here and run this file's op
+    # checks and the golden cases on it, in a child process (the build is cached like the native one)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "tests/test_kernels.py", "tests/test_agdn.py", "-k", "not avx2_build"],
+                          capture_output=True, text=True, cwd=REPO, timeout=1800,
+                          env={**os.environ, "UPSCALE_CPU_KERNELS": "avx2"})
+    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in tail and " failed" not in tail, tail
 
 
 def test_a_failed_build_falls_back_with_one_line(tmp_path):

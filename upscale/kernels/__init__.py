@@ -34,8 +34,17 @@ BUILD_TIMEOUT_S = 600
 _state: dict = {}
 
 
+def _setting() -> str:
+    return os.environ.get("UPSCALE_CPU_KERNELS", "1").strip().lower()
+
+
 def _disabled() -> bool:
-    return os.environ.get("UPSCALE_CPU_KERNELS", "1").strip().lower() in ("0", "off", "false", "no")
+    return _setting() in ("0", "off", "false", "no")
+
+
+def _march() -> str:
+    """The compiler's target: the CPU itself, or x86-64-v3 (AVX2, FMA) when UPSCALE_CPU_KERNELS=avx2."""
+    return "x86-64-v3" if _setting() == "avx2" else "native"
 
 
 def _compiler() -> str | None:
@@ -55,16 +64,19 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _has_avx512() -> bool:
-    """Whether this CPU has the AVX-512 subsets the kernels are written for (F, BW, DQ, VL). Built for less
-    (AVX2 or plain x86-64) the kernels fall back to generic loops, which do not cover every channel count
-    AGDN-S and MVSA need (more coarse channels than one 8-float vector): those CPUs take the eager path."""
+def _cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+            return next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
     except OSError:
-        return False
-    return all(flag in flags for flag in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+        return []
+
+
+def _has_avx2() -> bool:
+    """Whether this CPU runs the kernels' vector code: AVX2 with FMA at least (AVX-512 F, BW, DQ and VL, when
+    present, get their own code). Plain x86-64 builds are not tested, so older CPUs take the eager path."""
+    flags = _cpu_flags()
+    return "avx2" in flags and "fma" in flags
 
 
 def _command(cxx: str, output: Path) -> list[str]:
@@ -72,7 +84,7 @@ def _command(cxx: str, output: Path) -> list[str]:
     lib = root / "lib"
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     return [
-        cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden",
+        cxx, "-O3", f"-march={_march()}", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
         "-I", str(root / "include"), "-I", str(root / "include" / "torch" / "csrc" / "api" / "include"),
         str(SOURCE), "-o", str(output),
@@ -120,8 +132,8 @@ def load():
         reason = "disabled by UPSCALE_CPU_KERNELS"
     elif sys.platform != "linux":
         reason = f"not built on {sys.platform}"
-    elif not _has_avx512():
-        reason = "the CPU has no AVX-512 (the kernels' vector code)"
+    elif not _has_avx2():
+        reason = "the CPU has no AVX2 and FMA (the kernels' vector code)"
     elif (cxx := _compiler()) is None:
         reason = "no C++ compiler (c++, g++ or clang++; or set CXX)"
     else:

@@ -1180,39 +1180,42 @@ void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf,
   const float* b4p = b4.const_data_ptr<float>();
   const int64_t ldw = w4.size(1);
   const float* zb = opt_ptr(z_bias);
-  TORCH_CHECK(f <= kLanes, "mvsa_tail: at most one vector of coarse channels");
-  // the coarse maps pixel-major, one zero-padded vector per pixel: a bilinear sample of all f channels is then
-  // four vector loads instead of 4f scalar ones
+  // the coarse maps pixel-major, each pixel's f channels zero-padded to whole vectors (fv of them): a bilinear
+  // sample of all f channels is then 4 * fv vector loads instead of 4f scalar ones
+  const int64_t fv = (f + kLanes - 1) / kLanes, fp = fv * kLanes;
   std::vector<float> pm[2];
   for (int m = 0; m < 2; ++m) {
-    pm[m].assign(images * mh[m] * mw[m] * kLanes, 0.0f);
+    pm[m].assign(images * mh[m] * mw[m] * fp, 0.0f);
     for (int64_t img = 0; img < images; ++img)
       for (int64_t c = 0; c < f; ++c)
         for (int64_t i = 0; i < mh[m] * mw[m]; ++i)
-          pm[m][(img * mh[m] * mw[m] + i) * kLanes + c] = maps[m][(img * f + c) * mh[m] * mw[m] + i];
+          pm[m][(img * mh[m] * mw[m] + i) * fp + c] = maps[m][(img * f + c) * mh[m] * mw[m] + i];
   }
 
-  // s of one pixel (f channels, one vector) into dst: the two bilinear samples plus conv_f's output
+  // s of one pixel (f channels, fv vectors, zero past f) into dst: the two bilinear samples plus conv_f's output
   auto sample = [&](int64_t img, int64_t y, int64_t x, int64_t p, float* dst) __attribute__((always_inline)) {
-    Vec acc(0.0f);
-    for (int m = 0; m < 2; ++m) {
-      const int64_t* idx = ip + m * 4 * ni;
-      const float* lam = lp + m * 2 * nl;
-      const int64_t y0 = idx[y], y1 = idx[ni + y], x0 = idx[2 * ni + x], x1 = idx[3 * ni + x];
-      const Vec h1(lam[y]), h0(1.0f - lam[y]), w1(lam[nl + x]), w0(1.0f - lam[nl + x]);
-      const float* base = pm[m].data() + img * mh[m] * mw[m] * kLanes;
-      const Vec top = w0 * Vec::loadu(base + (y0 * mw[m] + x0) * kLanes) + w1 * Vec::loadu(base + (y0 * mw[m] + x1) * kLanes);
-      const Vec bot = w0 * Vec::loadu(base + (y1 * mw[m] + x0) * kLanes) + w1 * Vec::loadu(base + (y1 * mw[m] + x1) * kLanes);
-      acc = acc + (h0 * top + h1 * bot);
+    for (int64_t v = 0; v < fv; ++v) {
+      const int64_t c0 = v * kLanes, n = std::min(kLanes, f - c0);
+      Vec acc(0.0f);
+      for (int m = 0; m < 2; ++m) {
+        const int64_t* idx = ip + m * 4 * ni;
+        const float* lam = lp + m * 2 * nl;
+        const int64_t y0 = idx[y], y1 = idx[ni + y], x0 = idx[2 * ni + x], x1 = idx[3 * ni + x];
+        const Vec h1(lam[y]), h0(1.0f - lam[y]), w1(lam[nl + x]), w0(1.0f - lam[nl + x]);
+        const float* base = pm[m].data() + img * mh[m] * mw[m] * fp + c0;
+        const Vec top = w0 * Vec::loadu(base + (y0 * mw[m] + x0) * fp) + w1 * Vec::loadu(base + (y0 * mw[m] + x1) * fp);
+        const Vec bot = w0 * Vec::loadu(base + (y1 * mw[m] + x0) * fp) + w1 * Vec::loadu(base + (y1 * mw[m] + x1) * fp);
+        acc = acc + (h0 * top + h1 * bot);
+      }
+      (acc + (load(cp + p * ldc + c0, n) + load(cb + c0, n))).store(dst + c0);
     }
-    (acc + (load(cp + p * ldc, f) + load(cb, f))).store(dst);
   };
 #if defined(CPU_CAPABILITY_AVX512)
   // A row at a time: s of the whole row into a buffer, then conv4 as a register-blocked product (four pixels
   // x NV vectors, each weight vector loaded once for the four) and the gating. (Per pixel, s was stored and
   // read back at once as f broadcasts, which waited on the store: 0.43 ms a call at 128 x 128.)
   const int64_t nvz = (C + kLanes - 1) / kLanes;
-  if (nvz == 2 || nvz == 3) {
+  if ((nvz == 2 || nvz == 3) && fv == 1) {
     auto run = [&](auto nv_const) {
       constexpr int NV = decltype(nv_const)::value;
       const __mmask16 last = lane_mask(C - (NV - 1) * kLanes);
@@ -1262,17 +1265,17 @@ void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf,
   }
 #endif
   at::parallel_for(0, images * H, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float s[kLanes];
+    std::vector<float> s(fp);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t img = row / H, y = row % H;
       for (int64_t x = 0; x < W; ++x) {
         const int64_t p = row * W + x;
-        sample(img, y, x, p, s);
+        sample(img, y, x, p, s.data());
         float* zr = zp + p * ldz;
         for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
           const int64_t n = std::min(kLanes, C - c0);
           Vec m = load(b4p + c0, n);
-          for (int64_t k = 0; k < f; ++k) m = at::vec::fmadd(Vec(s[k]), Vec::loadu(w4p + k * ldw + c0), m);
+          for (int64_t k = 0; k < f; ++k) m = at::vec::fmadd(Vec(s[k]), load(w4p + k * ldw + c0, n), m);
           Vec zv = load(zr + c0, n);
           if (zb) zv = zv + load(zb + c0, n);
           store(at::vec::fmadd(zv, sigmoid(m), zv), zr + c0, n);
