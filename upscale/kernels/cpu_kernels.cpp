@@ -51,6 +51,26 @@ constexpr int64_t kMaxChannels = 1024;
 
 enum Act : int64_t { kNone = 0, kGelu = 1 };
 
+// GELU(x) = x * Phi(x), Phi the normal CDF, from the tail Q(t) = Phi(-t) at t = |x|: GELU(x) = x * Q(|x|) for
+// x < 0 and x - x * Q(x) for x >= 0 (no cancellation on either side, Q being the small quantity). Q is a
+// degree-5 polynomial in (t - k * 0.375) on the 16 intervals centred at k * 0.375, looked up by a one-table
+// permute (vpermps reads the index from the low bits of t / 0.375 + 1.5 * 2^23, which also rounds it to k),
+// and 0 from 5.8125 on (Q = 3e-9 there). Coefficients: least squares in float64 on 64 Chebyshev nodes per
+// interval, rounded to float32; row j holds the u^j coefficient of every interval. |error| <= 2.4e-7 against
+// float64 over [-12, 12] (half an ulp of the result; PyTorch's own float32 GELU: 1.2e-6), relative error
+// 7.9e-7 where |GELU| > 1e-3. GELU is a large part of the depthwise kernels: this form (six one-table permutes,
+// five FMAs, three ops for the index) took 15 cycles a vector on Zen 4 where degree 4 on 32 intervals (five
+// two-table permutes, 2.5-3 cycles each there) took 22-24. tests/test_kernels.py checks the accuracy.
+constexpr float kGeluStep = 0.375f;
+alignas(64) constexpr float kGeluTail[6][16] = {
+    {5.00000000e-01f, 3.53830248e-01f, 2.26627350e-01f, 1.30294517e-01f, 6.68072030e-02f, 3.03963590e-02f, 1.22244712e-02f, 4.33244789e-03f, 1.34989817e-03f, 3.69078713e-04f, 8.84174660e-05f, 1.85368226e-05f, 3.39770349e-06f, 5.44051034e-07f, 7.60516770e-08f, 9.27580590e-09f},
+    {-3.98942262e-01f, -3.71855080e-01f, -3.01137447e-01f, -2.11876646e-01f, -1.29517600e-01f, -6.87862784e-02f, -3.17396522e-02f, -1.27241807e-02f, -4.43184795e-03f, -1.34111894e-03f, -3.52595816e-04f, -8.05405507e-05f, -1.59837873e-05f, -2.75595835e-06f, -4.12851335e-07f, -5.37332561e-08f},
+    {1.05904080e-14f, 6.97210059e-02f, 1.12924434e-01f, 1.19179703e-01f, 9.71386507e-02f, 6.44880980e-02f, 3.57077979e-02f, 1.67006981e-02f, 6.64769718e-03f, 2.26300396e-03f, 6.61024824e-04f, 1.66071404e-04f, 3.59478436e-05f, 6.71312137e-06f, 1.08266318e-06f, 1.50913976e-07f},
+    {6.64891005e-02f, 5.32597825e-02f, 2.19583046e-02f, -9.37905442e-03f, -2.69822311e-02f, -2.88400594e-02f, -2.14906726e-02f, -1.24924751e-02f, -5.90922311e-03f, -2.32250267e-03f, -7.67597638e-04f, -2.14961212e-04f, -5.12706720e-05f, -1.04532155e-05f, -1.82674421e-06f, -2.74187329e-07f},
+    {-4.12755740e-13f, -1.64752789e-02f, -2.27785204e-02f, -1.71564892e-02f, -6.10544393e-03f, 2.69761356e-03f, 6.08494412e-03f, 5.39880060e-03f, 3.32963513e-03f, 1.59261457e-03f, 6.16452249e-04f, 1.97295900e-04f, 5.28765013e-05f, 1.19641518e-05f, 2.29838065e-06f, 3.76402141e-07f},
+    {-9.90082882e-03f, -6.70249574e-03f, 1.26083571e-04f, 5.23131806e-03f, 5.83452266e-03f, 3.28577007e-03f, 4.77967580e-04f, -9.54890274e-04f, -1.10275112e-03f, -7.20221666e-04f, -3.43808817e-04f, -1.29127759e-04f, -3.94320450e-05f, -9.96860672e-06f, -2.10971484e-06f, -3.76592425e-07f},
+};
+
 #if defined(CPU_CAPABILITY_AVX512)
 // e^x for x clamped to [-80, 80] (results stay normal floats: a denormal would cost a microcode assist per
 // lane, and e^-80 is already below every rounding step that matters here): Cody-Waite reduction by ln 2 and Cephes' degree-7 polynomial, 2^n by scalef;
@@ -77,26 +97,6 @@ ALWAYS_INLINE __m512 recip512(__m512 d) {
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 }
 
-// GELU(x) = x * Phi(x), Phi the normal CDF, from the tail Q(t) = Phi(-t) at t = |x|: GELU(x) = x * Q(|x|) for
-// x < 0 and x - x * Q(x) for x >= 0 (no cancellation on either side, Q being the small quantity). Q is a
-// degree-5 polynomial in (t - k * 0.375) on the 16 intervals centred at k * 0.375, looked up by a one-table
-// permute (vpermps reads the index from the low bits of t / 0.375 + 1.5 * 2^23, which also rounds it to k),
-// and 0 from 5.8125 on (Q = 3e-9 there). Coefficients: least squares in float64 on 64 Chebyshev nodes per
-// interval, rounded to float32; row j holds the u^j coefficient of every interval. |error| <= 2.4e-7 against
-// float64 over [-12, 12] (half an ulp of the result; PyTorch's own float32 GELU: 1.2e-6), relative error
-// 7.9e-7 where |GELU| > 1e-3. GELU is a large part of the depthwise kernels: this form (six one-table permutes,
-// five FMAs, three ops for the index) took 15 cycles a vector on Zen 4 where degree 4 on 32 intervals (five
-// two-table permutes, 2.5-3 cycles each there) took 22-24. tests/test_kernels.py checks the accuracy.
-constexpr float kGeluStep = 0.375f;
-alignas(64) constexpr float kGeluTail[6][16] = {
-    {5.00000000e-01f, 3.53830248e-01f, 2.26627350e-01f, 1.30294517e-01f, 6.68072030e-02f, 3.03963590e-02f, 1.22244712e-02f, 4.33244789e-03f, 1.34989817e-03f, 3.69078713e-04f, 8.84174660e-05f, 1.85368226e-05f, 3.39770349e-06f, 5.44051034e-07f, 7.60516770e-08f, 9.27580590e-09f},
-    {-3.98942262e-01f, -3.71855080e-01f, -3.01137447e-01f, -2.11876646e-01f, -1.29517600e-01f, -6.87862784e-02f, -3.17396522e-02f, -1.27241807e-02f, -4.43184795e-03f, -1.34111894e-03f, -3.52595816e-04f, -8.05405507e-05f, -1.59837873e-05f, -2.75595835e-06f, -4.12851335e-07f, -5.37332561e-08f},
-    {1.05904080e-14f, 6.97210059e-02f, 1.12924434e-01f, 1.19179703e-01f, 9.71386507e-02f, 6.44880980e-02f, 3.57077979e-02f, 1.67006981e-02f, 6.64769718e-03f, 2.26300396e-03f, 6.61024824e-04f, 1.66071404e-04f, 3.59478436e-05f, 6.71312137e-06f, 1.08266318e-06f, 1.50913976e-07f},
-    {6.64891005e-02f, 5.32597825e-02f, 2.19583046e-02f, -9.37905442e-03f, -2.69822311e-02f, -2.88400594e-02f, -2.14906726e-02f, -1.24924751e-02f, -5.90922311e-03f, -2.32250267e-03f, -7.67597638e-04f, -2.14961212e-04f, -5.12706720e-05f, -1.04532155e-05f, -1.82674421e-06f, -2.74187329e-07f},
-    {-4.12755740e-13f, -1.64752789e-02f, -2.27785204e-02f, -1.71564892e-02f, -6.10544393e-03f, 2.69761356e-03f, 6.08494412e-03f, 5.39880060e-03f, 3.32963513e-03f, 1.59261457e-03f, 6.16452249e-04f, 1.97295900e-04f, 5.28765013e-05f, 1.19641518e-05f, 2.29838065e-06f, 3.76402141e-07f},
-    {-9.90082882e-03f, -6.70249574e-03f, 1.26083571e-04f, 5.23131806e-03f, 5.83452266e-03f, 3.28577007e-03f, 4.77967580e-04f, -9.54890274e-04f, -1.10275112e-03f, -7.20221666e-04f, -3.43808817e-04f, -1.29127759e-04f, -3.94320450e-05f, -9.96860672e-06f, -2.10971484e-06f, -3.76592425e-07f},
-};
-
 ALWAYS_INLINE Vec gelu(Vec v) {
   const __m512 x = v;
   const __m512 t = _mm512_abs_ps(x);
@@ -117,6 +117,31 @@ ALWAYS_INLINE Vec sigmoid(Vec v) {
   const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
   return recip512(_mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+// The AVX-512 GELU on 8 lanes: the same polynomial and table, so the same values; vpermps indexes only
+// 8 entries, so each coefficient is two permutes (intervals 0-7 and 8-15) and a blend on bit 3 of the
+// interval number. Without it the AVX2 build took ATen's erf GELU (Sleef's expf alone 9% of the forward).
+ALWAYS_INLINE Vec gelu(Vec v) {
+  const __m256 x = v;
+  const __m256 t = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: the sum is rounded to an integer
+  const __m256 f = _mm256_fmadd_ps(t, _mm256_set1_ps(1.0f / kGeluStep), magic);
+  const __m256i k = _mm256_castps_si256(f);  // its low mantissa bits are the interval number
+  const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(k, 28));  // bit 3 (intervals 8-15) to the sign
+  const __m256 u = _mm256_fnmadd_ps(_mm256_sub_ps(f, magic), _mm256_set1_ps(kGeluStep), t);
+  auto coef = [&](int j) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(kGeluTail[j]), k),
+                            _mm256_permutevar8x32_ps(_mm256_load_ps(kGeluTail[j] + 8), k), upper);
+  };
+  __m256 q = coef(5);
+  for (int j = 4; j >= 0; --j) q = _mm256_fmadd_ps(q, u, coef(j));
+  // x * Q below 15.5 intervals, else 0 (infinities too); NaN stays NaN
+  const __m256 xq = _mm256_and_ps(_mm256_cmp_ps(t, _mm256_set1_ps(15.5f * kGeluStep), _CMP_NGE_UQ),
+                                  _mm256_mul_ps(x, q));
+  return _mm256_blendv_ps(xq, _mm256_sub_ps(x, xq), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
+}
+
+ALWAYS_INLINE Vec sigmoid(Vec x) { return (Vec(1.0f) + (Vec(0.0f) - x).exp()).reciprocal(); }
 #else
 // exact (erf) GELU, written as PyTorch's own vectorised GELU kernel writes it
 ALWAYS_INLINE Vec gelu(Vec x) {
