@@ -313,6 +313,28 @@ def test_fused_layer_norms_and_residual(p, c):
     _close(out, attn + u, rel=5e-6)
 
 
+@pytest.mark.parametrize("c", [1, 5, 8, 16, 21, 24, 42, 56, 126, 168])
+@pytest.mark.parametrize("p,k", [(1, 3), (7, 42), (130, 42), (301, 84)])
+def test_gemm_matches_matmul_and_writes_only_its_columns(c, p, k):
+    """Every column-block split (AVX-512: up to 6 vectors of 16; AVX2: up to 3 of 8), partial last vectors,
+    single-pixel tails, plain and accumulating; the output is a slice of a wider matrix whose other columns
+    must keep their NaNs."""
+    g = torch.Generator().manual_seed(c * 1000 + p + k)
+    cm = -(-c // 16) * 16
+    x = torch.randn(p, k + 3, generator=g)[:, 2 : 2 + k]
+    w = torch.zeros(k, cm)
+    w[:, :c] = torch.randn(k, c, generator=g)
+    w[:, c:] = float("nan")  # padding columns are never read into the output
+    wide = torch.full((p, c + 9), float("nan"))
+    out = wide[:, 4 : 4 + c]
+    ops.gemm(x, w, out, False)
+    want = x.double() @ w[:, :c].double()
+    _close(out, want, rel=2e-6 * k ** 0.5, what="plain")
+    ops.gemm(x, w, out, True)
+    _close(out, 2 * want, rel=4e-6 * k ** 0.5, what="accumulate")
+    assert torch.isnan(wide[:, :4]).all() and torch.isnan(wide[:, 4 + c :]).all()
+
+
 @pytest.mark.parametrize("n,h,w,cm,off,c,mode,reflect,side", [
     (1, 20, 23, 64, 21, 42, 0, True, 21), (2, 9, 7, 128, 0, 126, 0, False, 0), (1, 11, 13, 176, 0, 168, 1, False, 0),
     (1, 1, 5, 64, 21, 42, 0, True, 21), (3, 2, 2, 64, 21, 42, 0, True, 21),

@@ -172,6 +172,10 @@ ALWAYS_INLINE void pin(V& v) {
   __m512 r = v;
   __asm__("" : "+v"(r));
   v = V(r);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 r = v;
+  __asm__("" : "+x"(r));
+  v = V(r);
 #endif
 }
 
@@ -190,6 +194,44 @@ ALWAYS_INLINE Vec load_lanes(const float* p, LaneMask m) { return _mm512_maskz_l
 using LaneMask = int64_t;
 ALWAYS_INLINE LaneMask lane_mask(int64_t n) { return n; }
 ALWAYS_INLINE Vec load_lanes(const float* p, LaneMask n) { return load(p, n); }
+#endif
+
+// The native vector of the build for the register-blocked kernels written once for both ISAs: its width, the
+// most column vectors a GEMM tile of 4 pixels keeps in registers (32 registers with AVX-512: 4 x 6 sums and 6
+// weight vectors; 16 with AVX2: 4 x 3 and 3), and the few operations they use. A mask selects the first lanes.
+#if defined(CPU_CAPABILITY_AVX512)
+struct Simd {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int kW = 16, kMaxNV = 6;
+  static ALWAYS_INLINE V zero() { return _mm512_setzero_ps(); }
+  static ALWAYS_INLINE V set1(float a) { return _mm512_set1_ps(a); }
+  static ALWAYS_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static ALWAYS_INLINE V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static ALWAYS_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static ALWAYS_INLINE void store(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static ALWAYS_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static ALWAYS_INLINE M mask(int64_t n) { return lane_mask(n); }
+};
+#elif defined(CPU_CAPABILITY_AVX2)
+struct Simd {
+  using V = __m256;
+  using M = __m256i;  // all ones in the lanes to load or store
+  static constexpr int kW = 8, kMaxNV = 3;
+  static ALWAYS_INLINE V zero() { return _mm256_setzero_ps(); }
+  static ALWAYS_INLINE V set1(float a) { return _mm256_set1_ps(a); }
+  static ALWAYS_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  static ALWAYS_INLINE V load(const float* p, M m) { return _mm256_maskload_ps(p, m); }
+  static ALWAYS_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static ALWAYS_INLINE void store(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }
+  static ALWAYS_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static ALWAYS_INLINE M mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+};
 #endif
 
 void check_map(const Tensor& t, const char* name) {
@@ -562,32 +604,35 @@ void dw_rows(const DwArgs args, int64_t begin, int64_t end) {
 }
 
 
-#if defined(CPU_CAPABILITY_AVX512)
-// y (P pixels x a block of NV column vectors) = x (P x K) @ w (K x 16*NV) [+ y when kAcc]: P x NV accumulators
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// y (P pixels x a block of NV column vectors) = x (P x K) @ w (K x kW*NV) [+ y when kAcc]: P x NV accumulators
 // in registers, each weight vector loaded once per k and each input value broadcast once per k. The weights
 // need no packing (they are stored (K, Cm) row-major, Cm padded to whole vectors), so a row of 128 pixels
 // costs no setup: MKL's sgemm packed the weights and cleared the output on every call, ~20% of its time at
-// these sizes. `last` masks the lanes of the block's last vector that exist in y (y may be narrower than w).
+// these sizes. When `partial`, `last` masks the lanes of the block's last vector that exist in y (y may be
+// narrower than w); full vectors take plain stores (AVX2's masked store is slow on AMD).
 template <int P, int NV, bool kAcc>
 ALWAYS_INLINE void gemm_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* y,
-                             int64_t ldy, __mmask16 last) {
-  __m512 acc[P][NV];
+                             int64_t ldy, bool partial, Simd::M last) {
+  using V = Simd::V;
+  constexpr int kW = Simd::kW;
+  V acc[P][NV];
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 6
-    for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[p][v] = Simd::zero();
   for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[NV];
+    V wv[NV];
 #pragma GCC unroll 6
     for (int v = 0; v < NV; ++v) {
-      wv[v] = _mm512_loadu_ps(w + k * ldw + 16 * v);
+      wv[v] = Simd::load(w + k * ldw + kW * v);
       pin(wv[v]);  // one load for the P FMAs
     }
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) {
-      const __m512 xb = _mm512_set1_ps(x[p * ldx + k]);
+      const V xb = Simd::set1(x[p * ldx + k]);
 #pragma GCC unroll 6
-      for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(xb, wv[v], acc[p][v]);
+      for (int v = 0; v < NV; ++v) acc[p][v] = Simd::fmadd(xb, wv[v], acc[p][v]);
     }
   }
 #pragma GCC unroll 4
@@ -595,50 +640,54 @@ ALWAYS_INLINE void gemm_tile(const float* x, int64_t ldx, const float* w, int64_
     float* yp = y + p * ldy;
 #pragma GCC unroll 6
     for (int v = 0; v < NV; ++v) {
-      const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
-      __m512 r = acc[p][v];
-      if constexpr (kAcc) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m, yp + 16 * v));
-      _mm512_mask_storeu_ps(yp + 16 * v, m, r);
+      V r = acc[p][v];
+      if (v == NV - 1 && partial) {
+        if constexpr (kAcc) r = Simd::add(r, Simd::load(yp + kW * v, last));
+        Simd::store(yp + kW * v, last, r);
+      } else {
+        if constexpr (kAcc) r = Simd::add(r, Simd::load(yp + kW * v));
+        Simd::store(yp + kW * v, r);
+      }
     }
   }
 }
 
 template <int NV, bool kAcc>
 void gemm_columns(const float* x, int64_t ldx, int64_t n, const float* w, int64_t ldw, int64_t K, float* y,
-                  int64_t ldy, __mmask16 last) {
+                  int64_t ldy, bool partial, Simd::M last) {
   int64_t p = 0;
-  for (; p + 4 <= n; p += 4) gemm_tile<4, NV, kAcc>(x + p * ldx, ldx, w, ldw, K, y + p * ldy, ldy, last);
-  for (; p < n; ++p) gemm_tile<1, NV, kAcc>(x + p * ldx, ldx, w, ldw, K, y + p * ldy, ldy, last);
+  for (; p + 4 <= n; p += 4) gemm_tile<4, NV, kAcc>(x + p * ldx, ldx, w, ldw, K, y + p * ldy, ldy, partial, last);
+  for (; p < n; ++p) gemm_tile<1, NV, kAcc>(x + p * ldx, ldx, w, ldw, K, y + p * ldy, ldy, partial, last);
 }
 
-// y (n x C, rows ldy apart) [+]= x (n x K, rows ldx apart) @ w (K x Cm, row-major), Cm the multiple of 16 at or
-// above C (columns beyond C ignored): in blocks of at most 6 column vectors (4 x 6 accumulators and 6 weight
-// vectors fill the 32 vector registers)
+// gemm_columns for a block of `count` vectors (1 .. kMaxNV), the count a template argument
+template <int NV, bool kAcc>
+ALWAYS_INLINE void gemm_columns_of(int64_t count, const float* x, int64_t ldx, int64_t n, const float* w,
+                                   int64_t ldw, int64_t K, float* y, int64_t ldy, bool partial, Simd::M last) {
+  if constexpr (NV < Simd::kMaxNV)
+    if (count > NV) return gemm_columns_of<NV + 1, kAcc>(count, x, ldx, n, w, ldw, K, y, ldy, partial, last);
+  gemm_columns<NV, kAcc>(x, ldx, n, w, ldw, K, y, ldy, partial, last);
+}
+
+// y (n x C, rows ldy apart) [+]= x (n x K, rows ldx apart) @ w (K x Cm, row-major), Cm a multiple of 16 at or
+// above C (columns beyond C ignored): in blocks of at most kMaxNV column vectors, as even as they come
 template <bool kAcc>
 void gemm_rows(const float* x, int64_t ldx, int64_t n, const float* w, int64_t Cm, int64_t K, float* y,
                int64_t ldy, int64_t C) {
-  const int64_t nv = (C + 15) / 16, blocks = (nv + 5) / 6;
-  const int64_t tail = C - 16 * (nv - 1);
+  constexpr int kW = Simd::kW;
+  const int64_t nv = (C + kW - 1) / kW, blocks = (nv + Simd::kMaxNV - 1) / Simd::kMaxNV;
+  const int64_t tail = C - kW * (nv - 1);
   for (int64_t b = 0, v0 = 0; b < blocks; ++b) {
     const int64_t count = (nv - v0 + (blocks - b) - 1) / (blocks - b);
-    const __mmask16 last = v0 + count == nv ? __mmask16((1u << tail) - 1) : __mmask16(0xFFFF);
-    const float* wb = w + 16 * v0;
-    float* yb = y + 16 * v0;
-    switch (count) {
-      case 1: gemm_columns<1, kAcc>(x, ldx, n, wb, Cm, K, yb, ldy, last); break;
-      case 2: gemm_columns<2, kAcc>(x, ldx, n, wb, Cm, K, yb, ldy, last); break;
-      case 3: gemm_columns<3, kAcc>(x, ldx, n, wb, Cm, K, yb, ldy, last); break;
-      case 4: gemm_columns<4, kAcc>(x, ldx, n, wb, Cm, K, yb, ldy, last); break;
-      case 5: gemm_columns<5, kAcc>(x, ldx, n, wb, Cm, K, yb, ldy, last); break;
-      default: gemm_columns<6, kAcc>(x, ldx, n, wb, Cm, K, yb, ldy, last); break;
-    }
+    const bool partial = v0 + count == nv && tail < kW;
+    gemm_columns_of<1, kAcc>(count, x, ldx, n, w + kW * v0, Cm, K, y + kW * v0, ldy, partial, Simd::mask(tail));
     v0 += count;
   }
 }
 #endif
 
 // Fortran BLAS sgemm as exported by PyTorch's MKL / OpenBLAS (a missing symbol fails the load, and the
-// caller falls back to the eager path); used where the kernels are not built for AVX-512
+// caller falls back to the eager path); used where the kernels are built for neither AVX-512 nor AVX2
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
@@ -646,7 +695,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 // y (n x C) [+]= x (n x K) @ w (K x Cm) for one block of rows, on whichever of the two the build has
 void gemm_block(const float* x, int64_t ldx, int64_t n, const float* w, int64_t Cm, int64_t K, float* y,
                 int64_t ldy, int64_t C, bool accumulate) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if (accumulate) gemm_rows<true>(x, ldx, n, w, Cm, K, y, ldy, C);
   else gemm_rows<false>(x, ldx, n, w, Cm, K, y, ldy, C);
 #else  // column-major BLAS on the transposes
