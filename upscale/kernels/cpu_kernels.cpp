@@ -118,25 +118,34 @@ ALWAYS_INLINE Vec sigmoid(Vec v) {
   return recip512(_mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-// The AVX-512 GELU on 8 lanes: the same polynomial and table, so the same values; vpermps indexes only
-// 8 entries, so each coefficient is two permutes (intervals 0-7 and 8-15) and a blend on bit 3 of the
-// interval number. Without it the AVX2 build took ATen's erf GELU (Sleef's expf alone 9% of the forward).
+// The same form on 8 lanes. vpermps indexes 8 entries, so the table has 8 intervals of twice the width
+// (centred at k * 0.75) and a polynomial of degree 7 to keep the accuracy: |error| <= 2.4e-7 against float64,
+// relative 6.3e-7 where |GELU| > 1e-3 (fitted like the one above). Eight one-table permutes and seven FMAs,
+// where the 16-interval table would take two permutes and a blend for each of its six coefficients.
+constexpr float kGeluStep8 = 0.75f;
+alignas(32) constexpr float kGeluTail8[8][8] = {
+    {5.00000000e-01f, 2.26627350e-01f, 6.68072030e-02f, 1.22244721e-02f, 1.34989817e-03f, 8.84172841e-05f, 3.39766370e-06f, 7.60482806e-08f},
+    {-3.98942292e-01f, -3.01137447e-01f, -1.29517600e-01f, -3.17396522e-02f, -4.43184841e-03f, -3.52595729e-04f, -1.59837327e-05f, -4.12844884e-07f},
+    {3.83561449e-08f, 1.12926334e-01f, 9.71383154e-02f, 3.57071310e-02f, 6.64774282e-03f, 6.61116675e-04f, 3.59655423e-05f, 1.08402367e-06f},
+    {6.64895847e-02f, 2.19580103e-02f, -2.69827992e-02f, -2.14904323e-02f, -5.90912346e-03f, -7.67626276e-04f, -5.12819133e-05f, -1.82791825e-06f},
+    {8.03632611e-06f, -2.29310878e-02f, -6.07533986e-03f, 6.13633683e-03f, 3.32494918e-03f, 6.09474548e-04f, 5.16219116e-05f, 2.20761672e-06f},
+    {-1.00165596e-02f, 1.45168306e-04f, 5.86792501e-03f, 4.62942728e-04f, -1.10816245e-03f, -3.42055399e-04f, -3.88163535e-05f, -2.04964476e-06f},
+    {1.21026453e-04f, 2.95868632e-03f, -6.09537121e-04f, -9.82203288e-04f, 9.86653176e-05f, 1.32395842e-04f, 2.30928727e-05f, 1.62245590e-06f},
+    {1.03733444e-03f, -3.25342233e-04f, -5.49762393e-04f, 2.53181555e-04f, 8.63389869e-05f, -2.93106859e-05f, -9.85245606e-06f, -9.32731098e-07f},
+};
+
 ALWAYS_INLINE Vec gelu(Vec v) {
   const __m256 x = v;
   const __m256 t = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
   const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: the sum is rounded to an integer
-  const __m256 f = _mm256_fmadd_ps(t, _mm256_set1_ps(1.0f / kGeluStep), magic);
+  const __m256 f = _mm256_fmadd_ps(t, _mm256_set1_ps(1.0f / kGeluStep8), magic);
   const __m256i k = _mm256_castps_si256(f);  // its low mantissa bits are the interval number
-  const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(k, 28));  // bit 3 (intervals 8-15) to the sign
-  const __m256 u = _mm256_fnmadd_ps(_mm256_sub_ps(f, magic), _mm256_set1_ps(kGeluStep), t);
-  auto coef = [&](int j) {
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(kGeluTail[j]), k),
-                            _mm256_permutevar8x32_ps(_mm256_load_ps(kGeluTail[j] + 8), k), upper);
-  };
-  __m256 q = coef(5);
-  for (int j = 4; j >= 0; --j) q = _mm256_fmadd_ps(q, u, coef(j));
-  // x * Q below 15.5 intervals, else 0 (infinities too); NaN stays NaN
-  const __m256 xq = _mm256_and_ps(_mm256_cmp_ps(t, _mm256_set1_ps(15.5f * kGeluStep), _CMP_NGE_UQ),
+  const __m256 u = _mm256_fnmadd_ps(_mm256_sub_ps(f, magic), _mm256_set1_ps(kGeluStep8), t);
+  auto coef = [&](int j) { return _mm256_permutevar8x32_ps(_mm256_load_ps(kGeluTail8[j]), k); };
+  __m256 q = coef(7);
+  for (int j = 6; j >= 0; --j) q = _mm256_fmadd_ps(q, u, coef(j));
+  // x * Q below 7.5 intervals (Q = 9e-9 there), else 0 (infinities too); NaN stays NaN
+  const __m256 xq = _mm256_and_ps(_mm256_cmp_ps(t, _mm256_set1_ps(7.5f * kGeluStep8), _CMP_NGE_UQ),
                                   _mm256_mul_ps(x, q));
   return _mm256_blendv_ps(xq, _mm256_sub_ps(x, xq), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
 }
@@ -210,9 +219,18 @@ struct Simd {
   static ALWAYS_INLINE V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
   static ALWAYS_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static ALWAYS_INLINE void store(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static ALWAYS_INLINE V load_aligned(const float* p) { return _mm512_load_ps(p); }
+  static ALWAYS_INLINE void store_aligned(float* p, V v) { _mm512_store_ps(p, v); }
   static ALWAYS_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static ALWAYS_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static ALWAYS_INLINE M mask(int64_t n) { return lane_mask(n); }
+  // lane j: lo[2j] + lo[2j + 1] for j < 8, then the same of hi
+  static ALWAYS_INLINE V pair_sums(V lo, V hi) {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    return _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
+  }
 };
 #elif defined(CPU_CAPABILITY_AVX2)
 struct Simd {
@@ -225,8 +243,17 @@ struct Simd {
   static ALWAYS_INLINE V load(const float* p, M m) { return _mm256_maskload_ps(p, m); }
   static ALWAYS_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static ALWAYS_INLINE void store(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }
+  static ALWAYS_INLINE V load_aligned(const float* p) { return _mm256_load_ps(p); }
+  static ALWAYS_INLINE void store_aligned(float* p, V v) { _mm256_store_ps(p, v); }
   static ALWAYS_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static ALWAYS_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  // lane j: lo[2j] + lo[2j + 1] for j < 4, then the same of hi (the in-lane shuffles leave the 64-bit
+  // quarters in the order lo01 hi01 lo23 hi23; one cross-lane permute puts them right)
+  static ALWAYS_INLINE V pair_sums(V lo, V hi) {
+    const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(lo, hi, 0x88), _mm256_shuffle_ps(lo, hi, 0xDD));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8));
+  }
   static ALWAYS_INLINE M mask(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -450,27 +477,53 @@ ALWAYS_INLINE void dw_pixels(const DwArgs& a, const float* const src[3], int64_t
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// Stride 1, one output row, channels [c, c + 16) masked by m: the nine tap weights stay in registers while the
-// row is swept left to right, three input columns (one vector per tap row) held in registers and one new
-// column loaded per output pixel; three partial sums (one per tap column) keep the FMA chains short.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The lanes of one channel chunk: all of them (kFull: plain loads and stores), or the first n by a mask. The
+// AVX-512 build always masks (free there); AVX2 masks only a chunk's partial last vector (its masked store is
+// slow on AMD).
+template <bool kFull>
+struct Lanes {
+  Simd::M m;
+  ALWAYS_INLINE Simd::V load(const float* p) const {
+    if constexpr (kFull) return Simd::load(p);
+    else return Simd::load(p, m);
+  }
+  ALWAYS_INLINE void store(float* p, Simd::V v) const {
+    if constexpr (kFull) Simd::store(p, v);
+    else Simd::store(p, m, v);
+  }
+};
+
+// fn(lanes) with the Lanes for the first n lanes of a vector
+template <class Fn>
+ALWAYS_INLINE void with_lanes(int64_t n, Fn&& fn) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (n >= Simd::kW) return fn(Lanes<true>{Simd::mask(n)});
+#endif
+  fn(Lanes<false>{Simd::mask(n)});
+}
+
+// Stride 1, one output row, channels [c, c + kW) (the lanes `ln`): the nine tap weights stay in registers
+// while the row is swept left to right, three input columns (one vector per tap row) held in registers and one
+// new column loaded per output pixel; three partial sums (one per tap column) keep the FMA chains short.
 // `epilogue(x, sum)` finishes output pixel x. rows[k]: input row of tap row k (a zero row for zero padding),
 // already offset to the conv's first channel. About 3x the speed of `dw_pixels`, whose accumulators and
 // tap indices the compiler kept on the stack.
-template <class Epilogue>
+template <class L, class Epilogue>
 ALWAYS_INLINE void dw_sweep(const float* const rows[3], int64_t ldx, int64_t W, int64_t x0, int64_t x1, bool reflect,
-                            const float* wp, int64_t ldw, int64_t c, __mmask16 m, Epilogue&& epilogue) {
-  __m512 w[9];
+                            const float* wp, int64_t ldw, int64_t c, const L& ln, Epilogue&& epilogue) {
+  using V = Simd::V;
+  V w[9];
 #pragma GCC unroll 9
-  for (int t = 0; t < 9; ++t) w[t] = _mm512_maskz_loadu_ps(m, wp + t * ldw + c);
+  for (int t = 0; t < 9; ++t) w[t] = ln.load(wp + t * ldw + c);
   const float *r0 = rows[0] + c, *r1 = rows[1] + c, *r2 = rows[2] + c;
-  __m512 a0, a1, a2, b0, b1, b2, n0, n1, n2;
-  auto column = [&](int64_t xi, __m512& v0, __m512& v1, __m512& v2) __attribute__((always_inline)) {
-    v0 = _mm512_maskz_loadu_ps(m, r0 + xi * ldx);
-    v1 = _mm512_maskz_loadu_ps(m, r1 + xi * ldx);
-    v2 = _mm512_maskz_loadu_ps(m, r2 + xi * ldx);
+  V a0, a1, a2, b0, b1, b2, n0, n1, n2;
+  auto column = [&](int64_t xi, V& v0, V& v1, V& v2) __attribute__((always_inline)) {
+    v0 = ln.load(r0 + xi * ldx);
+    v1 = ln.load(r1 + xi * ldx);
+    v2 = ln.load(r2 + xi * ldx);
   };
-  const __m512 zero = _mm512_setzero_ps();
+  const V zero = Simd::zero();
   if (x0 > 0) column(x0 - 1, a0, a1, a2);
   else if (reflect) column(W > 1 ? 1 : 0, a0, a1, a2);  // column -1
   else a0 = a1 = a2 = zero;
@@ -479,20 +532,24 @@ ALWAYS_INLINE void dw_sweep(const float* const rows[3], int64_t ldx, int64_t W, 
     if (x + 1 < W) column(x + 1, n0, n1, n2);
     else if (reflect) column(W > 1 ? W - 2 : 0, n0, n1, n2);  // column W
     else n0 = n1 = n2 = zero;
-    const __m512 s0 = _mm512_fmadd_ps(w[6], a2, _mm512_fmadd_ps(w[3], a1, _mm512_mul_ps(w[0], a0)));
-    const __m512 s1 = _mm512_fmadd_ps(w[7], b2, _mm512_fmadd_ps(w[4], b1, _mm512_mul_ps(w[1], b0)));
-    const __m512 s2 = _mm512_fmadd_ps(w[8], n2, _mm512_fmadd_ps(w[5], n1, _mm512_mul_ps(w[2], n0)));
-    epilogue(x, _mm512_add_ps(_mm512_add_ps(s0, s1), s2));
+    const V s0 = Simd::fmadd(w[6], a2, Simd::fmadd(w[3], a1, Simd::mul(w[0], a0)));
+    const V s1 = Simd::fmadd(w[7], b2, Simd::fmadd(w[4], b1, Simd::mul(w[1], b0)));
+    const V s2 = Simd::fmadd(w[8], n2, Simd::fmadd(w[5], n1, Simd::mul(w[2], n0)));
+    epilogue(x, Simd::add(Simd::add(s0, s1), s2));
     a0 = b0, a1 = b1, a2 = b2;
     b0 = n0, b1 = n1, b2 = n2;
   }
 }
+
+ALWAYS_INLINE Simd::V gelu(Simd::V v) { return gelu(Vec(v)); }
 
 constexpr int64_t kBlock = 32;  // pixels per block of dw_row_s1
 
 // A whole output row of a stride-1 conv (stride 2 stays on `dw_pixels`), and the side job, one channel chunk
 // at a time. src[k]: input row of tap row k, nullptr for a zero-padded row.
 void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
+  using V = Simd::V;
+  constexpr int64_t kW = Simd::kW;
   const int64_t W = a.W, p0 = row * a.Wo;
   const float* rows[3];
   for (int k = 0; k < 3; ++k) rows[k] = src[k] ? src[k] : a.zero_row;
@@ -501,82 +558,76 @@ void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
   for (int64_t x0 = 0; x0 < W; x0 += kBlock) {
     const int64_t x1 = std::min(W, x0 + kBlock);
     if (a.mode == 0) {
-      for (int64_t c = 0; c < a.C; c += kLanes) {
-        const __mmask16 m = lane_mask(a.C - c);
-        const __m512 bias = a.b ? _mm512_maskz_loadu_ps(m, a.b + c) : _mm512_setzero_ps();
+      for (int64_t c = 0; c < a.C; c += kW) with_lanes(a.C - c, [&](const auto& ln) __attribute__((always_inline)) {
+        const V bias = a.b ? ln.load(a.b + c) : Simd::zero();
         float* out = a.op + p0 * a.ldo + c;
         const int64_t ldo = a.ldo;
         if (a.res) {
           const float* res = a.res + p0 * a.ldr + c;
           const int64_t ldr = a.ldr;
           if (a.act == kGelu)
-            dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-              v = _mm512_add_ps(_mm512_add_ps(v, bias), _mm512_maskz_loadu_ps(m, res + x * ldr));
-              _mm512_mask_storeu_ps(out + x * ldo, m, gelu(Vec(v)));
+            dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, ln, [&](int64_t x, V v) __attribute__((always_inline)) {
+              ln.store(out + x * ldo, gelu(Simd::add(Simd::add(v, bias), ln.load(res + x * ldr))));
             });
           else
-            dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-              v = _mm512_add_ps(_mm512_add_ps(v, bias), _mm512_maskz_loadu_ps(m, res + x * ldr));
-              _mm512_mask_storeu_ps(out + x * ldo, m, v);
+            dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, ln, [&](int64_t x, V v) __attribute__((always_inline)) {
+              ln.store(out + x * ldo, Simd::add(Simd::add(v, bias), ln.load(res + x * ldr)));
             });
         } else if (a.act == kGelu) {
-          dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-            _mm512_mask_storeu_ps(out + x * ldo, m, gelu(Vec(_mm512_add_ps(v, bias))));
+          dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, ln, [&](int64_t x, V v) __attribute__((always_inline)) {
+            ln.store(out + x * ldo, gelu(Simd::add(v, bias)));
           });
         } else {
-          dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-            _mm512_mask_storeu_ps(out + x * ldo, m, _mm512_add_ps(v, bias));
+          dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, ln, [&](int64_t x, V v) __attribute__((always_inline)) {
+            ln.store(out + x * ldo, Simd::add(v, bias));
           });
         }
-      }
-    } else if (a.mode == 2) {  // pair: out[j] = act(conv[2j] + conv[2j + 1] + bias[j]), 16 outputs from 32 channels
-      alignas(64) float held[kBlock * kLanes];
-      const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-      const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-      for (int64_t o = 0; o < a.G; o += kLanes) {
+      });
+    } else if (a.mode == 2) {  // pair: out[j] = act(conv[2j] + conv[2j + 1] + bias[j]), kW outputs from 2 kW channels
+      alignas(64) float held[kBlock * kW];
+      for (int64_t o = 0; o < a.G; o += kW) {
         const int64_t c = 2 * o;
-        const __mmask16 mo = lane_mask(a.G - o), mlo = lane_mask(a.C - c);
-        const __mmask16 mhi = c + kLanes < a.C ? lane_mask(a.C - c - kLanes) : __mmask16(0);
-        if (mhi)
-          dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c + kLanes, mhi,
-                   [&](int64_t x, __m512 v) __attribute__((always_inline)) { _mm512_store_ps(held + (x - x0) * kLanes, v); });
+        if (c + kW < a.C)
+          with_lanes(a.C - c - kW, [&](const auto& ln) __attribute__((always_inline)) {
+            dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c + kW, ln,
+                     [&](int64_t x, V v) __attribute__((always_inline)) { Simd::store_aligned(held + (x - x0) * kW, v); });
+          });
         else
-          for (int64_t x = x0; x < x1; ++x) _mm512_store_ps(held + (x - x0) * kLanes, _mm512_setzero_ps());
-        const __m512 bias = a.b ? _mm512_maskz_loadu_ps(mo, a.b + o) : _mm512_setzero_ps();
+          for (int64_t x = x0; x < x1; ++x) Simd::store_aligned(held + (x - x0) * kW, Simd::zero());
+        const Lanes<false> lo{Simd::mask(a.C - c)}, lo_out{Simd::mask(a.G - o)};
+        const V bias = a.b ? lo_out.load(a.b + o) : Simd::zero();
         float* out = a.op + p0 * a.ldo + o;
         const int64_t ldo = a.ldo;
         const bool act = a.act == kGelu;
-        dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, mlo, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-          const __m512 hi = _mm512_load_ps(held + (x - x0) * kLanes);
-          __m512 r = _mm512_add_ps(_mm512_add_ps(_mm512_permutex2var_ps(v, even, hi), _mm512_permutex2var_ps(v, odd, hi)), bias);
-          if (act) r = gelu(Vec(r));
-          _mm512_mask_storeu_ps(out + x * ldo, mo, r);
+        dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, lo, [&](int64_t x, V v) __attribute__((always_inline)) {
+          V r = Simd::add(Simd::pair_sums(v, Simd::load_aligned(held + (x - x0) * kW)), bias);
+          if (act) r = gelu(r);
+          lo_out.store(out + x * ldo, r);
         });
       }
     } else {  // gate: out[c] = gelu(conv[c]) * conv[c + G]; the second half of each chunk pair goes first, to L1
-      alignas(64) float held[kBlock * kLanes];
-      for (int64_t c = 0; c < a.G; c += kLanes) {
-        const __mmask16 m = lane_mask(a.G - c);
-        dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, a.G + c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-          _mm512_store_ps(held + (x - x0) * kLanes, v);
+      alignas(64) float held[kBlock * kW];
+      for (int64_t c = 0; c < a.G; c += kW) with_lanes(a.G - c, [&](const auto& ln) __attribute__((always_inline)) {
+        dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, a.G + c, ln, [&](int64_t x, V v) __attribute__((always_inline)) {
+          Simd::store_aligned(held + (x - x0) * kW, v);
         });
         float* out = a.op + p0 * a.ldo + c;
         const int64_t ldo = a.ldo;
-        dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, m, [&](int64_t x, __m512 v) __attribute__((always_inline)) {
-          _mm512_mask_storeu_ps(out + x * ldo, m, _mm512_mul_ps(gelu(Vec(v)), _mm512_load_ps(held + (x - x0) * kLanes)));
+        dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, ln, [&](int64_t x, V v) __attribute__((always_inline)) {
+          ln.store(out + x * ldo, Simd::mul(gelu(v), Simd::load_aligned(held + (x - x0) * kW)));
         });
-      }
+      });
     }
   }  // pixel blocks
   if (a.side) {  // side_out = GELU(side_in + side_bias), pointwise
     for (int64_t x = 0; x < W; ++x) {
       const float* in = a.side + (p0 + x - a.side_base) * a.lds;
       float* out = a.side_o + (p0 + x) * a.ldso;
-      for (int64_t c = 0; c < a.CS; c += kLanes) {
-        const __mmask16 m = lane_mask(a.CS - c);
-        __m512 v = _mm512_maskz_loadu_ps(m, in + c);
-        if (a.side_b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, a.side_b + c));
-        _mm512_mask_storeu_ps(out + c, m, gelu(Vec(v)));
+      for (int64_t c = 0; c < a.CS; c += kW) {
+        const Lanes<false> ln{Simd::mask(a.CS - c)};
+        V v = ln.load(in + c);
+        if (a.side_b) v = Simd::add(v, ln.load(a.side_b + c));
+        ln.store(out + c, gelu(v));
       }
     }
   }
@@ -591,7 +642,7 @@ void dw_rows(const DwArgs args, int64_t begin, int64_t end) {
       const int64_t iy = tap_index(oy, k, args.stride, args.H, args.reflect);
       src[k] = iy < 0 ? nullptr : args.xp + ((img * args.H + iy) * args.W) * args.ldx;
     }
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if (args.stride == 1) {
       dw_row_s1(args, src, row);
       continue;
