@@ -838,7 +838,7 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
       args.zero_row = ring->zero_row.data();
       args.side = row_of(img, oy);  // columns [0, side_c) of this row of y
       args.side_base = row * W;
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       dw_row_s1(args, src, row);
 #else
       int64_t ox = 0;
