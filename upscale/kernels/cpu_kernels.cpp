@@ -1448,9 +1448,15 @@ ALWAYS_INLINE void gram_tile(const float* p, int64_t ld, int64_t count, int64_t 
     }
 }
 
-// Accumulator budget of a tile: rows for NVB vectors (at most 24 accumulators of the 32 registers)
+// Accumulator budget of a tile: rows for NVB vectors (at most 24 accumulators of AVX-512's 32 registers, 12
+// of AVX2's 16)
+#if defined(CPU_CAPABILITY_AVX2)
+template <int NVB>
+constexpr int kGramRows = NVB == 1 ? 12 : NVB == 2 ? 6 : NVB == 3 ? 4 : 3;
+#else
 template <int NVB>
 constexpr int kGramRows = NVB == 1 ? 16 : NVB == 2 ? 12 : NVB == 3 ? 8 : 6;
+#endif
 
 // gram_tile with the row count `rows` (1 .. kGramRows<NVB>) as its template argument
 template <int NVB, int R = 1>
@@ -1664,8 +1670,9 @@ struct ApplyArgs {
   int64_t H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr;
 };
 
-// cell_apply's work on rows [begin, end); NV as in gram_rows
-template <int NV>
+// cell_apply's work on rows [begin, end), U pixels at a time; NV the vectors of C when it is a template
+// argument (0: a run-time count, up to 16)
+template <int NV, int U>
 void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
   const float *vp = a.vp, *zp = a.zp, *mp = a.mp, *lw = a.lw, *lb = a.lb, *rp = a.rp;
   float *op = a.op, *lo = a.lo;
@@ -1678,31 +1685,31 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
     const int64_t img = row / H, y = row % H;
     for_each_run(cs, W, [&](int64_t seg, int64_t x_begin, int64_t x_end) {
       const float* M = mp + ((img * ny + rs[y]) * nx + seg) * C * Cp;
-      for (int64_t x = x_begin; x < x_end; x += 4) {
-        const int64_t m = std::min<int64_t>(4, x_end - x);
+      for (int64_t x = x_begin; x < x_end; x += U) {
+        const int64_t m = std::min<int64_t>(U, x_end - x);
         const int64_t p = row * W + x;
-        Vec acc[4][kMaxNV];
-        for (int u = 0; u < 4; ++u)
+        Vec acc[U][kMaxNV];
+        for (int u = 0; u < U; ++u)
           for (int64_t j = 0; j < nv; ++j)
             acc[u][j] = u < m ? load(zp + (p + u) * ldz + j * kLanes, std::min(kLanes, C - j * kLanes)) : Vec(0.0f);
-        const float* vr[4];
-        for (int u = 0; u < 4; ++u) vr[u] = vp + (p + std::min<int64_t>(u, m - 1)) * ldv;
+        const float* vr[U];
+        for (int u = 0; u < U; ++u) vr[u] = vp + (p + std::min<int64_t>(u, m - 1)) * ldv;
         for (int64_t i = 0; i < C; ++i) {
-          const Vec b0(vr[0][i]), b1(vr[1][i]), b2(vr[2][i]), b3(vr[3][i]);
+          Vec b[U];
+#pragma GCC unroll 4
+          for (int u = 0; u < U; ++u) b[u] = Vec(vr[u][i]);
           for (int64_t j = 0; j < nv; ++j) {
             Vec mv = Vec::loadu(M + i * Cp + j * kLanes);
-            pin(mv);  // one load for the four FMAs
-            acc[0][j] = at::vec::fmadd(b0, mv, acc[0][j]);
-            acc[1][j] = at::vec::fmadd(b1, mv, acc[1][j]);
-            acc[2][j] = at::vec::fmadd(b2, mv, acc[2][j]);
-            acc[3][j] = at::vec::fmadd(b3, mv, acc[3][j]);
+            pin(mv);  // one load for the U FMAs
+#pragma GCC unroll 4
+            for (int u = 0; u < U; ++u) acc[u][j] = at::vec::fmadd(b[u], mv, acc[u][j]);
           }
         }
 #if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (NV > 0) {
+        if constexpr (NV > 0 && U == 4) {
           if (lw) layer_norm_4<NV>(acc, static_cast<int>(m), C, lw, lb, 1e-5, lo + p * ldl, ldl);
         }
-        constexpr bool kLn4 = NV > 0;
+        constexpr bool kLn4 = NV > 0 && U == 4;
 #else
         constexpr bool kLn4 = false;
 #endif
@@ -1748,13 +1755,18 @@ void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t im
   const float* rp = opt_ptr(residual);
   const int64_t ldr = rp ? residual->stride(0) : 0;
   const ApplyArgs args{vp, zp, mp, op, rs, cs, lw, lb, lo, rp, H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr};
-  auto run = [&](auto nv_const) {
-    constexpr int NV = decltype(nv_const)::value;
-    parallel_rows(images * H, [&] { return [&](int64_t row) { apply_rows<NV>(args, row, row + 1); }; });
+  // U x NV accumulators within the registers (AVX-512: 4 x 3 of 32; AVX2, C = 42: 2 x 6 of 16)
+  auto run = [&](auto nv_const, auto u_const) {
+    constexpr int NV = decltype(nv_const)::value, U = decltype(u_const)::value;
+    parallel_rows(images * H, [&] { return [&](int64_t row) { apply_rows<NV, U>(args, row, row + 1); }; });
   };
-  if (nv == 2) run(std::integral_constant<int, 2>{});
-  else if (nv == 3) run(std::integral_constant<int, 3>{});
-  else run(std::integral_constant<int, 0>{});
+  using four = std::integral_constant<int, 4>;
+  if (nv == 2) run(std::integral_constant<int, 2>{}, four{});
+  else if (nv == 3) run(std::integral_constant<int, 3>{}, four{});
+#if defined(CPU_CAPABILITY_AVX2)
+  else if (nv == 6) run(std::integral_constant<int, 6>{}, std::integral_constant<int, 2>{});
+#endif
+  else run(std::integral_constant<int, 0>{}, four{});
 }
 
 inline int64_t reflect_index(int64_t i, int64_t n) {
