@@ -150,7 +150,29 @@ ALWAYS_INLINE Vec gelu(Vec v) {
   return _mm256_blendv_ps(xq, _mm256_sub_ps(x, xq), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
 }
 
-ALWAYS_INLINE Vec sigmoid(Vec x) { return (Vec(1.0f) + (Vec(0.0f) - x).exp()).reciprocal(); }
+// e^x as exp512 above (Cody-Waite reduction, Cephes' polynomial), 2^n put into the exponent bits (n stays
+// within [-116, 116], normal floats); ATen's exp here is a call into Sleef per vector
+ALWAYS_INLINE __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.0f)), _mm256_set1_ps(80.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+ALWAYS_INLINE Vec sigmoid(Vec v) {
+  const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), v));
+  return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
 #else
 // exact (erf) GELU, written as PyTorch's own vectorised GELU kernel writes it
 ALWAYS_INLINE Vec gelu(Vec x) {
@@ -1335,49 +1357,54 @@ void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf,
       (acc + (load(cp + p * ldc + c0, n) + load(cb + c0, n))).store(dst + c0);
     }
   };
-#if defined(CPU_CAPABILITY_AVX512)
-  // A row at a time: s of the whole row into a buffer, then conv4 as a register-blocked product (four pixels
-  // x NV vectors, each weight vector loaded once for the four) and the gating. (Per pixel, s was stored and
-  // read back at once as f broadcasts, which waited on the store: 0.43 ms a call at 128 x 128.)
-  const int64_t nvz = (C + kLanes - 1) / kLanes;
-  if ((nvz == 2 || nvz == 3) && fv == 1) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // A row at a time: s of the whole row into a buffer, then conv4 as a register-blocked product (U pixels x NV
+  // vectors, each weight vector loaded once for the U) and the gating. (Per pixel, s was stored and read back
+  // at once as f broadcasts, which waited on the store: 0.43 ms a call at 128 x 128.) AVX-512: 4 x 3 sums and
+  // the 3 weight vectors pinned (of 32 registers); AVX2 (C = 42: 6 vectors): 2 x 6 sums, weights from memory.
+  using V = Simd::V;
+  constexpr int64_t kW = Simd::kW;
+  constexpr int U = kW == 16 ? 4 : 2;
+  const int64_t nvz = (C + kW - 1) / kW;
+  if ((nvz == 2 || nvz == 3 || (kW == 8 && nvz == 6)) && ldw >= nvz * kW) {
     auto run = [&](auto nv_const) {
       constexpr int NV = decltype(nv_const)::value;
-      const __mmask16 last = lane_mask(C - (NV - 1) * kLanes);
+      const int64_t tail = C - (NV - 1) * kW;
       parallel_rows(images * H, [&] {
-        auto srow_buffer = std::make_shared<std::vector<float>>((W + 3) * kLanes, 0.0f);  // + 3: a last group of four reads past W
+        auto srow_buffer = std::make_shared<std::vector<float>>((W + U - 1) * fp, 0.0f);  // a last group reads past W
         return [&, srow_buffer](int64_t row) {
           float* srow = srow_buffer->data();
           const int64_t img = row / H, y = row % H;
-          for (int64_t x = 0; x < W; ++x) sample(img, y, x, row * W + x, srow + x * kLanes);
-          for (int64_t x = 0; x < W; x += 4) {
-            const int count = static_cast<int>(std::min<int64_t>(4, W - x));
-            __m512 acc[4][NV];
+          for (int64_t x = 0; x < W; ++x) sample(img, y, x, row * W + x, srow + x * fp);
+          for (int64_t x = 0; x < W; x += U) {
+            const int count = static_cast<int>(std::min<int64_t>(U, W - x));
+            V acc[U][NV];
             for (int v = 0; v < NV; ++v) {
-              const __m512 b = _mm512_maskz_loadu_ps(v == NV - 1 ? last : __mmask16(0xFFFF), b4p + v * kLanes);
-              for (int u = 0; u < 4; ++u) acc[u][v] = b;
+              const V b = Lanes<false>{Simd::mask(v == NV - 1 ? tail : kW)}.load(b4p + v * kW);
+              for (int u = 0; u < U; ++u) acc[u][v] = b;
             }
             for (int64_t k = 0; k < f; ++k) {
-              __m512 wv[NV];
+              V wv[NV];
               for (int v = 0; v < NV; ++v) {
-                wv[v] = _mm512_loadu_ps(w4p + k * ldw + v * kLanes);
-                pin(wv[v]);
+                wv[v] = Simd::load(w4p + k * ldw + v * kW);
+                if constexpr (kW == 16) pin(wv[v]);
               }
-              for (int u = 0; u < 4; ++u) {  // (pixels past the row's end read stale s; never stored)
-                const __m512 sv = _mm512_set1_ps(srow[(x + u) * kLanes + k]);
-                for (int v = 0; v < NV; ++v) acc[u][v] = _mm512_fmadd_ps(sv, wv[v], acc[u][v]);
+              for (int u = 0; u < U; ++u) {  // (pixels past the row's end read stale s; never stored)
+                const V sv = Simd::set1(srow[(x + u) * fp + k]);
+                for (int v = 0; v < NV; ++v) acc[u][v] = Simd::fmadd(sv, wv[v], acc[u][v]);
               }
             }
 #pragma GCC unroll 4
-            for (int u = 0; u < 4; ++u) {  // a fixed trip count: with `u < count` acc was kept on the stack
+            for (int u = 0; u < U; ++u) {  // a fixed trip count: with `u < count` acc was kept on the stack
               if (u >= count) continue;
               float* zr = zp + (row * W + x + u) * ldz;
-#pragma GCC unroll 3
+#pragma GCC unroll 6
               for (int v = 0; v < NV; ++v) {
-                const __mmask16 mk = v == NV - 1 ? last : __mmask16(0xFFFF);
-                __m512 zv = _mm512_maskz_loadu_ps(mk, zr + v * kLanes);
-                if (zb) zv = _mm512_add_ps(zv, _mm512_maskz_loadu_ps(mk, zb + v * kLanes));
-                _mm512_mask_storeu_ps(zr + v * kLanes, mk, _mm512_fmadd_ps(zv, sigmoid(Vec(acc[u][v])), zv));
+                with_lanes(v == NV - 1 ? tail : kW, [&](const auto& ln) __attribute__((always_inline)) {
+                  V zv = ln.load(zr + v * kW);
+                  if (zb) zv = Simd::add(zv, ln.load(zb + v * kW));
+                  ln.store(zr + v * kW, Simd::fmadd(zv, sigmoid(Vec(acc[u][v])), zv));
+                });
               }
             }
           }
@@ -1385,7 +1412,8 @@ void mvsa_tail(Tensor z, int64_t images, int64_t H, int64_t W, const Tensor& cf,
       });
     };
     if (nvz == 2) run(std::integral_constant<int, 2>{});
-    else run(std::integral_constant<int, 3>{});
+    else if (nvz == 3) run(std::integral_constant<int, 3>{});
+    else if constexpr (kW == 8) run(std::integral_constant<int, 6>{});
     return;
   }
 #endif
