@@ -1516,17 +1516,15 @@ inline void gram_block(const float* p, int64_t ld, int64_t count, int64_t C, int
   }
 }
 
-// cell_gram's work on output rows [begin, end), accumulating into `mine` (this thread's cells): per run of
-// one cell's pixels along a row, each head's diagonal block of G (the vectors covering its k channels), then
-// the squared norms.
-void gram_rows(const float* base, int64_t ld, int64_t H, int64_t W, int64_t C, int64_t Cp, int64_t heads,
-               const int64_t* rs, const int64_t* cs, int64_t ny, int64_t nx, int64_t cell_size, float* mine,
-               int64_t begin, int64_t end) {
+// cell_gram's work on rows [begin, end) of one band of cells (rows of one image and one row segment),
+// accumulating into `band` (its nx cells): per run of one cell's pixels along a row, each head's diagonal block
+// of G (the vectors covering its k channels), then the squared norms.
+void gram_rows(const float* base, int64_t ld, int64_t W, int64_t C, int64_t Cp, int64_t heads, const int64_t* cs,
+               int64_t cell_size, float* band, int64_t begin, int64_t end) {
   const int64_t ch = C / heads, nv = (C + kLanes - 1) / kLanes;
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t img = row / H, y = row % H;
     for_each_run(cs, W, [&](int64_t seg, int64_t x_begin, int64_t x_end) {
-      float* g = mine + ((img * ny + rs[y]) * nx + seg) * cell_size;
+      float* g = band + seg * cell_size;
       const float* p = base + (row * W + x_begin) * ld;
       const int64_t count = x_end - x_begin;
       for (int64_t h = 0; h < heads; ++h)
@@ -1554,8 +1552,10 @@ void gram_rows(const float* base, int64_t ld, int64_t H, int64_t W, int64_t C, i
 // cell_gram: per cell, G = sum over its pixels of q k^T (C x C, row = q channel) and the squared norms of the
 // q and k channels, from a map whose columns [0, C) are q and [C, 2C) are k. With `heads` > 1 only the heads'
 // diagonal blocks of G are computed (the attention never reads the rest), the others are written as zeros.
-// Threads take row ranges, each with its own accumulators, summed at the end (so the split does not depend
-// on how cells are sized).
+// The work is cut into units fixed by the layout alone (at most kUnitRows rows of one band), each summing into
+// its own cells, and the units' sums are added in unit order: the result does not depend on which thread took
+// which unit, nor on the thread count, so the same input gives the same bits on every run (per-thread sums
+// under run-time row sharing did not).
 void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C, const Tensor& row_seg,
                const Tensor& col_seg, int64_t ny, int64_t nx, Tensor gram, Tensor sq, int64_t heads) {
   check_map(qk, "qk");
@@ -1569,36 +1569,47 @@ void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C
   const int64_t* cs = col_seg.const_data_ptr<int64_t>();
   const float* base = qk.const_data_ptr<float>();
   const int64_t ld = qk.stride(0);
-  const int threads = at::get_num_threads();
+  // units: runs of rows of one image and one row segment, at most kUnitRows long
+  constexpr int64_t kUnitRows = 16;
+  std::vector<int64_t> first_row;
+  for (int64_t r = 0; r < images * H;) {
+    first_row.push_back(r);
+    const int64_t end_of_image = (r / H + 1) * H;
+    int64_t e = r + 1;
+    while (e < end_of_image && e - r < kUnitRows && rs[e % H] == rs[r % H]) ++e;
+    r = e;
+  }
+  const int64_t units = static_cast<int64_t>(first_row.size());
+  first_row.push_back(images * H);
+  const int64_t band_size = nx * cell_size;
   // kept between calls (per calling thread): a fresh buffer of this size is a new mapping from the OS on
   // every call, page-faulted in 4 KiB at a time
   thread_local std::vector<float> partial_buffer;
-  const size_t need = static_cast<size_t>(threads) * cells * cell_size;
+  const size_t need = static_cast<size_t>(units) * band_size;
   if (partial_buffer.size() < need) partial_buffer.resize(need);
   float* const partial = partial_buffer.data();  // (the worker threads must not name the thread_local)
   std::fill_n(partial, need, 0.0f);
-  parallel_rows(images * H, [&] {
-    float* mine = partial + static_cast<size_t>(at::get_thread_num()) * cells * cell_size;
-    return [&, mine](int64_t row) { gram_rows(base, ld, H, W, C, Cp, heads, rs, cs, ny, nx, cell_size, mine, row, row + 1); };
+  parallel_rows(units, [&] {
+    return [&](int64_t u) {
+      gram_rows(base, ld, W, C, Cp, heads, cs, cell_size, partial + u * band_size, first_row[u], first_row[u + 1]);
+    };
   });
   float* gp = gram.data_ptr<float>();
   float* sp = sq.data_ptr<float>();
+  std::fill_n(gp, cells * C * C, 0.0f);
+  std::fill_n(sp, cells * 2 * C, 0.0f);
   const int64_t ch = C / heads;
-  for (int64_t cell = 0; cell < cells; ++cell) {
-    for (int64_t i = 0; i < C; ++i) {
-      float* dst = gp + (cell * C + i) * C;
-      std::fill_n(dst, C, 0.0f);
-      const int64_t j0 = i / ch * ch;  // the head's block; zeros elsewhere
-      for (int t = 0; t < threads; ++t) {
-        const float* src = partial + (static_cast<size_t>(t) * cells + cell) * cell_size + i * Cp;
-        for (int64_t j = j0; j < j0 + ch; ++j) dst[j] += src[j];
+  for (int64_t u = 0; u < units; ++u) {  // in unit order: a fixed order of the additions
+    const int64_t img = first_row[u] / H, band = rs[first_row[u] % H];
+    for (int64_t seg = 0; seg < nx; ++seg) {
+      const int64_t cell = (img * ny + band) * nx + seg;
+      const float* src = partial + u * band_size + seg * cell_size;
+      for (int64_t i = 0; i < C; ++i) {
+        float* dst = gp + (cell * C + i) * C;
+        const int64_t j0 = i / ch * ch;  // the head's block; zeros elsewhere
+        for (int64_t j = j0; j < j0 + ch; ++j) dst[j] += src[i * Cp + j];
       }
-    }
-    for (int64_t j = 0; j < 2 * C; ++j) {
-      const int64_t off = C * Cp + (j < C ? j : Cp + j - C);
-      float total = 0.0f;
-      for (int t = 0; t < threads; ++t) total += partial[(static_cast<size_t>(t) * cells + cell) * cell_size + off];
-      sp[cell * 2 * C + j] = total;
+      for (int64_t j = 0; j < 2 * C; ++j) sp[cell * 2 * C + j] += src[C * Cp + (j < C ? j : Cp + j - C)];
     }
   }
 }

@@ -878,6 +878,9 @@ def _kernel_weights(model: "AGDN", x: torch.Tensor) -> dict:
             "blocks": [_kernel_block_weights(b, getattr(model, f"B{i + 1}")) for i, b in enumerate(wts["blocks"])],
             "c1_wt": [_pad_cols(wts["c1_wt"][i * c : (i + 1) * c]) for i in range(model.num_block)],
             "c1_b": wts["c1_b"], "c2_wt": _pad_cols(wts["c2_wt"]),
+            # fea_conv as a GEMM on 3x3 patches, rows (ky, kx, input channel) like `_patches3x3`
+            "fea_wt": _pad_cols(model.fea_conv.weight.detach().permute(2, 3, 1, 0).reshape(-1, c).to(x.dtype)),
+            "fea_b": model.fea_conv.bias.detach().to(x.dtype).contiguous(),
             "c2_dw": _taps(wts["c2_dw"]), "c2_dwb": wts["c2_dwb"].contiguous(),
             # the mean added back after the pixel shuffle, as the upsampler conv's bias instead: output channel
             # k comes from conv channels k*s*s .. (k+1)*s*s - 1; saves a pass over the full-size output
@@ -887,12 +890,23 @@ def _kernel_weights(model: "AGDN", x: torch.Tensor) -> dict:
     return wts["kernel"]
 
 
+def _patches3x3(x: torch.Tensor) -> torch.Tensor:
+    """(n, c, h, w) -> (n*h*w, 9c) rows of each pixel's 3x3 neighbourhood (zero padding), ordered (ky, kx, c)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
+    return torch.cat([padded[:, ky : ky + h, kx : kx + w] for ky in range(3) for kx in range(3)], -1).view(-1, 9 * c)
+
+
 def _kernel_forward(model: "AGDN", ops, x: torch.Tensor, placement: Placement | None) -> torch.Tensor:
     kw = _kernel_weights(model, x)
     n, _, h, w = x.shape
     c = model.c1.out_channels
     mean = model.rgb_mean.to(x.dtype)
-    f0 = _rows(model.fea_conv((x - mean).contiguous(memory_format=torch.channels_last))).contiguous()
+    # fea_conv as patches @ weights on the kernels' GEMM: PyTorch's conv for 3 input channels sums in an order
+    # that depends on the thread count (an im2col GEMM split over threads), and the output must not
+    f0 = x.new_empty(n * h * w, c)
+    ops.gemm(_patches3x3(x - mean), kw["fea_wt"], f0, False)
+    ops.bias_act(f0, kw["fea_b"], 0, f0)
     # scratch kept on the model between calls of one size: fresh multi-megabyte buffers cost a page fault
     # per 4 KiB on first touch, which was a third of the run time at 128 x 128
     ws = model._workspace if model._workspace is not None and model._workspace.like.shape == f0.shape else None
