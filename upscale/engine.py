@@ -14,9 +14,11 @@ finite is recomputed in fp32 and counted in `stats.fp32_fallbacks`.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import torch
@@ -66,6 +68,24 @@ def memory_budget(device: torch.device) -> int:
     except (OSError, KeyError, ValueError):
         pass
     return int(min(available * 0.25, 768 << 20))
+
+
+@cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(None).malloc_trim if sys.platform == "linux" else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS. Between tiles: glibc keeps the freed buffers of one tile's
+    forward in its heap, and with the holes between the next tiles' buffers the process grew with the number
+    of tiles, not with the tile (a 3000 x 2000 photo at x4 on the CPU: peak RSS 2.84 GB before, 2.43 GB with
+    this after every tile, the same 91-93 s)."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -212,7 +232,9 @@ class Upscaler:
             def fn(inputs, chunk):
                 t = chunk[0]
                 placement = Placement((big_h, big_w), (t.input[0], t.input[2]))
-                return self._forward(lambda z: arch.local_forward(self.model, z, placement), inputs.to(self.device))
+                y = self._forward(lambda z: arch.local_forward(self.model, z, placement), inputs.to(self.device))
+                release_free_memory()
+                return y
 
             batch = 1
         else:
