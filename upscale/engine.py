@@ -241,7 +241,9 @@ class Upscaler:
             tiles = tiling.plan_blocks(big_h, big_w, spec.block, spec.block_overlap)
 
             def fn(inputs, chunk):
-                return self._forward(self.model, inputs.to(self.device))
+                y = self._forward(self.model, inputs.to(self.device))
+                release_free_memory()
+                return y
 
             batch = max(1, (tile // spec.block) ** 2) if self.device.type == "cuda" else 1
         self.stats.tile, self.stats.tiles = tile, len(tiles)

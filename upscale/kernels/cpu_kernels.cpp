@@ -5,10 +5,12 @@
 // Each kernel replaces a chain of eager PyTorch ops that would each read and write the whole map: a 3x3
 // depthwise conv with its bias, residual and activation is one pass instead of four. Parallel over output
 // rows with ATen's thread pool (the same OpenMP runtime and thread count as PyTorch itself), vectorised over
-// channels with ATen's Vectorized<float> (AVX-512: own GELU, exp and reciprocal, at least as accurate as
+// channels with ATen's Vectorized<float> (AVX-512 and AVX2: own GELU and exp, at least as accurate as
 // PyTorch's; elsewhere ATen's). A 1x1 conv that feeds a depthwise conv can run inside it (pw_dwconv).
-// With AVX-512, 1x1 convs use a register-blocked GEMM of our own (`gemm_rows`) and stride-1 depthwise convs a
-// sweep with the taps in registers (`dw_sweep`); other builds take BLAS's sgemm and the generic loops.
+// With AVX-512 or AVX2, 1x1 convs use a register-blocked GEMM of our own (`gemm_rows`) and stride-1 depthwise
+// convs a sweep with the taps in registers (`dw_sweep`), both written once over the native vector (`Simd`);
+// builds for neither take BLAS's sgemm and the generic loops. Reductions over pixels are summed in an order
+// fixed by the layout, never by the threads: the output is the same bits on every run and thread count.
 // Built on first use by upscale/kernels/__init__.py; every op has an eager equivalent in
 // upscale/models/agdn.py (the fast path without kernels), and tests/test_kernels.py compares them.
 
