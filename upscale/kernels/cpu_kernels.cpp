@@ -53,6 +53,83 @@ constexpr int64_t kMaxChannels = 1024;
 
 enum Act : int64_t { kNone = 0, kGelu = 1 };
 
+// The native vector of the build for the register-blocked kernels written once for both ISAs: its width, the
+// most column vectors a GEMM tile of 4 pixels keeps in registers (32 registers with AVX-512: 4 x 6 sums and 6
+// weight vectors; 16 with AVX2: 4 x 3 and 3), and the few operations they use. A mask selects the first lanes.
+#if defined(CPU_CAPABILITY_AVX512)
+struct Simd {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int kW = 16, kMaxNV = 6;
+  static ALWAYS_INLINE V zero() { return _mm512_setzero_ps(); }
+  static ALWAYS_INLINE V set1(float a) { return _mm512_set1_ps(a); }
+  static ALWAYS_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static ALWAYS_INLINE V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static ALWAYS_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static ALWAYS_INLINE void store(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static ALWAYS_INLINE V load_aligned(const float* p) { return _mm512_load_ps(p); }
+  static ALWAYS_INLINE void store_aligned(float* p, V v) { _mm512_store_ps(p, v); }
+  static ALWAYS_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static ALWAYS_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static ALWAYS_INLINE V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static ALWAYS_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static ALWAYS_INLINE V clamp(V x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, set1(lo)), set1(hi)); }
+  static ALWAYS_INLINE V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static ALWAYS_INLINE V times_pow2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral
+  // 1 / d for d >= 1: 14-bit estimate and one Newton step (relative error ~1e-8)
+  static ALWAYS_INLINE V recip(V d) {
+    const V r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, set1(2.0f)));
+  }
+  static ALWAYS_INLINE M mask(int64_t n) { return n >= 16 ? M(0xFFFF) : M((1u << n) - 1); }
+  // lane j: lo[2j] + lo[2j + 1] for j < 8, then the same of hi
+  static ALWAYS_INLINE V pair_sums(V lo, V hi) {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    return _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
+  }
+};
+#elif defined(CPU_CAPABILITY_AVX2)
+struct Simd {
+  using V = __m256;
+  using M = __m256i;  // all ones in the lanes to load or store
+  static constexpr int kW = 8, kMaxNV = 3;
+  static ALWAYS_INLINE V zero() { return _mm256_setzero_ps(); }
+  static ALWAYS_INLINE V set1(float a) { return _mm256_set1_ps(a); }
+  static ALWAYS_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  static ALWAYS_INLINE V load(const float* p, M m) { return _mm256_maskload_ps(p, m); }
+  static ALWAYS_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static ALWAYS_INLINE void store(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }
+  static ALWAYS_INLINE V load_aligned(const float* p) { return _mm256_load_ps(p); }
+  static ALWAYS_INLINE void store_aligned(float* p, V v) { _mm256_store_ps(p, v); }
+  static ALWAYS_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static ALWAYS_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static ALWAYS_INLINE V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static ALWAYS_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static ALWAYS_INLINE V clamp(V x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, set1(lo)), set1(hi)); }
+  static ALWAYS_INLINE V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n, n integral and within the exponent range of normal floats: n goes into the exponent bits
+  static ALWAYS_INLINE V times_pow2(V p, V n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static ALWAYS_INLINE V recip(V d) { return _mm256_div_ps(set1(1.0f), d); }
+  // lane j: lo[2j] + lo[2j + 1] for j < 4, then the same of hi (the in-lane shuffles leave the 64-bit
+  // quarters in the order lo01 hi01 lo23 hi23; one cross-lane permute puts them right)
+  static ALWAYS_INLINE V pair_sums(V lo, V hi) {
+    const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(lo, hi, 0x88), _mm256_shuffle_ps(lo, hi, 0xDD));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8));
+  }
+  static ALWAYS_INLINE M mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+};
+#endif
+
+
 // GELU(x) = x * Phi(x), Phi the normal CDF, from the tail Q(t) = Phi(-t) at t = |x|: GELU(x) = x * Q(|x|) for
 // x < 0 and x - x * Q(x) for x >= 0 (no cancellation on either side, Q being the small quantity). Q is a
 // degree-5 polynomial in (t - k * 0.375) on the 16 intervals centred at k * 0.375, looked up by a one-table
@@ -74,31 +151,6 @@ alignas(64) constexpr float kGeluTail[6][16] = {
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
-// e^x for x clamped to [-80, 80] (results stay normal floats: a denormal would cost a microcode assist per
-// lane, and e^-80 is already below every rounding step that matters here): Cody-Waite reduction by ln 2 and Cephes' degree-7 polynomial, 2^n by scalef;
-// within 2 ulp, and about a third of the cost of the library call ATen's Vectorized<float>::exp makes
-ALWAYS_INLINE __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.0f)), _mm512_set1_ps(80.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// 1 / d for d >= 1: 14-bit estimate and one Newton step (relative error ~1e-8)
-ALWAYS_INLINE __m512 recip512(__m512 d) {
-  const __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
-}
-
 ALWAYS_INLINE Vec gelu(Vec v) {
   const __m512 x = v;
   const __m512 t = _mm512_abs_ps(x);
@@ -115,10 +167,6 @@ ALWAYS_INLINE Vec gelu(Vec v) {
   return _mm512_mask_sub_ps(xq, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), x, xq);
 }
 
-ALWAYS_INLINE Vec sigmoid(Vec v) {
-  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
-  return recip512(_mm512_add_ps(_mm512_set1_ps(1.0f), e));
-}
 #elif defined(CPU_CAPABILITY_AVX2)
 // The same form on 8 lanes. vpermps indexes 8 entries, so the table has 8 intervals of twice the width
 // (centred at k * 0.75) and a polynomial of degree 7 to keep the accuracy: |error| <= 2.4e-7 against float64,
@@ -152,29 +200,6 @@ ALWAYS_INLINE Vec gelu(Vec v) {
   return _mm256_blendv_ps(xq, _mm256_sub_ps(x, xq), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
 }
 
-// e^x as exp512 above (Cody-Waite reduction, Cephes' polynomial), 2^n put into the exponent bits (n stays
-// within [-116, 116], normal floats); ATen's exp here is a call into Sleef per vector
-ALWAYS_INLINE __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.0f)), _mm256_set1_ps(80.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-ALWAYS_INLINE Vec sigmoid(Vec v) {
-  const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), v));
-  return _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-}
 #else
 // exact (erf) GELU, written as PyTorch's own vectorised GELU kernel writes it
 ALWAYS_INLINE Vec gelu(Vec x) {
@@ -183,6 +208,29 @@ ALWAYS_INLINE Vec gelu(Vec x) {
 }
 
 ALWAYS_INLINE Vec sigmoid(Vec x) { return (Vec(1.0f) + (Vec(0.0f) - x).exp()).reciprocal(); }
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// e^x for x clamped to [-80, 80] (results stay normal floats: a denormal would cost a microcode assist per
+// lane, and e^-80 is already below every rounding step that matters here): Cody-Waite reduction by ln 2 and
+// Cephes' degree-7 polynomial, times 2^n; within 2 ulp, and about a third of the cost of the library call
+// ATen's Vectorized<float>::exp makes (Sleef, per vector)
+ALWAYS_INLINE Simd::V exp_fast(Simd::V x) {
+  using S = Simd;
+  x = S::clamp(x, -80.0f, 80.0f);
+  const S::V n = S::round(S::mul(x, S::set1(1.44269504088896341f)));
+  S::V r = S::fnmadd(n, S::set1(0.693359375f), x);
+  r = S::fnmadd(n, S::set1(-2.12194440e-4f), r);
+  S::V p = S::set1(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = S::fmadd(p, r, S::set1(c));
+  p = S::fmadd(p, S::mul(r, r), S::add(r, S::set1(1.0f)));
+  return S::times_pow2(p, n);
+}
+
+ALWAYS_INLINE Vec sigmoid(Vec v) {
+  return Simd::recip(Simd::add(Simd::set1(1.0f), exp_fast(Simd::sub(Simd::zero(), v))));
+}
 #endif
 
 ALWAYS_INLINE float hsum(Vec v) {
@@ -221,68 +269,12 @@ ALWAYS_INLINE void store(Vec v, float* p, int64_t n) {
 // its branches kept a register tile's vectors on the stack)
 #if defined(CPU_CAPABILITY_AVX512)
 using LaneMask = __mmask16;
-ALWAYS_INLINE LaneMask lane_mask(int64_t n) { return n >= 16 ? LaneMask(0xFFFF) : LaneMask((1u << n) - 1); }
+ALWAYS_INLINE LaneMask lane_mask(int64_t n) { return Simd::mask(n); }
 ALWAYS_INLINE Vec load_lanes(const float* p, LaneMask m) { return _mm512_maskz_loadu_ps(m, p); }
 #else
 using LaneMask = int64_t;
 ALWAYS_INLINE LaneMask lane_mask(int64_t n) { return n; }
 ALWAYS_INLINE Vec load_lanes(const float* p, LaneMask n) { return load(p, n); }
-#endif
-
-// The native vector of the build for the register-blocked kernels written once for both ISAs: its width, the
-// most column vectors a GEMM tile of 4 pixels keeps in registers (32 registers with AVX-512: 4 x 6 sums and 6
-// weight vectors; 16 with AVX2: 4 x 3 and 3), and the few operations they use. A mask selects the first lanes.
-#if defined(CPU_CAPABILITY_AVX512)
-struct Simd {
-  using V = __m512;
-  using M = __mmask16;
-  static constexpr int kW = 16, kMaxNV = 6;
-  static ALWAYS_INLINE V zero() { return _mm512_setzero_ps(); }
-  static ALWAYS_INLINE V set1(float a) { return _mm512_set1_ps(a); }
-  static ALWAYS_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
-  static ALWAYS_INLINE V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
-  static ALWAYS_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static ALWAYS_INLINE void store(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
-  static ALWAYS_INLINE V load_aligned(const float* p) { return _mm512_load_ps(p); }
-  static ALWAYS_INLINE void store_aligned(float* p, V v) { _mm512_store_ps(p, v); }
-  static ALWAYS_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static ALWAYS_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static ALWAYS_INLINE M mask(int64_t n) { return lane_mask(n); }
-  // lane j: lo[2j] + lo[2j + 1] for j < 8, then the same of hi
-  static ALWAYS_INLINE V pair_sums(V lo, V hi) {
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    return _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
-  }
-};
-#elif defined(CPU_CAPABILITY_AVX2)
-struct Simd {
-  using V = __m256;
-  using M = __m256i;  // all ones in the lanes to load or store
-  static constexpr int kW = 8, kMaxNV = 3;
-  static ALWAYS_INLINE V zero() { return _mm256_setzero_ps(); }
-  static ALWAYS_INLINE V set1(float a) { return _mm256_set1_ps(a); }
-  static ALWAYS_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
-  static ALWAYS_INLINE V load(const float* p, M m) { return _mm256_maskload_ps(p, m); }
-  static ALWAYS_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static ALWAYS_INLINE void store(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }
-  static ALWAYS_INLINE V load_aligned(const float* p) { return _mm256_load_ps(p); }
-  static ALWAYS_INLINE void store_aligned(float* p, V v) { _mm256_store_ps(p, v); }
-  static ALWAYS_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static ALWAYS_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  // lane j: lo[2j] + lo[2j + 1] for j < 4, then the same of hi (the in-lane shuffles leave the 64-bit
-  // quarters in the order lo01 hi01 lo23 hi23; one cross-lane permute puts them right)
-  static ALWAYS_INLINE V pair_sums(V lo, V hi) {
-    const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(lo, hi, 0x88), _mm256_shuffle_ps(lo, hi, 0xDD));
-    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8));
-  }
-  static ALWAYS_INLINE M mask(int64_t n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
-                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
-};
 #endif
 
 void check_map(const Tensor& t, const char* name) {
