@@ -145,3 +145,18 @@ def test_weights_file_without_model_is_detected(photo, tmp_path):
     result = run(photo, "--weights", w, "-o", out)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (96, 80)
+
+
+def test_small_tiles_give_the_whole_image_result(tmp_path):
+    # a 64 x 64 photo at x4: tiles of 32-48 px once came out mostly white (seam weights counted too few tiles)
+    src = tmp_path / "c64.png"
+    Image.open(EXAMPLE).convert("RGB").crop((0, 0, 64, 64)).save(src)
+    whole = run(src, "-o", tmp_path / "whole.png")
+    assert whole.returncode == 0, whole.stderr
+    reference = np.asarray(Image.open(tmp_path / "whole.png"), dtype=np.float64)
+    for tile in (32, 40, 48):
+        result = run(src, "--tile", tile, "-o", tmp_path / f"t{tile}.png")
+        assert result.returncode == 0, result.stderr
+        tiled = np.asarray(Image.open(tmp_path / f"t{tile}.png"), dtype=np.float64)
+        psnr = 10 * np.log10(255**2 / ((tiled - reference) ** 2).mean())
+        assert psnr >= 50, f"--tile {tile}: {psnr:.1f} dB against the whole image"

@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import REPO, agdn_eval, load_golden
 from upscale import registry
-from upscale.engine import Upscaler
+from upscale.engine import MIN_TILE, Upscaler
 from upscale.models.base import Placement
 from upscale.tiling import Tile, plan_blocks, plan_halo_tiles, ramp, run_tiles
 from upscale.weights import build_model
@@ -62,6 +62,19 @@ def test_run_tiles_reproduces_a_pointwise_network_exactly():
     assert torch.allclose(y, fn(x, None), atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [(15, 20), (40, 97), (48, 48), (61, 130)])
+@pytest.mark.parametrize("halo,blend", [(48, 16), (48, 0), (8, 16), (30, 64)])
+def test_run_tiles_is_exact_for_a_pointwise_network_at_every_tile_size(size, halo, blend):
+    # Images below, at and above the tile and the TLC window (48): neighbouring cores whose inputs clip to the
+    # same span once divided their shared pixels by too small a weight total (a white image at tiles 32-48).
+    x = torch.rand(1, 3, *size)
+    fn = lambda inputs, chunk: torch.nn.functional.interpolate(inputs, scale_factor=2, mode="nearest")  # noqa: E731
+    expected = fn(x, None)
+    for tile in range(MIN_TILE, 2 * 48 + 1):
+        y = run_tiles(fn, x, plan_halo_tiles(*size, tile, halo, 6), 2, blend=blend)
+        assert torch.allclose(y, expected, atol=1e-6), f"tile {tile}"
+
+
 # -- quality against the reference protocol (the measurement `upscale eval --tile 64 --overlap 16` prints) --
 
 @pytest.mark.parametrize("dataset,scale", [("Set5", 2), ("Set5", 4), ("Set14", 2), ("Set14", 4)])
@@ -89,18 +102,40 @@ def test_agdn_tile_size_does_not_change_the_output(agdn2):
     assert psnr(outputs[0], whole_local) >= 50 and psnr(outputs[1], whole_local) >= 50
 
 
+@pytest.mark.parametrize("size", [(40, 97), (61, 48), (90, 66)])
+def test_agdn_tiled_equals_whole_at_every_tile_size(agdn2, size):
+    # every tile the CLI accepts up to twice the TLC window, on sides below, at and above tile and window
+    x = photo(box=(0, size[0], 0, size[1]))
+    whole_local = agdn2.model(x, Placement(size))
+    agdn2.protocol = "tiled"
+    worst = {}
+    try:
+        for tile in range(MIN_TILE, 2 * agdn2.model.tlc_window + 1):
+            agdn2.tile = tile
+            worst[tile] = psnr(agdn2.run(x), whole_local)
+    finally:
+        agdn2.protocol, agdn2.tile = "reference", None
+    bad = {tile: round(db, 1) for tile, db in worst.items() if db < 50}
+    assert not bad, f"tiled vs whole below 50 dB at tiles {bad}"
+
+
 @pytest.mark.parametrize("family,case,name", [("esc", "esc_x2", "esc"), ("asid", "asid_x2", "asid")])
-def test_block_families_are_tile_invariant(family, case, name):
+def test_block_families_same_output_at_every_tile_size_and_batch(family, case, name):
+    # Their blocks are fixed by the family; --tile only sets how many blocks run per forward (CUDA batches
+    # them). Every tile size gives the same plan, and batched blocks give what one block at a time gives.
     golden = load_golden(family, case)
     model = build_model(registry.resolve(name, 2))
     model.load_state_dict(golden.weights)
-    up = Upscaler(registry.resolve(name, 2), model, protocol="tiled", tile=48)
-    x = photo(box=(0, 100, 0, 150))
-    a = up.run(x)
-    up.tile = 96
-    b = up.run(x)
-    assert a.shape == (1, 3, 200, 300) and torch.isfinite(a).all()
-    assert psnr(a, b) >= 50
+    up = Upscaler(registry.resolve(name, 2), model, protocol="tiled", tile=MIN_TILE)
+    x = photo(box=(0, 70, 0, 150))
+    plans = {str(up.tile_plan(72, 160, tile)[0]) for tile in range(MIN_TILE, 2 * 48 + 1)}
+    assert len(plans) == 1
+    one = up.run(x)
+    tiles = up.stats.tiles
+    assert tiles > 1 and one.shape == (1, 3, 140, 300) and torch.isfinite(one).all()
+    for batch in range(2, tiles + 1):
+        up.tile_batch = batch
+        assert psnr(up.run(x), one) >= 50, f"{tiles} blocks, {batch} per forward"
 
 
 def test_no_seam_along_tile_boundaries(agdn2):

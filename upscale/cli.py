@@ -86,7 +86,7 @@ weights_option = click.option("--weights", type=click.Path(dir_okay=False), defa
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
 tile_option = click.option("--tile", type=int, default=None, metavar="N",
-                           help="Tile size in LR pixels (default: whole image when it fits the memory budget).")
+                           help="Tile size in LR pixels, at least 32 (default: whole image when it fits the memory budget).")
 overlap_option = click.option("--overlap", type=int, default=16, show_default=True,
                               help="Blend width across tile seams, LR pixels.")
 precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",

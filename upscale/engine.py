@@ -116,6 +116,7 @@ class Upscaler:
     overlap: int = DEFAULT_OVERLAP  # blend width across tile seams, LR px
     stats: RunStats = field(default_factory=RunStats)
     warn: bool = True  # say on stderr when a tile falls back to fp32
+    tile_batch: int | None = None  # tiles per forward in block mode; None: (tile // block)^2 on CUDA, 1 on the CPU
 
     @property
     def architecture(self) -> Architecture:
@@ -219,15 +220,23 @@ class Upscaler:
                 tile = max(MIN_TILE, tile // 2)
                 print(f"upscale: out of memory, retrying with --tile {tile}", file=sys.stderr)
 
+    def tile_plan(self, height: int, width: int, tile: int) -> tuple[list[tiling.Tile], int, int]:
+        """(tiles, tiles per forward, blend width) for an image padded to the family's multiple."""
+        spec = self.architecture.tiling_spec(self.model)
+        if spec.local_mode == "placement":
+            halo = max(spec.halo, -(-self.overlap // 2))
+            return tiling.plan_halo_tiles(height, width, tile, halo, spec.alignment), 1, self.overlap
+        batch = self.tile_batch or (max(1, (tile // spec.block) ** 2) if self.device.type == "cuda" else 1)
+        return tiling.plan_blocks(height, width, spec.block, spec.block_overlap), batch, spec.block_overlap
+
     def _tiled_pass(self, x: torch.Tensor, tile: int) -> torch.Tensor:
         arch = self.architecture
         spec = arch.tiling_spec(self.model)
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, spec.pad_multiple)
         big_h, big_w = x.shape[-2:]
+        tiles, batch, blend = self.tile_plan(big_h, big_w, tile)
         if spec.local_mode == "placement":
-            halo = max(spec.halo, -(-self.overlap // 2))
-            tiles = tiling.plan_halo_tiles(big_h, big_w, tile, halo, spec.alignment)
 
             def fn(inputs, chunk):
                 t = chunk[0]
@@ -236,18 +245,14 @@ class Upscaler:
                 release_free_memory()
                 return y
 
-            batch = 1
         else:
-            tiles = tiling.plan_blocks(big_h, big_w, spec.block, spec.block_overlap)
 
             def fn(inputs, chunk):
                 y = self._forward(self.model, inputs.to(self.device))
                 release_free_memory()
                 return y
 
-            batch = max(1, (tile // spec.block) ** 2) if self.device.type == "cuda" else 1
         self.stats.tile, self.stats.tiles = tile, len(tiles)
-        blend = self.overlap if spec.local_mode == "placement" else spec.block_overlap
         y = tiling.run_tiles(fn, x, tiles, self.scale, blend, batch=batch)
         return y[..., : h * self.scale, : w * self.scale]
 

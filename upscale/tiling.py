@@ -202,10 +202,21 @@ def run_tiles(fn: Callable[[torch.Tensor, list[Tile]], torch.Tensor], x: torch.T
     out = None
     rows_total = torch.zeros(height * scale, dtype=torch.float64)
     cols_total = torch.zeros(width * scale, dtype=torch.float64)
-    seen_rows, seen_cols = set(), set()
+    # One weight profile per distinct (core span, input span) of each axis. Keyed by both: on an image not
+    # much larger than the halo, neighbouring cores share one clipped input span, and a profile counted
+    # once per input span only (as before) left their shared pixels divided by too small a total.
+    row_ramps: dict[tuple, torch.Tensor] = {}
+    col_ramps: dict[tuple, torch.Tensor] = {}
     groups: dict[tuple[int, int], list[Tile]] = {}
     for t in tiles:
         groups.setdefault((t.input[1] - t.input[0], t.input[3] - t.input[2]), []).append(t)
+        rows, cols = (t.core[:2], t.input[:2]), (t.core[2:], t.input[2:])
+        if rows not in row_ramps:
+            row_ramps[rows] = ramp(*rows, height, scale, blend)
+            rows_total[t.input[0] * scale : t.input[1] * scale] += row_ramps[rows]
+        if cols not in col_ramps:
+            col_ramps[cols] = ramp(*cols, width, scale, blend)
+            cols_total[t.input[2] * scale : t.input[3] * scale] += col_ramps[cols]
     for same_shape in groups.values():
         for i in range(0, len(same_shape), batch):
             chunk = same_shape[i : i + batch]
@@ -216,14 +227,7 @@ def run_tiles(fn: Callable[[torch.Tensor, list[Tile]], torch.Tensor], x: torch.T
                                   device=out_device)
             for j, t in enumerate(chunk):
                 top, bottom, left, right = (v * scale for v in t.input)
-                wr = ramp(t.core[:2], t.input[:2], height, scale, blend)
-                wc = ramp(t.core[2:], t.input[2:], width, scale, blend)
-                if t.input[:2] not in seen_rows:
-                    seen_rows.add(t.input[:2])
-                    rows_total[top:bottom] += wr
-                if t.input[2:] not in seen_cols:
-                    seen_cols.add(t.input[2:])
-                    cols_total[left:right] += wc
+                wr, wc = row_ramps[t.core[:2], t.input[:2]], col_ramps[t.core[2:], t.input[2:]]
                 weight = (wr[:, None] * wc[None, :]).to(torch.float32)
                 piece = y[j * n : (j + 1) * n].to(out.device, torch.float32)
                 out[..., top:bottom, left:right] += piece * weight.to(out.device)
