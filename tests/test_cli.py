@@ -160,3 +160,55 @@ def test_small_tiles_give_the_whole_image_result(tmp_path):
         tiled = np.asarray(Image.open(tmp_path / f"t{tile}.png"), dtype=np.float64)
         psnr = 10 * np.log10(255**2 / ((tiled - reference) ** 2).mean())
         assert psnr >= 50, f"--tile {tile}: {psnr:.1f} dB against the whole image"
+
+
+def _edited_weights(tmp_path: Path, name: str, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(REPO / "upscale" / "weights" / "agdn_x2.safetensors"))
+    edit(tensors)
+    dest = tmp_path / name
+    save_file(tensors, str(dest))
+    return dest
+
+
+@pytest.mark.parametrize("model_args", [(), ("-m", "agdn", "-s", "2")])
+def test_non_finite_weights_are_a_load_error_naming_the_tensor(photo, tmp_path, model_args):
+    def poison(tensors):
+        tensors["B3.cca.dwconv.weight"][0, 0, 1, 1] = float("nan")
+
+    bad = _edited_weights(tmp_path, "nan.safetensors", poison)
+    out = tmp_path / "out.png"
+    result = run(photo, "--weights", bad, *model_args, "-o", out)
+    assert result.returncode != 0 and not out.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "B3.cca.dwconv.weight" in lines[0], result.stderr
+    assert "non-finite" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_non_finite_output_in_fp32_fails_the_image_without_a_black_file(photo, tmp_path):
+    def overflow(tensors):  # finite weights whose products overflow float32: the output is NaN/Inf
+        tensors["fea_conv.weight"] *= 1e38
+
+    weights = _edited_weights(tmp_path, "huge.safetensors", overflow)
+    out = tmp_path / "out.png"
+    result = run(photo, "--weights", weights, "-o", out, "--json")
+    assert result.returncode == 1 and not out.exists(), result.stderr
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["status"] == "failed" and "NaN or Inf" in record["error"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(photo) in lines[0] and "NaN or Inf" in lines[0], result.stderr
+    assert "RuntimeWarning" not in result.stderr
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7", "cuda", "cpu:3"])
+def test_unavailable_device_is_one_line_usage_error(photo, device):
+    if device.startswith("cuda") and device != "cuda:7":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    result = run(photo, "--device", device, "-o", photo.with_name("out.png"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and device in lines[0] and "available: cpu" in lines[0], result.stderr

@@ -38,14 +38,40 @@ DEFAULT_OVERLAP = 16
 MIN_TILE = 32
 
 
+def available_devices() -> list[str]:
+    """The devices this machine can run on, as `--device` takes them."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """`name` if given ("cpu", "cuda", "cuda:1"), else CUDA when present, else the CPU."""
-    if name and name != "auto":
+    """`name` if given ("cpu", "cuda", "cuda:1"), else CUDA when present, else the CPU.
+
+    Raises ValueError, one line listing what this machine has, for a device that is unknown or absent."""
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = available_devices()
+    try:
         device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, ValueError):
+        device = None
+    ok = device is not None and (
+        device.type == "cpu" and device.index in (None, 0)
+        or device.type == "cuda" and torch.cuda.is_available()
+        and (device.index is None or device.index < torch.cuda.device_count())
+        or device.type == "mps" and "mps" in available and device.index in (None, 0))
+    if not ok:
+        why = "not a device" if device is None else "not available on this machine"
+        raise ValueError(f"device {name!r}: {why} (available: {', '.join(available)})")
+    return device
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The network produced NaN or Inf in float32: broken weights or input, never a black image."""
 
 
 def pad_to_min_size(x: torch.Tensor, min_size: int) -> torch.Tensor:
@@ -156,16 +182,20 @@ class Upscaler:
     def _forward(self, fn, x: torch.Tensor) -> torch.Tensor:
         """fn(x) in the working precision; a non-finite result is recomputed in fp32."""
         dtype = self._dtype()
-        if dtype == torch.float32:
-            return fn(x)
-        with torch.autocast(self.device.type, dtype=dtype):
-            y = fn(x)
-        if torch.isfinite(y).all():
-            return y.float()
-        self.stats.fp32_fallbacks += 1
-        if self.warn:
-            print(f"upscale: non-finite {self.stats.precision} output in a tile, recomputed in fp32", file=sys.stderr)
-        return fn(x).float()
+        if dtype != torch.float32:
+            with torch.autocast(self.device.type, dtype=dtype):
+                y = fn(x)
+            if torch.isfinite(y).all():
+                return y.float()
+            self.stats.fp32_fallbacks += 1
+            if self.warn:
+                print(f"upscale: non-finite {self.stats.precision} output in a tile, recomputed in fp32",
+                      file=sys.stderr)
+        y = fn(x).float()
+        if not torch.isfinite(y).all():
+            raise NonFiniteOutputError("the network's output holds NaN or Inf in float32 (broken weights?); "
+                                       "no image written")
+        return y
 
     # -- execution -----------------------------------------------------------------------------------------
     def _bytes_per_pixel(self) -> int:

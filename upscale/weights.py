@@ -508,6 +508,7 @@ def convert_checkpoint(
             raise WeightsError(f"{src}: cannot tell which model these weights belong to; pass -m MODEL -s SCALE")
     model = build_model(entry)
     check_state_dict(model, state, src, entry)
+    check_finite(state, src)
     tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().clone()
                for k, v in state.items()}
     digest = sha256_of(src)
@@ -540,9 +541,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
         raise WeightsError(f"{path}: a pickled checkpoint; convert it first with `upscale convert {path}`")
     try:
-        return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
+    check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: Path) -> None:
+    """A NaN or Inf anywhere in the weights turns the whole output black (or NaN): refuse such files at load."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise WeightsError(f"{source}: tensor {key} holds {bad} non-finite value{'s' * (bad > 1)} (NaN or Inf); "
+                               "the file is corrupt")
 
 
 def load_model(entry: ModelEntry, weights_path: Path) -> nn.Module:
