@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, assert_matches_golden, golden_case_names, load_golden
 from PIL import Image
 
-from conftest import REPO, assert_matches_golden, golden_case_names, load_golden
 from upscale import kernels, registry
 from upscale.models import get_architecture
-from upscale.models.agdn import tlc_origins
+from upscale.models.agdn.network import tlc_origins
 from upscale.models.base import Placement
 from upscale.weights import load_model, resolve_weights
 

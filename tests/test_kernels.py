@@ -12,10 +12,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
+
 from upscale import kernels
-from upscale.models import agdn as A
+from upscale.models.agdn import fast, fused, network
+from upscale.models.base import Placement
 
 ops = kernels.load()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"fused CPU kernels unavailable: {kernels.status()}")
@@ -51,10 +52,10 @@ def test_dwconv_bias_residual_gelu(n, h, w, c, stride, reflect):
     res = torch.randn_like(ref)
     out = torch.full((ref.shape[0], c + 2), float("nan"))[:, 1 : 1 + c]
     for act in (0, 1):
-        ops.dwconv3x3(x, n, h, w, A._taps(weight), bias, stride, reflect, res, act, 0, out)
+        ops.dwconv3x3(x, n, h, w, fused._taps(weight), bias, stride, reflect, res, act, 0, out)
         want = ref + res
         _close(out, F.gelu(want) if act else want, what=f"act {act}")
-    ops.dwconv3x3(x, n, h, w, A._taps(weight), None, stride, reflect, None, 0, 0, out)
+    ops.dwconv3x3(x, n, h, w, fused._taps(weight), None, stride, reflect, None, 0, 0, out)
     _close(out, ref - bias, what="no bias")
 
 
@@ -65,7 +66,7 @@ def test_dwconv_gate_and_pair_modes():
     weight = torch.randn(168, 1, 3, 3, generator=g)
     conv = _rows(_eager_dw(x, n, h, w, weight, None, 1, False))
     out = torch.empty(n * h * w, 84)
-    ops.dwconv3x3(x, n, h, w, A._taps(weight), None, 1, False, None, 0, 1, out)
+    ops.dwconv3x3(x, n, h, w, fused._taps(weight), None, 1, False, None, 0, 1, out)
     _close(out, F.gelu(conv[:, :84]) * conv[:, 84:], what="gate")
     # pair: AGDN's c4, a grouped 3x3 conv with two input channels per output
     x = torch.randn(n * h * w, 42, generator=g)
@@ -73,7 +74,7 @@ def test_dwconv_gate_and_pair_modes():
     xn = x.reshape(n, h, w, 42).permute(0, 3, 1, 2)
     ref = F.gelu(_rows(F.conv2d(xn, grouped, bias, 1, 1, 1, 21)))
     out = torch.empty(n * h * w, 21)
-    ops.dwconv3x3(x, n, h, w, A._taps(grouped.reshape(42, 1, 3, 3)), bias, 1, False, None, 1, 2, out)
+    ops.dwconv3x3(x, n, h, w, fused._taps(grouped.reshape(42, 1, 3, 3)), bias, 1, False, None, 1, 2, out)
     _close(out, ref, what="pair")
 
 
@@ -140,7 +141,7 @@ def test_cell_gram_and_apply_match_per_cell_matmuls(h, w, c, heads):
     g = torch.Generator().manual_seed(h * w)
     n = 2
     qkv = torch.randn(n, h, w, 3 * c, generator=g)
-    ry, row_seg, cx, col_seg, _, _ = A._cell_layout(48, h, w, None)
+    ry, row_seg, cx, col_seg, _, _ = fast._cell_layout(48, h, w, None)
     gram = torch.full((n, len(ry), len(cx), c, c), float("nan"))
     sq = torch.empty(n, len(ry), len(cx), 2 * c)
     flat = qkv.view(-1, 3 * c)
@@ -166,44 +167,44 @@ def test_cell_gram_and_apply_match_per_cell_matmuls(h, w, c, heads):
 
 
 @pytest.mark.parametrize("h,w,placement", [(128, 128, None), (50, 61, None), (30, 30, None),
-                                           (96, 70, A.Placement((300, 200), (50, 61)))])
+                                           (96, 70, Placement((300, 200), (50, 61)))])
 def test_cell_mats_matches_the_python_reference(agdn_x4, h, w, placement):
     """The per-cell attention matrices (window sums, normalisation, ReLU, heads, project_out folded, mean over
     covering windows) against `_cell_matrices`, from one gram of random q and k."""
-    bw = A._kernel_weights(agdn_x4, torch.zeros(1, 3, 8, 8))["blocks"][2]
+    bw = fused._kernel_weights(agdn_x4, torch.zeros(1, 3, 8, 8))["blocks"][2]
     c = bw["proj"].shape[0]
     g = torch.Generator().manual_seed(h + w)
     n = 2
-    ry, row_seg, cx, col_seg, to_windows, to_cells = A._cell_layout(48, h, w, placement)
+    ry, row_seg, cx, col_seg, to_windows, to_cells = fast._cell_layout(48, h, w, placement)
     qk = torch.randn(n * h * w, 2 * c, generator=g)
     gram = torch.empty(n, len(ry), len(cx), c, c)
     sq = torch.empty(n, len(ry), len(cx), 2 * c)
-    ops.cell_gram(qk, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, A.HEADS)
+    ops.cell_gram(qk, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, network.HEADS)
     mats = torch.full((n, len(ry), len(cx), c, -(-c // 16) * 16), float("nan"))
-    ops.cell_mats(gram, sq, to_windows, to_cells, bw["tau"], bw["proj"], A.HEADS, mats)
+    ops.cell_mats(gram, sq, to_windows, to_cells, bw["tau"], bw["proj"], network.HEADS, mats)
     assert bool((mats[..., c:] == 0).all()), "padding columns must be zeros"
     for i in range(n):
-        want = A._cell_matrices(bw, gram[i], sq[i], to_windows, to_cells)
+        want = fast._cell_matrices(bw, gram[i], sq[i], to_windows, to_cells)
         _close(mats[i, ..., :c], want, rel=1e-6, what=f"image {i}")
 
 
 @pytest.mark.parametrize("h,w,placement", [(64, 64, None), (37, 53, None), (15, 15, None),
-                                           (40, 46, A.Placement((130, 100), (12, 30)))])
+                                           (40, 46, Placement((130, 100), (12, 30)))])
 def test_mvsa_and_rcca_match_the_eager_fast_path(agdn_x4, h, w, placement):
     """MVSA (coarse branch, resize, mask) and RCCA on the kernels vs the eager fast path, block 3 of AGDN x4."""
     x = torch.rand(1, 3, h, w)
     with torch.inference_mode():
-        bw = A._fast_weights(agdn_x4, x)["blocks"][2]
-        kw = A._kernel_weights(agdn_x4, x)["blocks"][2]
+        bw = fast._fast_weights(agdn_x4, x)["blocks"][2]
+        kw = fused._kernel_weights(agdn_x4, x)["blocks"][2]
         blk = agdn_x4.B3
         z = torch.randn(h * w, 42) * 0.5
-        eager = A._fast_mvsa(bw, blk.esa.body[0], z + bw["c5_b"], 1, h, w, placement)
-        fused = z.clone()
-        A._kernel_mvsa(ops, kw, fused, 1, h, w, placement, A._Workspace(z))
-        _close(fused, eager, rel=1e-5, what="mvsa")
-        eager = A._fast_rcca(bw, blk.cca, eager.clone(), 1, h, w, placement)
-        A._kernel_rcca(ops, kw, blk.cca, fused, 1, h, w, placement, A._Workspace(z))
-        _close(fused, eager, rel=1e-5, what="rcca")
+        eager = fast._fast_mvsa(bw, blk.esa.body[0], z + bw["c5_b"], 1, h, w, placement)
+        on_kernels = z.clone()
+        fused._kernel_mvsa(ops, kw, on_kernels, 1, h, w, placement, fast._Workspace(z))
+        _close(on_kernels, eager, rel=1e-5, what="mvsa")
+        eager = fast._fast_rcca(bw, blk.cca, eager.clone(), 1, h, w, placement)
+        fused._kernel_rcca(ops, kw, blk.cca, on_kernels, 1, h, w, placement, fast._Workspace(z))
+        _close(on_kernels, eager, rel=1e-5, what="rcca")
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +281,7 @@ def test_dwconv_side_job_in_the_same_pass():
     both = torch.randn(n * h * w, 63, generator=g)  # [c_d output (21) | c_r pointwise output (42)]
     weight, bias, side_bias = torch.randn(42, 1, 3, 3, generator=g), torch.randn(42, generator=g), torch.randn(21)
     out, distilled = torch.empty(n * h * w, 42), torch.zeros(n * h * w, 84)
-    ops.dwconv3x3(both[:, 21:], n, h, w, A._taps(weight), bias, 1, True, None, 1, 0, out,
+    ops.dwconv3x3(both[:, 21:], n, h, w, fused._taps(weight), bias, 1, True, None, 1, 0, out,
                   both[:, :21], side_bias, distilled[:, 21:42])
     _close(out, F.gelu(_rows(_eager_dw(both[:, 21:], n, h, w, weight, bias, 1, True))))
     _close(distilled[:, 21:42], F.gelu(both[:, :21] + side_bias))
@@ -344,7 +345,7 @@ def test_pw_dwconv_equals_gemm_then_dwconv(n, h, w, cm, off, c, mode, reflect, s
     whole map followed by dwconv3x3 (including the side job reading the GEMM's first columns)."""
     g = torch.Generator().manual_seed(n * h * w + cm)
     x, wpw = torch.randn(n * h * w, 42, generator=g), torch.randn(42, cm, generator=g)
-    weight = A._taps(torch.randn(c, 1, 3, 3, generator=g))
+    weight = fused._taps(torch.randn(c, 1, 3, 3, generator=g))
     bias = torch.randn(c, generator=g) if mode == 0 else None
     res = torch.randn(n * h * w, c, generator=g) if mode == 0 else None
     out_c = c if mode == 0 else c // 2
@@ -370,11 +371,11 @@ def test_rcca_local_weight_matches_box_statistics(agdn_x4, n, h, w):
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
-            kw = A._kernel_weights(agdn_x4, torch.rand(1, 3, h, w))["blocks"][1]
+            kw = fused._kernel_weights(agdn_x4, torch.rand(1, 3, h, w))["blocks"][1]
             t = torch.randn(n * h * w, 42, generator=torch.Generator().manual_seed(h)) * 0.3 + 0.5
-            want = A._rows(agdn_x4.B2.cca.cca(A._nhwc(t, n, h, w), local=True))
+            want = fast._rows(agdn_x4.B2.cca.cca(fast._nhwc(t, n, h, w), local=True))
             got = torch.empty(n * h * w, 42)
-            ops.rcca_local_weight(t, n, h, w, A.LOCAL_STATS_WINDOW, kw["du0_w"], kw["du0_b"], kw["du2_w"],
+            ops.rcca_local_weight(t, n, h, w, network.LOCAL_STATS_WINDOW, kw["du0_w"], kw["du0_b"], kw["du2_w"],
                                   kw["du2_b"], got)
     finally:
         torch.set_num_threads(previous)
@@ -400,9 +401,9 @@ def test_row_sharing_gives_every_row_once_at_any_thread_count(threads):
     g = torch.Generator().manual_seed(threads)
     n, h, w, c = 2, 23, 17, 42
     x, wpw = torch.randn(n * h * w, c, generator=g), torch.randn(c, 64, generator=g)
-    weight, bias = A._taps(torch.randn(c, 1, 3, 3, generator=g)), torch.randn(c, generator=g)
+    weight, bias = fused._taps(torch.randn(c, 1, 3, 3, generator=g)), torch.randn(c, generator=g)
     res = torch.randn(n * h * w, c, generator=g)
-    ry, row_seg, cx, col_seg, _, _ = A._cell_layout(8, h, w, None)
+    ry, row_seg, cx, col_seg, _, _ = fast._cell_layout(8, h, w, None)
     qk = torch.randn(n * h * w, 2 * c, generator=g)
 
     def run():
@@ -412,7 +413,7 @@ def test_row_sharing_gives_every_row_once_at_any_thread_count(threads):
         ops.dwconv3x3(x, n, h, w, weight, bias, 1, False, res, 1, 0, dw)
         ops.gemm(x, wpw, mm, True)
         gram, sq = torch.empty(n, len(ry), len(cx), c, c), torch.empty(n, len(ry), len(cx), 2 * c)
-        ops.cell_gram(qk, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, A.HEADS)
+        ops.cell_gram(qk, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, network.HEADS)
         return pw, dw, mm, gram, sq
 
     before = torch.get_num_threads()

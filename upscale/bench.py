@@ -2,7 +2,7 @@
 
 `run_bench` times `Upscaler.run` (the call the CLI and the API make) on generated images, after warm-up, and
 reports the median and the spread (min, max, quartiles) over the repeats. For models with a fast inference
-path (AGDN: `upscale.models.agdn.set_fast`) the straight reference implementation is timed in the same run,
+path (AGDN: `fast=False` at build time) the straight reference implementation is timed in the same run,
 interleaved repeat by repeat, so the "speed-up vs straight path" is measured side by side under the same
 machine conditions. It also times a folder end to end (decode, infer, encode, write) on a few generated
 PNGs through the CLI's batch pipeline, sequential and overlapped (read-ahead and background writes, see

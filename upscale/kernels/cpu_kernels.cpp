@@ -12,7 +12,7 @@
 // builds for neither take BLAS's sgemm and the generic loops. Reductions over pixels are summed in an order
 // fixed by the layout, never by the threads: the output is the same bits on every run and thread count.
 // Built on first use by upscale/kernels/__init__.py; every op has an eager equivalent in
-// upscale/models/agdn.py (the fast path without kernels), and tests/test_kernels.py compares them.
+// upscale/models/agdn/fast.py (the fast path without kernels), and tests/test_kernels.py compares them.
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY AVX512

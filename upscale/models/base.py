@@ -1,6 +1,6 @@
 """The contract between a model family and the rest of `upscale`.
 
-Every family module (`agdn.py`, `esc.py`, `asid.py`) exports one `ARCHITECTURE` object, a subclass of
+Every family module (`agdn/`, `esc.py`, `asid.py`) exports one `ARCHITECTURE` object, a subclass of
 `Architecture`. The registry, the weights pipeline and the engine talk to a family only through it, so they
 never need an `if family == ...` branch.
 

@@ -1,0 +1,56 @@
+"""AGDN and AGDN-S (Wang et al., CVPRW 2024): the family object the rest of `upscale` talks to.
+
+- `network.py`: the straight network, module by module in the official operation order (the reference);
+- `fast.py`: the same function rearranged for CPU speed in eager PyTorch;
+- `fused.py`: the fast path on the fused CPU kernels (`upscale/kernels`);
+- `model.py`: `AGDN`, the network that inference runs, choosing among the three.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..base import Architecture, TilingSpec
+from .model import AGDN
+from .network import MVSA_STRIDE
+
+
+class AGDNArchitecture(Architecture):
+    family = "agdn"
+    variants = ("agdn", "agdn-s")
+    min_size = 15  # below this the reflect pad of MVSA's smallest map fails (§4.1)
+    local_mode = "placement"
+    tile_alignment = MVSA_STRIDE
+
+    def tiling_spec(self, model):
+        # context of one TLC window on each inner edge: every window that touches a tile's core is then
+        # complete inside the tile (measured on Set14 barbara x2, tile 64: halo 24 -> 49 dB vs the whole
+        # image, -0.07 dB; halo 48 -> 61 dB, +0.02 dB)
+        halo = -(-(model.tlc_window or 48) // MVSA_STRIDE) * MVSA_STRIDE
+        return TilingSpec("placement", MVSA_STRIDE, halo, block=0, block_overlap=0, pad_multiple=1)
+
+    def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> nn.Module:
+        model = AGDN(scale, hparams["num_feat"], hparams["num_block"], hparams.get("tlc_window"),
+                     fast=hparams.get("fast", True))
+        return model.eval()
+
+    def local_forward(self, model, x, placement):
+        return model(x, placement)
+
+    def detect(self, state_dict):
+        if "fea_conv.weight" not in state_dict or "upsampler.0.weight" not in state_dict:
+            return None
+        blocks = sum(1 for k in state_dict if k.endswith(".ea.restormer_attn.temperature"))
+        channels = state_dict["fea_conv.weight"].shape[0]
+        scale = math.isqrt(state_dict["upsampler.0.weight"].shape[0] // 3)
+        if (blocks, channels) == (7, 42):
+            return "agdn", scale
+        if (blocks, channels) == (4, 24):
+            return "agdn-s", scale
+        return None
+
+
+ARCHITECTURE = AGDNArchitecture()

@@ -1,0 +1,292 @@
+"""AGDN's fused-kernel path: the fast path on the fused CPU kernels (float32 on the CPU).
+
+The kernels are `upscale/kernels/cpu_kernels.cpp`, built on first use; without them `fast.py` runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import Placement
+from .fast import _cell_layout, _fast_weights, _nhwc, _rows, _Workspace
+from .network import (
+    AGDB,
+    HEADS,
+    LOCAL_STATS_WINDOW,
+    MVSA_STRIDE,
+    RCCA,
+    BSConv,
+    SparseAttention,
+    _coarse_size,
+)
+
+#
+# The fast path again, on the fused CPU kernels of `upscale/kernels` (float32 CPU only; built on first use,
+# else `_fast_forward` runs). Same algebra as `_fast_forward` plus these exact rearrangements:
+# - a 1x1 conv that feeds a depthwise conv runs inside the depthwise kernel, a few image rows at a time
+#   (`pw_dwconv`): the distillation's c{k}_d + c{k}_r (one GEMM, d_k finished in the same pass), qkv +
+#   qkv_dwconv, and the FFN's project_in + dwconv + gate; their wide intermediate maps never reach memory;
+# - GEMMs are written without their bias, which is added by the kernel that reads the result, or folded
+#   forward (c5's bias into MVSA, exactly: every consumer of z is affine in it before MVSA's product; a bias
+#   before a reflect-padded depthwise conv becomes bias * sum of its taps); GEMM weights are padded to whole
+#   16-float vectors of output columns (`_pad_cols`), as the kernels' GEMM reads them;
+# - c1 reads the block outputs as they come (c1 = sum over blocks of W_i F_i), no concatenated buffer;
+# - RCCA's mean and std come from shifted sums in float64, computed in the pass that makes GELU(decompose(t));
+#   LN3 is computed in RCCA's last pass, LN4 and the block residual in the attention's last pass;
+# - MVSA's whole coarse branch is one call (`mvsa_coarse`), its resize, conv4 and mask another (`mvsa_tail`);
+# - the attention's grams cover only the heads' diagonal blocks; the per-cell matrices (`_cell_matrices`, in
+#   float64) are one kernel call (`cell_mats`), with project_out applied per window instead of per cell;
+# - the RGB mean is added back through the upsampler conv's bias, not as a pass over the output, and the
+#   pixel shuffle reads the conv's channels-last output directly (`pixel_shuffle`).
+# Measured on this project's 2-core machines (AGDN x4, 128 x 128, `upscale bench`): eager fast path ~230 ms,
+# this path ~80-90 ms, the straight path ~400-500 ms.
+
+_LANES = 16  # weights padded to whole vectors of the widest SIMD the kernels use (AVX-512: 16 floats)
+
+
+def _taps(dw: torch.Tensor) -> torch.Tensor:
+    """(C, 1, 3, 3) depthwise weight -> (9, C + padding) tap-major, zero beyond C, as the kernels read it."""
+    c = dw.shape[0]
+    out = dw.new_zeros(9, -(-c // _LANES) * _LANES + _LANES)  # a vector of slack: loads may run past C
+    out[:, :c] = dw.reshape(c, 9).t()
+    return out.contiguous()
+
+
+def _pad_cols(w: torch.Tensor) -> torch.Tensor:
+    """A GEMM's weight (K, C) with zero columns up to a multiple of 16: the kernels' GEMM loads whole vectors
+    of weights and stores only the real output columns."""
+    cols = w.shape[1]
+    out = w.new_zeros(w.shape[0], -(-cols // 16) * 16)
+    out[:, :cols] = w
+    return out
+
+
+def _kernel_block_weights(bw: dict, blk: "AGDB") -> dict:
+    f32 = torch.float32
+    c = bw["c5_wt"].shape[1]
+    out: dict = {}
+    for k in (1, 2, 3):
+        out[f"dr{k}"] = _pad_cols(torch.cat([bw[f"d{k}_w"].t(), bw[f"r{k}_wt"]], dim=1).to(f32))
+        out[f"d{k}_b"] = bw[f"d{k}_b"].flatten().to(f32)
+        out[f"r{k}_dw"], out[f"r{k}_dwb"] = _taps(bw[f"r{k}_dw"].float()), bw[f"r{k}_dwb"].float()
+    out["c4_dw"], out["c4_b"] = _taps(bw["c4_dw"].float()), bw["c4_b"].flatten().to(f32)
+    out["c5_wt"] = _pad_cols(bw["c5_wt"].to(f32))
+    b5 = bw["c5_b"].double()
+    cf_wt, s2_wt = bw["cf_wt"].double(), bw["s2_wt"].double()
+    out["mvsa_wt"] = _pad_cols(torch.cat([cf_wt, s2_wt], dim=1).to(f32))
+    out["cf_b"] = (bw["cf_b"].double() + b5 @ cf_wt).to(f32)
+    s2_dw = bw["s2_dw"].double()
+    s2_bias = bw["s2_b"].double() + b5 @ s2_wt  # constant per channel before a reflect-padded conv
+    out["s2_dw"] = _taps(s2_dw.float())
+    out["s2_dwb"] = (bw["s2_dwb"].double() + s2_bias * s2_dw.flatten(1).sum(1)).to(f32)
+    w4 = bw["c4m_wt"].float()
+    out["w4"] = w4.new_zeros(w4.shape[0], -(-c // _LANES) * _LANES)
+    out["w4"][:, :c] = w4
+    out["b4"], out["z_bias"] = bw["c4m_b"].float(), b5.to(f32)
+    out["cca_dw"], out["cca_dwb"] = _taps(bw["cca_dw"].float()), bw["cca_dwb"].float()
+    out["dec_w"], out["dec_b"] = bw["dec_w"].float().contiguous(), float(bw["dec_b"].item())
+    out["sigma"] = bw["sigma"].float().contiguous()
+    du0, du2 = blk.cca.cca.conv_du[0], blk.cca.cca.conv_du[2]
+    out["du0_w"], out["du0_b"] = du0.weight.detach().flatten(1).float().contiguous(), du0.bias.detach().float()
+    out["du2_w"], out["du2_b"] = du2.weight.detach().flatten(1).float().contiguous(), du2.bias.detach().float()
+    for k in ("ln3_w", "ln3_b", "ln4_w", "ln4_b"):
+        out[k] = bw[k].float().contiguous()
+    out["qkv_wt"], out["qkv_dw"] = _pad_cols(bw["qkv_wt"].float()), _taps(bw["qkv_dw"].float())
+    out["ffin_wt"] = _pad_cols(torch.cat([bw["ffa_wt"], bw["ffb_wt"]], dim=1).float())
+    out["ff_dw"] = _taps(torch.cat([bw["ffa_dw"], bw["ffb_dw"]]).float())
+    out["ffo_wt"] = _pad_cols(bw["ffo_wt"].float())
+    for k in ("tau", "heads", "proj"):  # the attention core is shared with the fast path
+        out[k] = bw[k]
+    m = blk.esa.body[0]  # MVSA's coarse-branch BSConvs, as `mvsa_coarse` reads them
+
+    def bsconv(conv: BSConv) -> list[torch.Tensor]:
+        return [conv.pw.weight.detach().flatten(), conv.dw.weight.detach().flatten(), conv.dw.bias.detach()]
+
+    out["coarse"] = torch.stack([torch.cat(bsconv(m.conv_max_1) + bsconv(m.conv3_1)),
+                                 torch.cat(bsconv(m.conv_max_2) + bsconv(m.conv3_2))]).to(f32).contiguous()
+    return out
+
+
+def _kernel_weights(model: nn.Module, x: torch.Tensor) -> dict:
+    wts = _fast_weights(model, x)
+    if "kernel" not in wts:
+        c = model.c1.out_channels
+        wts["kernel"] = {
+            "blocks": [_kernel_block_weights(b, getattr(model, f"B{i + 1}")) for i, b in enumerate(wts["blocks"])],
+            "c1_wt": [_pad_cols(wts["c1_wt"][i * c : (i + 1) * c]) for i in range(model.num_block)],
+            "c1_b": wts["c1_b"], "c2_wt": _pad_cols(wts["c2_wt"]),
+            # fea_conv as a GEMM on 3x3 patches, rows (ky, kx, input channel) like `_patches3x3`
+            "fea_wt": _pad_cols(model.fea_conv.weight.detach().permute(2, 3, 1, 0).reshape(-1, c).to(x.dtype)),
+            "fea_b": model.fea_conv.bias.detach().to(x.dtype).contiguous(),
+            "c2_dw": _taps(wts["c2_dw"]), "c2_dwb": wts["c2_dwb"].contiguous(),
+            # the mean added back after the pixel shuffle, as the upsampler conv's bias instead: output channel
+            # k comes from conv channels k*s*s .. (k+1)*s*s - 1; saves a pass over the full-size output
+            "up_b": (model.upsampler[0].bias.detach().double()
+                     + model.rgb_mean.double().flatten().repeat_interleave(model.scale**2)).to(x.dtype),
+        }
+    return wts["kernel"]
+
+
+def _patches3x3(x: torch.Tensor) -> torch.Tensor:
+    """(n, c, h, w) -> (n*h*w, 9c) rows of each pixel's 3x3 neighbourhood (zero padding), ordered (ky, kx, c)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
+    return torch.cat([padded[:, ky : ky + h, kx : kx + w] for ky in range(3) for kx in range(3)], -1).view(-1, 9 * c)
+
+
+def _kernel_forward(model: nn.Module, ops, x: torch.Tensor, placement: Placement | None) -> torch.Tensor:
+    kw = _kernel_weights(model, x)
+    n, _, h, w = x.shape
+    c = model.c1.out_channels
+    mean = model.rgb_mean.to(x.dtype)
+    # fea_conv as patches @ weights on the kernels' GEMM: PyTorch's conv for 3 input channels sums in an order
+    # that depends on the thread count (an im2col GEMM split over threads), and the output must not
+    f0 = x.new_empty(n * h * w, c)
+    ops.gemm(_patches3x3(x - mean), kw["fea_wt"], f0, False)
+    ops.bias_act(f0, kw["fea_b"], 0, f0)
+    # scratch kept on the model between calls of one size: fresh multi-megabyte buffers cost a page fault
+    # per 4 KiB on first touch, which was a third of the run time at 128 x 128
+    ws = model._workspace if model._workspace is not None and model._workspace.like.shape == f0.shape else None
+    ws = model._workspace = ws or _Workspace(f0)
+    p = f0.shape[0]
+    acc = ws("c1", p, c)  # c1's output, accumulated block by block
+    u = f0
+    for i, bw in enumerate(kw["blocks"]):
+        u = _kernel_block(ops, bw, getattr(model, f"B{i + 1}"), u, n, h, w, placement, ws, ws(f"out{i % 2}", p, c))
+        ops.gemm(u, kw["c1_wt"][i], acc, i > 0)
+    ops.bias_act(acc, kw["c1_b"], 1, acc)
+    t = torch.empty_like(f0)
+    pw = ws("pw", p, c)
+    ops.gemm(acc, kw["c2_wt"], pw, False)
+    ops.dwconv3x3(pw, n, h, w, kw["c2_dw"], kw["c2_dwb"], 1, True, f0, 0, 0, t)
+    up = model.upsampler[0]
+    y = F.conv2d(_nhwc(t, n, h, w), up.weight, kw["up_b"], padding=up.padding)  # channels-last like its input
+    s = model.scale
+    out = y.new_empty(n, y.shape[1] // (s * s), h * s, w * s)
+    ops.pixel_shuffle(_rows(y).contiguous(), n, h, w, s, out)  # contiguous: no copy for channels-last y
+    return out
+
+
+def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w: int,
+                  placement: Placement | None, ws: _Workspace, out: torch.Tensor) -> torch.Tensor:
+    """One AGDB on (pixels, C) rows `u`; the result goes to `out` (which must not be `u`).
+
+    Scratch buffers are shared by stage, to keep the working set small (at 128 x 128 the separate buffers
+    added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed):
+    "mid" holds c5's input, then q|k|v, then the gated FFN hidden layer; "r0"/"r1" the distillation's r maps,
+    then z and RCCA's t; "wide" MVSA's GEMM output."""
+    p, c = u.shape
+    dc = c // 2
+    distilled = ws("mid", p, 2 * c)  # [d1 | d2 | d3 | r4] per pixel: c5's input
+    r = u
+    for k in (1, 2, 3):
+        r_next = ws(f"r{k % 2}", p, c)
+        # one GEMM for [c{k}_d | c{k}_r pointwise], row by row inside the kernel; r_k = GELU(dw(pw) + bias + r)
+        # and d_k = GELU(c{k}_d + bias) into c5's input
+        ops.pw_dwconv(r, n, h, w, bw[f"dr{k}"], dc, bw[f"r{k}_dw"], bw[f"r{k}_dwb"], True, r, 1, 0, r_next,
+                      bw[f"d{k}_b"], distilled[:, (k - 1) * dc : k * dc])
+        r = r_next
+    ops.dwconv3x3(r, n, h, w, bw["c4_dw"], bw["c4_b"], 1, False, None, 1, 2, distilled[:, 3 * dc :])
+    z = ws("r0", p, c)  # r0 is free again
+    ops.gemm(distilled, bw["c5_wt"], z, False)  # c5 without its bias: folded into MVSA
+    _kernel_mvsa(ops, bw, z, n, h, w, placement, ws)
+    y = ws("y", p, c)
+    _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws, y)  # also y = LN3(z)
+    qkv = ws("mid", p, 3 * c)
+    ops.pw_dwconv(y, n, h, w, bw["qkv_wt"], 0, bw["qkv_dw"], None, False, None, 0, 0, qkv)  # qkv, qkv_dwconv
+    # out = z + Attn + u, and y = LN4(z + Attn), in one pass
+    _kernel_attention(ops, bw, blk.ea.restormer_attn, qkv.view(n, h, w, 3 * c), z, n, h, w, placement, out, (y, u))
+    gated = ws("mid", p, 2 * c)
+    # project_in, dwconv and the gate; the 4C-wide hidden map exists only as three rows per thread
+    ops.pw_dwconv(y, n, h, w, bw["ffin_wt"], 0, bw["ff_dw"], None, False, None, 0, 1, gated)
+    ops.gemm(gated, bw["ffo_wt"], out, True)
+    return out
+
+
+def _kernel_attention(ops, bw: dict, attn: SparseAttention, qkv: torch.Tensor, z: torch.Tensor, n: int, h: int,
+                      w: int, placement, out: torch.Tensor, ln4_and_residual) -> torch.Tensor:
+    """z + project_out(attention) into `out` (pixels, C), one kernel pass for the grams and one for the output,
+    which also writes LN4 of that sum and adds a residual: `ln4_and_residual` = (LN4 output, residual)."""
+    p, c = z.shape
+    ry, row_seg, cx, col_seg, to_windows, to_cells = _cell_layout(attn.tlc_window, h, w, placement)
+    flat = qkv.view(p, 3 * c)
+    gram = qkv.new_empty(n, len(ry), len(cx), c, c)
+    sq = qkv.new_empty(n, len(ry), len(cx), 2 * c)
+    ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, HEADS)
+    mats = qkv.new_empty(n, len(ry), len(cx), c, -(-c // _LANES) * _LANES)
+    ops.cell_mats(gram, sq, to_windows, to_cells, bw["tau"], bw["proj"], HEADS, mats)  # `_cell_matrices`
+    extra = () if ln4_and_residual is None else (bw["ln4_w"], bw["ln4_b"], *ln4_and_residual)
+    ops.cell_apply(flat[:, 2 * c :], z, mats, n, h, w, row_seg, col_seg, len(ry), len(cx), out, *extra)
+    return out
+
+
+def _kernel_mvsa(ops, bw: dict, z: torch.Tensor, n: int, h: int, w: int, placement, ws: _Workspace) -> None:
+    """MVSA in place on z (which still lacks c5's bias; the kernel adds it)."""
+    f = bw["cf_b"].shape[0]
+    # [conv_f | conv2_1..conv2_4 pointwise], conv1 folded in
+    cs = ws("wide", z.shape[0], 5 * f)
+    ops.gemm(z, bw["mvsa_wt"], cs, False)
+    h2, w2 = (h + 1) // 2, (w + 1) // 2
+    s2 = z.new_empty(n * h2 * w2, 4 * f)
+    ops.dwconv3x3(cs[:, f:], n, h, w, bw["s2_dw"], bw["s2_dwb"], 2, True, None, 0, 0, s2)
+    # the coarse maps: pooling, local variance, two BSConvs and a GELU per branch, in one call
+    g1 = z.new_empty(n, f, (h2 + 2 - 5) // 3 + 1, (w2 + 2 - 5) // 3 + 1)
+    g2 = z.new_empty(n, f, (h2 + 2 - 7) // 3 + 1, (w2 + 2 - 7) // 3 + 1)
+    ops.mvsa_coarse(s2, n, h2, w2, bw["coarse"], g1, g2)
+    index, lam = _mvsa_sampling(h, w, (tuple(g1.shape[-2:]), tuple(g2.shape[-2:])), placement)
+    ops.mvsa_tail(z, n, h, w, cs[:, :f], bw["cf_b"], g1, g2, index, lam, bw["w4"], bw["b4"], bw["z_bias"])
+
+
+@functools.lru_cache(maxsize=64)
+def _mvsa_sampling(h: int, w: int, sizes, placement) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear sampling of MVSA's two coarse maps back to h x w, per axis: index (2, 4, n) rows
+    [y0, y1, x0, x1] and upper weights (2, 2, n) rows [ly, lx]. Whole image: PyTorch's align_corners=False
+    rule in float32 as `F.interpolate` computes it; a tile: the whole image's coordinates (see
+    `_resize_as_whole_image`)."""
+    size = max(h, w)
+    index = torch.zeros(2, 4, size, dtype=torch.long)
+    lam = torch.zeros(2, 2, size, dtype=torch.float32)
+    for m, (k, (mh, mw)) in enumerate(zip((5, 7), sizes)):
+        for a, (n_out, n_in) in enumerate(((h, mh), (w, mw))):
+            if placement is None:
+                scale = np.float32(n_in) / np.float32(n_out)
+                src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
+                src = torch.from_numpy(src.astype(np.float64))
+            else:
+                big, off = placement.image_size[a], placement.offset[a]
+                scale = _coarse_size(big, k) / big
+                dst = torch.arange(off, off + n_out, dtype=torch.float64)
+                src = ((dst + 0.5) * scale - 0.5).clamp(min=0) - off // MVSA_STRIDE
+            src = src.clamp(min=0)
+            i0 = src.floor().long().clamp(max=n_in - 1)
+            index[m, 2 * a, :n_out] = i0
+            index[m, 2 * a + 1, :n_out] = (i0 + 1).clamp(max=n_in - 1)
+            lam[m, a, :n_out] = (src - i0).clamp(0, 1).float()
+    return index, lam
+
+
+def _kernel_rcca(ops, bw: dict, r: RCCA, z: torch.Tensor, n: int, h: int, w: int, placement,
+                 ws: _Workspace, ln_out: torch.Tensor | None = None) -> None:
+    """RCCA in place on z; with `ln_out`, also LN3(z) (the attention's input) in the same pass."""
+    p, c = z.shape
+    t = ws("r1", p, c)  # free after c4
+    ops.dwconv3x3(z, n, h, w, bw["cca_dw"], bw["cca_dwb"], 1, False, None, 1, 0, t)
+    g = ws("g", p, 1).view(p)
+    sums = torch.empty(n, 2, c, dtype=torch.float64)
+    ops.rcca_stats(t, n, bw["dec_w"], bw["dec_b"], g, sums)
+    if placement is None:  # mean + std over the image, then conv_du, in one call
+        weight = z.new_empty(n, c)
+        ops.rcca_weight(t, sums, n, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"], weight)
+    else:  # per pixel: statistics over each pixel's neighbourhood (tiles), then conv_du
+        weight = ws("rcca_w", p, c)
+        ops.rcca_local_weight(t, n, h, w, LOCAL_STATS_WINDOW, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"],
+                              weight)
+    if ln_out is None:
+        ops.rcca_combine(z, t, g, bw["sigma"], weight, n)
+    else:
+        ops.rcca_combine(z, t, g, bw["sigma"], weight, n, bw["ln3_w"], bw["ln3_b"], ln_out)

@@ -1,0 +1,70 @@
+"""AGDN as inference runs it: the straight network with its two fast paths in front, and their caches."""
+
+from __future__ import annotations
+
+import torch
+
+from ... import kernels
+from ..base import Placement
+from .fast import _fast_forward, _Workspace
+from .fused import _kernel_forward
+from .network import StraightAGDN
+
+
+class AGDN(StraightAGDN):
+    """The network as inference runs it: the straight modules (`StraightAGDN`, whose weights and state-dict
+    keys it has), with the fast path (`fast.py`) and the fused-kernel path (`fused.py`) in front, and their
+    caches."""
+
+    def __init__(self, scale: int, num_feat: int = 42, num_block: int = 7, tlc_window: int | None = 48,
+                 fast: bool = True):
+        super().__init__(scale, num_feat, num_block, tlc_window)
+        #: inference takes the fast path (`fast.py`) unless False: then the straight reference
+        #: implementation, which follows the official operation order module by module
+        self.fast = fast
+        #: on the CPU in float32, the fast path runs on the fused kernels of `upscale.kernels` when they can be
+        #: built (False: the eager PyTorch version of the fast path, which computes the same values)
+        self.use_kernels = True
+        self._fast_cache: tuple | None = None  # folded weights, rebuilt when a parameter changes
+        self._workspace: _Workspace | None = None  # the fused-kernel path's scratch for the last input size
+        self._module_list: list | None = None  # every submodule, for `_fast_weights`' cache key
+        self.register_load_state_dict_post_hook(_clear_fast_cache)
+
+    def bytes_per_pixel(self, device: torch.device, dtype: torch.dtype) -> int | None:
+        """Peak memory of a forward per LR input pixel on the fused-kernel path (measured ~2.8 KB at 256 x 256
+        and 512 x 512 for x4, output included; 4 KB with a margin), None elsewhere (the engine's estimate)."""
+        if self.fast and self.use_kernels and torch.device(device).type == "cpu" and dtype == torch.float32:
+            return 4_000 if kernels.load() is not None else None
+        return None
+
+    def uses_fast_path(self, x: torch.Tensor, fast: bool | None = None) -> bool:
+        """Whether `forward` takes the fast path for this input: on unless disabled, and only for float32 /
+        float64 inference (nothing that autograd records, no autocast: those run the straight path)."""
+        if not (self.fast if fast is None else fast) or x.dim() != 4:
+            return False
+        if x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def forward(self, x, placement: Placement | None = None, fast: bool | None = None):
+        """As `StraightAGDN.forward`; `fast`: None follows `self.fast` (default True); False forces the straight reference path, which
+        follows the official operation order one module at a time.
+        """
+        if self.uses_fast_path(x, fast):
+            if self.use_kernels and x.device.type == "cpu" and x.dtype == torch.float32:
+                if (ops := kernels.load()) is not None:
+                    return _kernel_forward(self, ops, x, placement)
+            return _fast_forward(self, x, placement)
+        return super().forward(x, placement)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _clear_fast_cache(module, incompatible_keys) -> None:
+    module._fast_cache = None
+    module._module_list = None
