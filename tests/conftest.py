@@ -70,6 +70,14 @@ def assert_matches_golden(ours: torch.Tensor, golden: torch.Tensor, tolerance: t
     )
 
 
+def detected(state_dict) -> tuple[str, int] | None:
+    """(variant, scale) that `upscale.weights.detect` finds for a state dict, or None."""
+    from upscale.weights import detect
+
+    entry = detect(state_dict)
+    return None if entry is None else (entry.name, entry.scale)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _test_threads():
     """UPSCALE_TEST_THREADS=1 when other heavy processes share the machine: there, two OpenMP threads

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, assert_matches_golden, golden_case_names, load_golden
+from conftest import (
+    REPO,
+    assert_matches_golden,
+    detected,
+    golden_case_names,
+    load_golden,
+)
 from PIL import Image
 
 from upscale import kernels, registry
@@ -73,8 +79,8 @@ def test_tlc_window_origins_follow_the_official_grid(size, expected):
 def test_detect_recognises_agdn_weights():
     for name in golden_case_names("agdn"):
         case = load_golden("agdn", name)
-        assert ARCH.detect(case.weights) == (_variant(case), case.meta["scale"])
-    assert ARCH.detect({"foo": torch.zeros(1)}) is None
+        assert detected(case.weights) == (_variant(case), case.meta["scale"])
+    assert detected({"foo": torch.zeros(1)}) is None
 
 
 def test_batch_of_different_images_equals_single_runs():

@@ -8,8 +8,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_matches_golden, detected, golden_case_names, load_golden
 
-from conftest import assert_matches_golden, golden_case_names, load_golden
 from upscale import registry
 from upscale.models import get_architecture
 from upscale.models.asid import ARCHITECTURE, ASID, ASIDArchitecture
@@ -69,11 +69,11 @@ def test_parameter_count_matches_registry(variant, scale):
 
 def test_build_rejects_inconsistent_hparams():
     with pytest.raises(ValueError):
-        ARCHITECTURE.build("asid", 4, {"groups": 8})
+        ARCHITECTURE.build("asid", 4, {})  # the zoo says how many groups
     with pytest.raises(ValueError):
-        ARCHITECTURE.build("asid-xl", 4, {})
+        ARCHITECTURE.build("asid-xl", 4, {"groups": 3})
     with pytest.raises(ValueError):
-        ARCHITECTURE.build("asid", 4, {"window_size": 16})
+        ARCHITECTURE.build("asid", 4, {"groups": 3, "window_size": 16})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,18 +116,18 @@ def test_golden_protocol(name):
 def test_detect_golden_weights(name):
     case = load_golden("asid", name)
     variant = OFFICIAL_CLASS_TO_VARIANT[case.meta["variant"]]
-    assert ARCHITECTURE.detect(case.weights) == (variant, case.meta["scale"])
+    assert detected(case.weights) == (variant, case.meta["scale"])
 
 
 def test_detect_rejects_other_state_dicts():
     sd = random_model("asid", 2).state_dict()
-    assert ARCHITECTURE.detect(sd) == ("asid", 2)
-    assert ARCHITECTURE.detect({}) is None
-    assert ARCHITECTURE.detect({"conv_first.weight": torch.zeros(64, 3, 3, 3)}) is None
+    assert detected(sd) == ("asid", 2)
+    assert detected({}) is None
+    assert detected({"conv_first.weight": torch.zeros(64, 3, 3, 3)}) is None
     two_groups = {k: v for k, v in sd.items() if not k.startswith("block2.")}
-    assert ARCHITECTURE.detect(two_groups) is None
+    assert detected(two_groups) is None
     odd_scale = dict(sd, **{"up.0.weight": torch.zeros(3 * 25, 48, 3, 3)})
-    assert ARCHITECTURE.detect(odd_scale) is None
+    assert detected(odd_scale) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

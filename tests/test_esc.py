@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_matches_golden, detected, golden_case_names, load_golden
 
-from conftest import assert_matches_golden, golden_case_names, load_golden
 from upscale import registry
 from upscale.models import esc
 from upscale.models.esc import ARCHITECTURE
@@ -107,7 +107,7 @@ def test_golden(case_name):
 def test_detect_golden_weights(case_name):
     case = load_golden("esc", case_name)
     entry = registry_entry_for_case(case.meta)
-    assert ARCHITECTURE.detect(case.weights) == (entry.name, entry.scale)
+    assert detected(case.weights) == (entry.name, entry.scale)
 
 
 def test_state_dict_round_trip_and_baked_symmetry():
@@ -318,15 +318,15 @@ def test_param_counts(entry):
     assert count == entry.params == SPEC_PARAMS[(entry.name, entry.scale)]
     assert len(sd) == SPEC_TENSORS[entry.name]
     expected = "esc" if entry.name == "esc-dflip" else entry.name  # DIV2K and DFLIP weights look alike
-    assert ARCHITECTURE.detect(sd) == (expected, entry.scale)
+    assert detected(sd) == (expected, entry.scale)
 
 
 def test_detect_rejects_other_state_dicts():
-    assert ARCHITECTURE.detect({"conv.weight": torch.zeros(3, 3, 3, 3)}) is None
+    assert detected({"conv.weight": torch.zeros(3, 3, 3, 3)}) is None
     with torch.device("meta"):
         sd = build("esc", 2).state_dict()
     missing = dict(sd)
     missing.pop("blocks.0.pconvs.1.aggr.bias")
-    assert ARCHITECTURE.detect(missing) is None
+    assert detected(missing) is None
     odd = dict(sd, **{"to_img.weight": torch.empty(15, 64, 3, 3), "to_img.bias": torch.empty(15)})
-    assert ARCHITECTURE.detect(odd) is None
+    assert detected(odd) is None

@@ -1,6 +1,7 @@
 """The model zoo in weights.toml and name resolution."""
 
 import pytest
+import torch
 
 from upscale import registry
 from upscale.registry import UnknownModelError
@@ -43,3 +44,22 @@ def test_unknown_model_lists_the_choices():
 def test_wrong_scale_lists_the_valid_scales():
     with pytest.raises(UnknownModelError, match="'esc-real' has no x2 weights; valid scales: x4"):
         registry.resolve("esc-real", 2)
+
+
+@pytest.mark.parametrize("entry", registry.all_entries(), ids=lambda e: e.label)
+def test_every_zoo_entry_builds_counts_detects_and_tiles(entry):
+    # the contract every family keeps, checked for every entry of weights.toml (built on the meta device)
+    from upscale.models import get_architecture
+    from upscale.weights import build_model, detect
+
+    with torch.device("meta"):
+        model = build_model(entry)
+    state = model.state_dict()
+    assert sum(v.numel() for v in state.values()) == entry.params
+    found = detect(state)
+    same_shape = [e for e in registry.all_entries() if (e.family, e.scale, dict(e.hparams)) ==
+                  (entry.family, entry.scale, dict(entry.hparams))]
+    assert found == same_shape[0]  # the first of identical shapes (ESC DIV2K and DFLIP weights look alike)
+    spec = get_architecture(entry.family).tiling_spec(model)
+    assert spec.local_mode in ("placement", "blocks") and spec.alignment >= 1 and spec.pad_multiple >= 1
+    assert (spec.halo >= 1) if spec.local_mode == "placement" else (spec.block > spec.block_overlap >= 0)

@@ -82,3 +82,12 @@ def resolve(name: str = DEFAULT_MODEL, scale: int | None = None) -> ModelEntry:
         valid = ", ".join(f"x{s}" for s in sorted(scales))
         raise UnknownModelError(f"model {name!r} has no x{scale} weights; valid scales: {valid}")
     return scales[scale]
+
+
+def match(family: str, scale: int, facts: Mapping[str, Any]) -> list[ModelEntry]:
+    """The zoo entries of a family and scale whose hyper-parameters agree with `facts` (what a family's
+    `describe` read off a state dict), in the zoo's order. A fact the entry does not list never matches,
+    except a false flag (ESC's `use_ln` is off unless listed)."""
+    return [entry for entry in all_entries()
+            if entry.family == family and entry.scale == scale
+            and all(entry.hparams.get(k, False if v is False else None) == v for k, v in facts.items())]

@@ -56,9 +56,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, registry
 from .models import FAMILIES, get_architecture
-from .registry import ModelEntry, all_entries
+from .registry import ModelEntry
 
 # keys that official training frameworks wrap the state dict in, most preferred first
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
@@ -446,14 +446,22 @@ def _unwrap(
 
 
 def detect(state_dict: Mapping[str, torch.Tensor]) -> ModelEntry | None:
-    """The registry entry whose family recognises these keys and shapes, or None."""
+    """The zoo entry these weights belong to, or None: the family that recognises them says what shape of
+    network they hold (`Architecture.describe`), the zoo says which entries have that shape
+    (`registry.match`), and the first whose keys and shapes equal the file's, built on the meta device (no
+    memory), is the one."""
     for family in FAMILIES:
-        found = get_architecture(family).detect(state_dict)
-        if found:
-            variant, scale = found
-            for entry in all_entries():
-                if (entry.name, entry.scale) == (variant, scale):
-                    return entry
+        found = get_architecture(family).describe(state_dict)
+        if found is None:
+            continue
+        scale, facts = found
+        for entry in registry.match(family, scale, facts):
+            with torch.device("meta"):
+                expected = build_model(entry).state_dict()
+            if set(expected) == set(state_dict) and all(
+                tuple(state_dict[k].shape) == tuple(v.shape) for k, v in expected.items()
+            ):
+                return entry
     return None
 
 

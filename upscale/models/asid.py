@@ -55,8 +55,6 @@ PROTOCOL_MIN_SIDE = 25
 TILE = 64
 TILE_OVERLAP = 24
 
-GROUPS = {"asid": 3, "asid-d8": 8}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # small pieces
@@ -474,16 +472,15 @@ class ASIDArchitecture(Architecture):
     pad_multiple = WINDOW
 
     def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> ASID:
-        if variant not in GROUPS:
+        if variant not in self.variants:
             raise ValueError(f"unknown ASID variant {variant!r}; known: {', '.join(self.variants)}")
         if scale not in (2, 3, 4):
             raise ValueError(f"ASID has x2, x3 and x4 models, not x{scale}")
-        groups = int(hparams.get("groups", GROUPS[variant]))
-        if groups != GROUPS[variant]:
-            raise ValueError(f"variant {variant!r} has {GROUPS[variant]} groups, hparams say {groups}")
+        if "groups" not in hparams:
+            raise ValueError("ASID needs its number of groups (hparams 'groups', listed per variant in weights.toml)")
         model = ASID(
             scale=scale,
-            groups=groups,
+            groups=int(hparams["groups"]),
             num_feat=int(hparams.get("num_feat", 48)),
             window_size=int(hparams.get("window_size", WINDOW)),
         )
@@ -509,7 +506,7 @@ class ASIDArchitecture(Architecture):
             y = tiled_forward(model.forward_raw, (x - 0.5) / 0.5, scale, tile, TILE_OVERLAP, blend="uniform")
         return (y[..., : h * scale, : w * scale] + 1) / 2
 
-    def detect(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    def describe(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:
         required = (
             "input.weight",
             "output.weight",
@@ -525,16 +522,13 @@ class ASIDArchitecture(Architecture):
             if f"block{groups}.residual_layer.SLA1.attn.to_v.weight" not in state_dict:
                 return None
             groups += 1
-        variant = next((name for name, n in GROUPS.items() if n == groups), None)
-        if variant is None:
-            return None
         up = state_dict["up.0.weight"]
         if up.dim() != 4 or up.shape[0] % 3:
             return None
         scale = math.isqrt(up.shape[0] // 3)
-        if 3 * scale * scale != up.shape[0] or scale not in (2, 3, 4):
+        if 3 * scale * scale != up.shape[0]:
             return None
-        return variant, scale
+        return scale, {"groups": groups, "num_feat": state_dict["input.weight"].shape[0]}
 
 
 ARCHITECTURE = ASIDArchitecture()

@@ -45,7 +45,7 @@ class TilingSpec:
 
 
 class Architecture:
-    """One model family: how to build it, how the official test procedure runs it, how to spot its weights."""
+    """One model family: how to build it, how the official test procedure runs it, what its weights say of its shape."""
 
     family: str = ""
     #: the variants this family builds (registry `variant` values), e.g. ("agdn", "agdn-s")
@@ -87,6 +87,9 @@ class Architecture:
         """The local-statistics forward of one tile (or of the whole image, with offset (0, 0))."""
         return model(x)
 
-    def detect(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
-        """(variant, scale) if these keys and shapes belong to this family, else None."""
+    def describe(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:
+        """(scale, structural hyper-parameters) read off a state dict of this family, or None if it is not one.
+
+        The hyper-parameters are named as in `weights.toml`; the registry, not the family, matches them to a
+        zoo entry (`registry.match`)."""
         return None

@@ -590,48 +590,16 @@ class ESCArchitecture(Architecture):
     def reference_forward(self, model: nn.Module, lr: torch.Tensor) -> torch.Tensor:
         return reference_forward(model, lr)
 
-    def detect(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
-        """(variant, scale) from keys and shapes. ESC DIV2K and DFLIP weights look alike: both give "esc"."""
+    def describe(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:
+        """ESC DIV2K and DFLIP weights look alike: both match "esc" (the first in the zoo's order)."""
         try:
-            found = _describe(state_dict)
+            return _describe(state_dict)
         except (KeyError, ValueError, IndexError, AttributeError):
             return None
-        if found is None:
-            return None
-        arch, hp, scale = found
-        from upscale import registry
-
-        matches = []
-        for entry in registry.all_entries():
-            if entry.family != self.family or entry.scale != scale:
-                continue
-            want = dict(entry.hparams)
-            if want.pop("arch", "ESC") != arch:
-                continue
-            hidden = int(want["dim"] * want["exp_ratio"])
-            if arch == "ESC" and bool(want.get("use_ln", False)) != hp["use_ln"]:
-                continue
-            if hidden != hp["hidden"] or any(want[k] != hp[k] for k in _SHAPE_KEYS):
-                continue
-            matches.append(entry)
-        if not matches:
-            return None
-        entry = next((e for e in matches if e.name == "esc"), matches[0])
-        # last word: the exact key set and shapes of that model, built on the meta device (no memory, instant)
-        with torch.device("meta"):
-            expected = self.build(entry.name, scale, entry.hparams).state_dict()
-        if set(expected) != set(state_dict) or any(
-            tuple(state_dict[k].shape) != tuple(v.shape) for k, v in expected.items()
-        ):
-            return None
-        return entry.name, scale
 
 
-_SHAPE_KEYS = ("dim", "pdim", "kernel_size", "n_blocks", "conv_blocks", "window_size", "num_heads")
-
-
-def _describe(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict, int] | None:
-    """(arch, structural hparams, scale) read off a state dict, or None if it is not an ESC one."""
+def _describe(sd: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:
+    """(scale, hyper-parameters as weights.toml names them) read off a state dict, or None if not an ESC one."""
     if "lk_channel" in sd and "lk_spatial" in sd:
         arch, large = "ESCFP", sd["lk_spatial"]
     elif "plk_filter" in sd:
@@ -641,18 +609,20 @@ def _describe(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict, int] | None:
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     convs = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.0\.pconvs\.(\d+)\.", k))}
     table = sd["blocks.0.attn.relative_position_bias"]
-    window = (math.isqrt(table.shape[1]) + 1) // 2
+    dim = sd["proj.weight"].shape[0]
     hp = {
-        "dim": sd["proj.weight"].shape[0],
+        "arch": arch,
+        "dim": dim,
         "pdim": large.shape[0],
         "kernel_size": large.shape[-1],
         "n_blocks": len(blocks),
         "conv_blocks": len(convs),
-        "window_size": window,
+        "window_size": (math.isqrt(table.shape[1]) + 1) // 2,
         "num_heads": table.shape[0],
-        "hidden": sd["blocks.0.convffns.0.proj.weight"].shape[0],
-        "use_ln": "blocks.0.lns.0.weight" in sd,
+        "exp_ratio": sd["blocks.0.convffns.0.proj.weight"].shape[0] / dim,
     }
+    if arch == "ESC":  # the other two have no LayerNorm option
+        hp["use_ln"] = "blocks.0.lns.0.weight" in sd
     if arch == "ESCReal":
         scale = 4
     else:
@@ -660,7 +630,7 @@ def _describe(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict, int] | None:
         scale = math.isqrt(outputs // 3)
         if 3 * scale * scale != outputs:
             return None
-    return arch, hp, scale
+    return scale, hp
 
 
 ARCHITECTURE = ESCArchitecture()

@@ -40,17 +40,15 @@ class AGDNArchitecture(Architecture):
     def local_forward(self, model, x, placement):
         return model(x, placement)
 
-    def detect(self, state_dict):
+    def describe(self, state_dict):
         if "fea_conv.weight" not in state_dict or "upsampler.0.weight" not in state_dict:
             return None
         blocks = sum(1 for k in state_dict if k.endswith(".ea.restormer_attn.temperature"))
-        channels = state_dict["fea_conv.weight"].shape[0]
-        scale = math.isqrt(state_dict["upsampler.0.weight"].shape[0] // 3)
-        if (blocks, channels) == (7, 42):
-            return "agdn", scale
-        if (blocks, channels) == (4, 24):
-            return "agdn-s", scale
-        return None
+        outputs = state_dict["upsampler.0.weight"].shape[0]
+        scale = math.isqrt(outputs // 3)
+        if 3 * scale * scale != outputs:
+            return None
+        return scale, {"num_feat": state_dict["fea_conv.weight"].shape[0], "num_block": blocks}
 
 
 ARCHITECTURE = AGDNArchitecture()
