@@ -1,8 +1,8 @@
 """`upscale eval`: PSNR/SSIM of a model against a folder of HR images, as the SR papers measure them.
 
 LR images come from `--lr` (matched by name: `baby.png` <-> `baby.png`, `babyx4.png`, `baby_x4.png`) or are
-made from the HR images with MATLAB-style bicubic (`metrics.bicubic_downscale_uint8`). The protocol is
-DESIGN.md section 7: Y channel, `scale` border pixels cropped, SR clamped and rounded to uint8 first.
+made from the HR images with MATLAB-style bicubic (`metrics.bicubic_downscale_uint8`). The protocol is the
+papers' (see `metrics.py`): Y channel, `scale` border pixels cropped, SR clamped and rounded to uint8 first.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Evaluation metrics and the image operations of the super-resolution test protocol.
 
-The protocol (DESIGN.md section 7, arch/agdn.md section 6), which is how the SR papers report numbers:
+The protocol, which is how the SR papers report numbers (the project spec's evaluation section):
 
 * the SR output is clamped to [0, 1], scaled by 255 and rounded half-to-even to uint8 (:func:`to_uint8`);
 * the HR image is cropped top-left to a multiple of the scale (:func:`mod_crop`);

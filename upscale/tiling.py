@@ -4,13 +4,13 @@ This module knows nothing about model families. A *network function* is any call
 (N, C, h, w) to (N, C_out, s*h, s*w); the tiler cuts the input into tiles, calls the function on each tile and
 writes the outputs into one preallocated (N, C_out, s*H, s*W) tensor.
 
-Two pieces, kept separate so that other planners and blend modes can be added without touching callers:
+Two pieces, kept separate:
 
 - **Planning** (where the tiles go). `grid_origins` is the grid used by several official test scripts
   (ASID / Omni-SR `tester_Matlab.py` among them): with `stride = tile - overlap`, the starts along one axis are
   `list(range(0, size - tile, stride)) + [size - tile]`, so the last tile is flush with the far edge and no start
   is repeated. `plan_tiles` combines the two axes into row-major (top, left) origins.
-- **Assembly** (how overlapping outputs are combined). `blend="uniform"` is the plain average of every tile
+- **Assembly** (how overlapping outputs are combined): the plain average of every tile
   output covering an output pixel: each tile is added into the output buffer in row-major tile order and every
   covered pixel gets +1 in a count map; at the end the sum is divided by the count. This reproduces the official
   ASID procedure bit for bit (same additions, same order, same division).
@@ -28,11 +28,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BLEND_MODES", "Tile", "grid_origins", "plan_blocks", "plan_halo_tiles", "plan_tiles", "ramp",
+__all__ = ["Tile", "grid_origins", "plan_blocks", "plan_halo_tiles", "plan_tiles", "ramp",
            "run_tiles", "tiled_forward"]
-
-#: assembly modes `tiled_forward` understands
-BLEND_MODES: tuple[str, ...] = ("uniform",)
 
 NetworkFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -85,17 +82,14 @@ def tiled_forward(
     scale: int,
     tile: int | tuple[int, int],
     overlap: int | tuple[int, int],
-    blend: str = "uniform",
 ) -> torch.Tensor:
     """Run `fn` over overlapping tiles of `x` (N, C, H, W) and assemble an (N, C_out, scale*H, scale*W) result.
 
     `tile` and `overlap` are in input pixels, an int (square) or a (height, width) pair; each tile side must not
     exceed the matching image side (see `grid_origins`). `fn` gets (N, C, tile_h, tile_w) slices and must return
-    (N, C_out, scale*tile_h, scale*tile_w). `blend="uniform"` averages overlapping outputs with equal weight.
+    (N, C_out, scale*tile_h, scale*tile_w). Overlapping outputs are averaged with equal weight.
     Values are passed through untouched: no range mapping, no clamping.
     """
-    if blend not in BLEND_MODES:
-        raise ValueError(f"unknown blend mode {blend!r}; known: {', '.join(BLEND_MODES)}")
     if x.dim() != 4:
         raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
     if scale < 1:

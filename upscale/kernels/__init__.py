@@ -7,7 +7,7 @@ such chains in one pass. It is built here, not at install time, because a wheel 
 torch into the build environment.
 
 `load()` returns the `torch.ops.upscale_cpu` namespace, or None when the kernels cannot be had: a CPU without
-AVX-512, no C++ compiler, a compile error, a platform other than Linux, or `UPSCALE_CPU_KERNELS=0`. Callers then take the
+AVX2 and FMA, no C++ compiler, a compile error, a platform other than Linux, or `UPSCALE_CPU_KERNELS=0`. Callers then take the
 eager PyTorch path, which computes the same values (the tests compare the two). The first build takes 10-30 s
 (said on stderr when it is a terminal); the shared library is cached under the upscale cache directory, keyed
 by the source, the torch version, the compiler and the CPU, and written atomically, so concurrent first runs

@@ -503,7 +503,7 @@ class ASIDArchitecture(Architecture):
         else:
             tile = tuple(side if side < PROTOCOL_MIN_SIDE else min(TILE, side) for side in (ph, pw))
         with torch.no_grad():
-            y = tiled_forward(model.forward_raw, (x - 0.5) / 0.5, scale, tile, TILE_OVERLAP, blend="uniform")
+            y = tiled_forward(model.forward_raw, (x - 0.5) / 0.5, scale, tile, TILE_OVERLAP)
         return (y[..., : h * scale, : w * scale] + 1) / 2
 
     def describe(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:
