@@ -92,7 +92,7 @@ def _test_threads():
 def _cpu_kernels_built_once():
     """Build (or find) the fused CPU kernels before any test runs, so that the console-script subprocesses
     find them in the cache instead of each compiling them again."""
-    from upscale import kernels
+    from upscale.models.agdn import kernels
 
     kernels.load()
 

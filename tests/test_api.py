@@ -11,10 +11,10 @@ import sys
 import imagecodecs
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
 import upscale
-from conftest import REPO
 from upscale.imageio import LoadedImage, read_image, save_image
 
 EXAMPLES = REPO / "examples"

@@ -17,9 +17,8 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
-
 from conftest import REPO
+from PIL import Image, ImageOps
 from test_cli import run, upscale_cmd
 
 CAT = REPO / "examples" / "cat.png"

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GOLDEN, REPO, golden_case_names, load_golden, need
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import GOLDEN, REPO, golden_case_names, load_golden, need
 from upscale import registry
 from upscale.weights import sha256_of
 

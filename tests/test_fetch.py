@@ -22,14 +22,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import AGDN_PTH, REPO, load_golden, need
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import AGDN_PTH, REPO, load_golden, need
 from upscale import registry
 from upscale.weights import (
-    WeightsError, convert_checkpoint, download, fetch, load_model, mirrored, parse_hub_url, read_safetensors,
-    resolve_weights, sha256_of,
+    WeightsError,
+    convert_checkpoint,
+    download,
+    fetch,
+    load_model,
+    mirrored,
+    parse_hub_url,
+    read_safetensors,
+    resolve_weights,
+    sha256_of,
 )
 
 EXAMPLE = REPO / "examples" / "cat.png"

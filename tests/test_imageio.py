@@ -15,11 +15,17 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image, ImageCms, JpegImagePlugin
 
-from conftest import REPO
 from upscale import imageio
-from upscale.imageio import ImageError, LoadedImage, encode_image, read_image, save_image
+from upscale.imageio import (
+    ImageError,
+    LoadedImage,
+    encode_image,
+    read_image,
+    save_image,
+)
 
 EXAMPLES = REPO / "examples"
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()

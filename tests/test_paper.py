@@ -2,10 +2,8 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
-
 from conftest import BENCHMARKS, agdn_eval, load_golden, need
 from test_cli import upscale_cmd
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, agdn_eval, load_golden
 from PIL import Image
 
-from conftest import REPO, agdn_eval, load_golden
 from upscale import registry
 from upscale.engine import MIN_TILE, Upscaler
 from upscale.models.base import Placement

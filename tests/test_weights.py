@@ -2,18 +2,23 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import AGDN_PTH, need
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import AGDN_PTH, need
 from upscale import registry
 from upscale.weights import (
-    WeightsError, candidate_paths, convert_checkpoint, load_model, packaged_weights_dir, read_safetensors,
-    resolve_weights, sha256_of,
+    WeightsError,
+    candidate_paths,
+    convert_checkpoint,
+    load_model,
+    packaged_weights_dir,
+    read_safetensors,
+    resolve_weights,
+    sha256_of,
 )
 
 UPSCALE = [sys.executable, "-m", "upscale.cli"]

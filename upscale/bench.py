@@ -142,20 +142,12 @@ def _synthetic_image(h: int, w: int, seed: int):
 
 
 def _straight_twin(up):
-    """An Upscaler running the straight reference implementation with the same weights, or None for models
-    without a separate fast path. Built through the family's constructor (`fast=False`), not by flipping a
-    flag on the loaded model."""
+    """An Upscaler running the family's straight reference implementation with the same weights, or None for
+    families with one path."""
     import dataclasses
 
-    from .models import get_architecture
-
-    if not getattr(up.model, "fast", False):
-        return None
-    entry = up.entry
-    twin = get_architecture(entry.family).build(entry.name, entry.scale, {**entry.hparams, "fast": False})
-    twin.load_state_dict(up.model.state_dict(), strict=True)
-    twin = twin.to(up.device).eval().requires_grad_(False)
-    return dataclasses.replace(up, model=twin, stats=type(up.stats)())
+    twin = up.architecture.straight_twin(up.model)
+    return None if twin is None else dataclasses.replace(up, model=twin, stats=type(up.stats)())
 
 
 @contextmanager
@@ -249,7 +241,7 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
               "tile": tile, "threads": n_threads, "repeats": repeats, "warmup": warmup, "busy": too_busy,
               "cpu_busy_before": round(busy["others"], 3), "load_per_core_before": round(busy["load_per_core"], 3),
               # what the fast path ran on (AGDN on the CPU: the fused kernels, or why not)
-              "cpu_kernels": _kernels_status(up)}
+              "cpu_kernels": up.architecture.fast_path_status(up.model, up.device)}
     results: list[dict[str, Any]] = []
     memory_kind = ("torch.cuda.max_memory_allocated" if up.device.type == "cuda"
                    else "process RSS high-water mark (VmHWM, whole process)")
@@ -298,7 +290,7 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
                 speed = straight_row["latency_s"]["median"] / fast_row["latency_s"]["median"]
                 fast_row["speedup_vs_straight"] = straight_row["speedup_vs_straight"] = speed
         if folder_images:
-            results += _folder_run(up, folder_size or sizes[0], folder_images, seed, common, say)
+            results += _folder_run(up, folder_size or sizes[0], folder_images, seed, {**common, "impl": "fast" if straight else "default"}, say)
     # checked again afterwards (other processes only: the load average now includes this run itself)
     if too_busy or cpu_busy(0.2)["others"] > busy_threshold:
         for row in results:
@@ -344,8 +336,7 @@ def _folder_run(up, size: tuple[int, int], count: int, seed: int, common: dict, 
     for mode, values in totals.items():
         total = statistics.median(values)
         say(f"{up.entry.label} folder of {count} x {h}x{w}, {mode}: {total:.2f} s")
-        rows.append({"kind": "folder", **common, "impl": "fast" if getattr(up.model, "fast", False) else "default",
-                     "mode": mode, "size": [h, w], "images": count, "written": written[mode], "rounds": rounds,
+        rows.append({"kind": "folder", **common, "mode": mode, "size": [h, w], "images": count, "written": written[mode], "rounds": rounds,
                      "seconds_total": total, "totals_s": values, "seconds_per_image": total / count,
                      "mpix_per_s": out_mpix / total})
     return rows
@@ -355,15 +346,6 @@ def _folder_run(up, size: tuple[int, int], count: int, seed: int, common: dict, 
 
 def _ms(s: float) -> str:
     return f"{s * 1e3:.1f}"
-
-
-def _kernels_status(up) -> str | None:
-    """What the fast path runs on, for models that have fused CPU kernels (AGDN) on the CPU."""
-    if up.device.type != "cpu" or not getattr(up.model, "use_kernels", False):
-        return None
-    from . import kernels
-
-    return kernels.status()
 
 
 def format_table(results: list[dict[str, Any]], console=None):

@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__, registry
+from .files import atomic_path, cache_dir
 from .models import FAMILIES, get_architecture
 from .registry import ModelEntry
 
@@ -75,13 +76,6 @@ class WeightsError(RuntimeError):
 
 class _NotInHubCache(WeightsError):
     """Offline, and the hub file is not in the Hugging Face cache."""
-
-
-def cache_dir() -> Path:
-    if os.environ.get("UPSCALE_CACHE_DIR"):
-        return Path(os.environ["UPSCALE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "upscale"
 
 
 def packaged_weights_dir() -> Path:
@@ -210,33 +204,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _new_file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path beside `target`, renamed onto it only if the block succeeds; removed otherwise.
-
-    The renamed file gets the permissions of the file it replaces, else the usual ones for a new file (umask),
-    not mkstemp's private 0600.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        mode = target.stat().st_mode & 0o7777 if target.is_file() else _new_file_mode()
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def download(

@@ -87,6 +87,16 @@ class Architecture:
         """The local-statistics forward of one tile (or of the whole image, with offset (0, 0))."""
         return model(x)
 
+    def straight_twin(self, model: nn.Module) -> nn.Module | None:
+        """The same network with the same weights on its straight path (the official operation order, module
+        by module), for `upscale bench` to time beside the default one; None when the family has one path."""
+        return None
+
+    def fast_path_status(self, model: nn.Module, device: torch.device) -> str | None:
+        """One line on what the default path runs on here (e.g. fused CPU kernels, or why not); None when the
+        family has nothing to say."""
+        return None
+
     def describe(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:
         """(scale, structural hyper-parameters) read off a state dict of this family, or None if it is not one.
 

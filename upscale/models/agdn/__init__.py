@@ -2,7 +2,7 @@
 
 - `network.py`: the straight network, module by module in the official operation order (the reference);
 - `fast.py`: the same function rearranged for CPU speed in eager PyTorch;
-- `fused.py`: the fast path on the fused CPU kernels (`upscale/kernels`);
+- `fused.py`: the fast path on the fused CPU kernels, built from `kernels/cpu_kernels.cpp`;
 - `model.py`: `AGDN`, the network that inference runs, choosing among the three.
 """
 
@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from ..base import Architecture, TilingSpec
+from . import kernels
 from .model import AGDN
-from .network import MVSA_STRIDE
+from .network import MVSA_STRIDE, StraightAGDN
 
 
 class AGDNArchitecture(Architecture):
@@ -39,6 +41,16 @@ class AGDNArchitecture(Architecture):
 
     def local_forward(self, model, x, placement):
         return model(x, placement)
+
+    def straight_twin(self, model):
+        twin = StraightAGDN(model.scale, model.fea_conv.out_channels, model.num_block, model.tlc_window)
+        twin.load_state_dict(model.state_dict(), strict=True)
+        return twin.to(model.fea_conv.weight.device).eval().requires_grad_(False)
+
+    def fast_path_status(self, model, device):
+        if torch.device(device).type != "cpu" or not (model.fast and model.use_kernels):
+            return None
+        return kernels.status()
 
     def describe(self, state_dict):
         if "fea_conv.weight" not in state_dict or "upsampler.0.weight" not in state_dict:

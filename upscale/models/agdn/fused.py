@@ -1,6 +1,6 @@
 """AGDN's fused-kernel path: the fast path on the fused CPU kernels (float32 on the CPU).
 
-The kernels are `upscale/kernels/cpu_kernels.cpp`, built on first use; without them `fast.py` runs.
+The kernels are `kernels/cpu_kernels.cpp`, built on first use; without them `fast.py` runs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .network import (
 )
 
 #
-# The fast path again, on the fused CPU kernels of `upscale/kernels` (float32 CPU only; built on first use,
+# The fast path again, on the fused CPU kernels of `kernels/` (float32 CPU only; built on first use,
 # else `_fast_forward` runs). Same algebra as `_fast_forward` plus these exact rearrangements:
 # - a 1x1 conv that feeds a depthwise conv runs inside the depthwise kernel, a few image rows at a time
 #   (`pw_dwconv`): the distillation's c{k}_d + c{k}_r (one GEMM, d_k finished in the same pass), qkv +

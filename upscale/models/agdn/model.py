@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ... import kernels
 from ..base import Placement
+from . import kernels
 from .fast import _fast_forward, _Workspace
 from .fused import _kernel_forward
 from .network import StraightAGDN
@@ -22,7 +22,7 @@ class AGDN(StraightAGDN):
         #: inference takes the fast path (`fast.py`) unless False: then the straight reference
         #: implementation, which follows the official operation order module by module
         self.fast = fast
-        #: on the CPU in float32, the fast path runs on the fused kernels of `upscale.kernels` when they can be
+        #: on the CPU in float32, the fast path runs on the fused kernels (`kernels/`) when they can be
         #: built (False: the eager PyTorch version of the fast path, which computes the same values)
         self.use_kernels = True
         self._fast_cache: tuple | None = None  # folded weights, rebuilt when a parameter changes

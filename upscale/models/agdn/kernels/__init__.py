@@ -22,10 +22,11 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ....files import atomic_path, cache_dir
 
 __all__ = ["load", "status"]
 
@@ -93,8 +94,6 @@ def _command(cxx: str, output: Path) -> list[str]:
 
 
 def _library_path(cxx: str) -> Path:
-    from ..weights import cache_dir  # the same cache as the weights
-
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
@@ -111,16 +110,10 @@ def _build(cxx: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if sys.stderr.isatty():  # progress, like the other progress output: only for a person watching
         print("upscale: building the fused CPU kernels (once, about 10-30 s)...", file=sys.stderr, flush=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    with atomic_path(target) as tmp:
+        done = subprocess.run(_command(cxx, tmp), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"compiler exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load():

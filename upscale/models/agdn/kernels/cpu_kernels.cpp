@@ -11,7 +11,7 @@
 // convs a sweep with the taps in registers (`dw_sweep`), both written once over the native vector (`Simd`);
 // builds for neither take BLAS's sgemm and the generic loops. Reductions over pixels are summed in an order
 // fixed by the layout, never by the threads: the output is the same bits on every run and thread count.
-// Built on first use by upscale/kernels/__init__.py; every op has an eager equivalent in
+// Built on first use by upscale/models/agdn/kernels/__init__.py; every op has an eager equivalent in
 // upscale/models/agdn/fast.py (the fast path without kernels), and tests/test_kernels.py compares them.
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
