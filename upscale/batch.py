@@ -42,12 +42,15 @@ class Job:
     dest: Path  # STDIO for stdout
     from_folder: bool = False  # found by walking a folder (skip-existing is then the default)
     make_folder: bool = False  # dest goes into an output folder: create dest's folder when it is missing
+    conflict: str | None = None  # decided at planning: this input fails with this message (shared output)
+    skip: str | None = None  # decided at planning: this input is skipped for this reason
 
 
 @dataclass
 class Plan:
     jobs: list[Job] = field(default_factory=list)
     not_images: list[Path] = field(default_factory=list)  # skipped while walking folders
+    empty_folders: list[Path] = field(default_factory=list)  # folder inputs with no image in them
 
 
 @dataclass
@@ -59,7 +62,8 @@ class Outcome:
     extra: dict = field(default_factory=dict)
 
     def record(self) -> dict:
-        return {"input": str(self.job.source), "output": str(self.job.dest), "status": self.status,
+        output = None if self.job.skip else str(self.job.dest)
+        return {"input": str(self.job.source), "output": output, "status": self.status,
                 "error": self.error, **self.extra, "seconds": round(self.seconds, 3)}
 
 
@@ -138,6 +142,7 @@ def plan_jobs(inputs: Iterable[str], output: str | None, scale: int, *, suffix: 
             walker = path.rglob("*") if recursive else path.iterdir()
             # the output folder inside the walked one holds our results: never feed them back in
             skip_out = out is not None and _inside(out, path) and not _inside(path, out)
+            before = len(entries)
             for f in sorted(p for p in walker if p.is_file()):
                 if skip_out and _inside(f, out):
                     continue
@@ -148,6 +153,8 @@ def plan_jobs(inputs: Iterable[str], output: str | None, scale: int, *, suffix: 
                     entries.append((f, path))
                 else:
                     plan.not_images.append(f)
+            if len(entries) == before:
+                plan.empty_folders.append(path)
             continue
         entries.append((path, None))
 
@@ -169,14 +176,42 @@ def plan_jobs(inputs: Iterable[str], output: str | None, scale: int, *, suffix: 
         jobs.append(Job(src, dest, from_folder=folder is not None,
                         make_folder=to_folder and dest != STDIO))
     # a file found by walking or globbing that another input's result will be written to is one of our
-    # results from an earlier run (photo_x4.png beside photo.png): not an input
+    # results from an earlier run (photo_x4.png beside photo.png): skipped, and said so
     dests: dict[str, int] = {}
     for i, job in enumerate(jobs):
         if job.dest != STDIO:
             dests.setdefault(_key(job.dest), i)
-    plan.jobs = [job for i, job in enumerate(jobs)
-                 if not (i in found and dests.get(_key(job.source), i) != i)]
+    for i, job in enumerate(jobs):
+        owner = dests.get(_key(job.source), i)
+        if i in found and owner != i:
+            job.skip = f"looks like the result of {jobs[owner].source} (its output name)"
+    _mark_shared_outputs([job for job in jobs if job.skip is None])
+    plan.jobs = jobs
     return plan
+
+
+def _mark_shared_outputs(jobs: list[Job]) -> None:
+    """Inputs whose outputs would land on one file (a.png and a.jpg -> a_x4.png) all fail, each naming the
+    others: skipping or replacing one would lose a result. Names are compared case-insensitively, as the
+    output folder may be on a case-insensitive file system (a.PNG and a.png). The same input given twice is
+    done once."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.dest != STDIO:
+            groups.setdefault(_key(job.dest).casefold(), []).append(job)
+    for group in groups.values():
+        sources: dict[str, Job] = {}
+        for job in group:
+            first = sources.setdefault(_key(job.source) if job.source != STDIO else "-", job)
+            if first is not job:
+                job.skip = f"the same input as {first.source}, given again"
+        distinct = list(sources.values())
+        if len(distinct) < 2:
+            continue
+        for job in distinct:
+            others = ", ".join(str(o.source) for o in distinct if o is not job)
+            job.conflict = (f"{job.source}: its output {job.dest} is also the output of {others}; "
+                            "rename one, or give them different --suffix or -o")
 
 
 def _key(path: Path) -> str:
@@ -271,6 +306,10 @@ def run_jobs(jobs: list[Job], stages: Stages, *, overwrite: bool, skip_existing:
         return time.perf_counter()  # when it was done, for the job's seconds
 
     def verdict(job: Job) -> Outcome | None:
+        if job.conflict:
+            return Outcome(job, "failed", job.conflict)
+        if job.skip:
+            return Outcome(job, "skipped", job.skip)
         if job.dest != STDIO and job.source != STDIO and job.dest.exists() and _key(job.dest) == _key(job.source):
             return Outcome(job, "failed", f"{job.dest}: refusing to write over the input image")
         if job.dest != STDIO and job.dest.exists() and not overwrite:
@@ -303,6 +342,8 @@ def run_jobs(jobs: list[Job], stages: Stages, *, overwrite: bool, skip_existing:
         """Start reading the next job that will need its input (not one whose output already exists)."""
         for j in range(after + 1, len(jobs)):
             nxt = jobs[j]
+            if nxt.conflict or nxt.skip:
+                continue
             if nxt.dest == STDIO or overwrite or not nxt.dest.exists():
                 if j not in reads:
                     reads[j] = reader.submit(stages.read, nxt)
@@ -387,7 +428,8 @@ class UpscaleStages:
         from .imageio import format_for, save_image
 
         image, provenance = result
-        out_fmt = self.fmt or (format_for(job.dest) if job.dest != STDIO else None) or "PNG"
+        # stdout takes PNG unless told; a file's format comes from --format or its name (never a silent PNG)
+        out_fmt = self.fmt or (format_for(job.dest) if job.dest != STDIO else "PNG")
         prepare_folder(job)
         save_image(image, "-" if job.dest == STDIO else job.dest, out_fmt, quality=self.quality,
                    overwrite=self.overwrite, protect=self.protect, provenance=provenance)

@@ -4,13 +4,18 @@
 subcommands are `models`, `fetch`, `convert` and `eval`. A file that happens to be named like a subcommand
 is reached as `./models`.
 
-Exit codes: 0 every input done; 1 some input failed (each failure is one line on stderr); 2 usage error
-(unknown model, wrong scale, bad option); 130 interrupted.
+Exit codes: 0 every input done; 1 some input failed, or a folder held no image (each failure is one line on
+stderr); 2 usage error: something the command line names is wrong before any input is read (unknown model,
+wrong scale, bad option, a --weights file that is missing, corrupt or not weights, an unavailable device);
+130 interrupted. Every error line starts with `error: `, and control characters in names are escaped so
+that a line stays one line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import sys
 import time
@@ -21,22 +26,71 @@ import click
 from . import __version__, registry
 from .imageio import FORMATS, ImageError
 
-EXIT_CODES = "Exit codes: 0 all done, 1 some inputs failed, 2 usage error, 130 interrupted."
+EXIT_CODES = ("Exit codes: 0 all done, 1 some inputs failed (or a folder held no image), 2 usage error, "
+              "130 interrupted.")
 
 
-class UsageProblem(click.ClickException):
+def printable(text: str) -> str:
+    """`text` with control characters escaped as Python writes them (a newline in a file name becomes \\n),
+    so that every message stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+
+
+class Problem(click.ClickException):
+    """A one-line error, `error: ...` on stderr, exit code 1 (a failed input)."""
+
+    exit_code = 1
+
+    def show(self, file=None) -> None:
+        _err(self.format_message())
+
+
+class UsageProblem(Problem):
     """A one-line usage error (exit code 2), without click's multi-line usage banner."""
 
     exit_code = 2
 
 
 class DefaultCommandGroup(click.Group):
-    """A group whose first argument, when it is not a subcommand, goes to the default `run` command."""
+    """A group whose first argument, when it is not a subcommand, goes to the default `run` command; every
+    error ends as one `error:` line and an exit code (click's own usage errors included)."""
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+            sys.stdout.flush()
+        except click.UsageError as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            _err(e.format_message() + hint)
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            _closed_stdout()
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _closed_stdout() -> None:
+    """The reader of stdout went away before everything was written (`| head -c 100`): say so, exit 1,
+    and point stdout at /dev/null so that Python's final flush adds no second message."""
+    _err("stdout was closed before all the output was written (broken pipe)")
+    with_devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(with_devnull, sys.stdout.fileno())
+    sys.exit(1)
 
 
 def _entry(model: str | None, scale: int | None, weights: str | None = None) -> registry.ModelEntry:
@@ -67,14 +121,22 @@ def _load_upscaler(entry, weights, device, protocol="reference", offline=False, 
     try:
         return Upscaler.load(entry, weights, device=device, protocol=protocol, offline=offline,
                              precision=precision, tile=tile, overlap=overlap)
-    except WeightsError as e:
-        raise click.ClickException(str(e)) from None
-    except ValueError as e:
+    except (WeightsError, ValueError) as e:  # the weights or an option named on the command line
         raise UsageProblem(str(e)) from None
 
 
 def _err(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {printable(message)}", err=True)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {printable(message)}", err=True)
+
+
+def _warn_half_precision_on_cpu(upscaler) -> None:
+    if upscaler.device.type == "cpu" and upscaler.working_precision != "fp32":
+        _warn(f"{upscaler.working_precision} on the CPU is much slower than fp32 (emulated, 10-700x measured); "
+              "half precision pays on a GPU")
 
 
 model_option = click.option("-m", "--model", default=None, metavar="MODEL",
@@ -91,7 +153,8 @@ overlap_option = click.option("--overlap", type=int, default=16, show_default=Tr
                               help="Blend width across tile seams, LR pixels.")
 precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
                                 show_default=True, help="auto: fp16 on CUDA, fp32 on the CPU; non-finite tiles "
-                                "are recomputed in fp32.")
+                                "are recomputed in fp32. Half precision on the CPU is much slower than fp32 "
+                                "(a warning says so).")
 offline_option = click.option("--offline", is_flag=True, help="Never touch the network (HF_HUB_OFFLINE=1 too).")
 
 
@@ -178,14 +241,23 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
             raise UsageProblem(f"-o - (stdout) takes exactly one input, got {len(plan.jobs)}")
         if output and output != "-" and len(plan.jobs) > 1 and Path(output).is_file():
             raise UsageProblem(f"{output}: with several inputs, -o must be a folder")
+        for job in plan.jobs:
+            if job.dest != STDIO and not job.make_folder:  # -o names the file: its name says the format
+                _check_output_name(job.dest, fmt)
         if dry_run:
             for job in plan.jobs:
                 state = "exists" if job.dest != STDIO and job.dest.exists() else "new"
+                if job.conflict or job.skip:
+                    state = "fails: " + job.conflict if job.conflict else "skipped: " + job.skip
                 click.echo(json.dumps({"input": str(job.source), "output": str(job.dest), "output_state": state})
-                           if as_json else f"{job.source} -> {job.dest} ({state})")
+                           if as_json else printable(f"{job.source} -> {job.dest} ({state})"))
             for path in plan.not_images:
                 click.echo(json.dumps({"input": str(path), "status": "skipped", "error": "not an image"})
-                           if as_json else f"{path}: not an image, skipped")
+                           if as_json else printable(f"{path}: not an image, skipped"))
+            for folder in plan.empty_folders:
+                _err(_no_images(folder, recursive))
+            if plan.empty_folders:
+                sys.exit(1)
             return
 
         protect = tuple(job.source for job in plan.jobs if job.source != STDIO)
@@ -194,6 +266,8 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
             if tile is not None and protocol == "auto":
                 protocol = "tiled"
             upscaler = _load_upscaler(entry, weights, device, protocol, offline, precision, tile, overlap)
+            if not quiet:
+                _warn_half_precision_on_cpu(upscaler)
             base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
                            "precision": upscaler.working_precision, "protocol": protocol, "tile": tile}
 
@@ -211,17 +285,22 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
 
             def report(outcome):
                 record = {**base_record, **outcome.record()}
+                name = "<stdin>" if outcome.job.source == STDIO else str(outcome.job.source)
+                if record.get("error"):  # one line, as on stderr
+                    record["error"] = printable(record["error"])
                 if as_json:
                     click.echo(json.dumps(record))
                 if outcome.status == "failed":
-                    message = (outcome.error or "failed").splitlines()[0]
-                    name = "<stdin>" if outcome.job.source == STDIO else str(outcome.job.source)
+                    message = outcome.error or "failed"
                     if name not in message and str(outcome.job.dest) not in message:
                         message = f"{name}: {message}"  # every failure line names its file
                     _err(message)
                 elif not quiet and not as_json and outcome.status == "ok" and output != "-":
-                    click.echo(f"{outcome.job.source} -> {outcome.job.dest} ({entry.label}, "
-                               f"{outcome.seconds:.2f} s)", err=True)
+                    click.echo(printable(f"{outcome.job.source} -> {outcome.job.dest} ({entry.label}, "
+                                         f"{outcome.seconds:.2f} s)"), err=True)
+                if not quiet:
+                    for warning in outcome.extra.get("warnings", ()):
+                        _warn(f"{name}: {warning}")
                 if progress is not None:
                     progress.advance(task)
 
@@ -229,6 +308,12 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
                 for path in plan.not_images:
                     click.echo(json.dumps({"input": str(path), "output": None, "status": "skipped",
                                            "error": "not an image", **base_record, "seconds": 0.0}))
+            for folder in plan.empty_folders:
+                if as_json:
+                    click.echo(json.dumps({"input": str(folder), "output": None, "status": "failed",
+                                           "error": printable(_no_images(folder, recursive)), **base_record,
+                                           "seconds": 0.0}))
+                _err(_no_images(folder, recursive))
             outcomes = run_jobs(plan.jobs, stages, overwrite=overwrite, skip_existing=skip_existing,
                                 on_outcome=report,
                                 errors=(ImageError, OSError, ValueError, RuntimeError, MemoryError))
@@ -242,7 +327,9 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         if progress is not None:
             progress.stop()
     counts = {k: sum(o.status == k for o in outcomes) for k in ("ok", "skipped", "failed")}
-    summary = {"summary": True, **counts, "not_images": len(plan.not_images), "total": len(plan.jobs),
+    counts["failed"] += len(plan.empty_folders)  # a folder with nothing to do is a failed input
+    summary = {"summary": True, **counts, "not_images": len(plan.not_images),
+               "total": len(plan.jobs) + len(plan.empty_folders),
                "not_started": len(plan.jobs) - len(outcomes), "interrupted": interrupted,
                "seconds": round(time.perf_counter() - start, 3)}
     if as_json:
@@ -251,15 +338,37 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         click.echo(f"interrupted: {counts['ok']} done, {counts['skipped']} skipped, {counts['failed']} failed, "
                    f"{summary['not_started']} not started; no partial file left", err=True)
         sys.exit(130)
-    if not quiet and not as_json and (len(plan.jobs) > 1 or plan.not_images):
-        click.echo(f"{counts['ok']} upscaled, {counts['skipped']} skipped (output exists), {counts['failed']} failed, "
-                   f"{len(plan.not_images)} not images", err=True)
+    if not quiet and not as_json and (len(plan.jobs) > 1 or plan.not_images or plan.empty_folders):
+        reasons = sorted({o.error or "" for o in outcomes if o.status == "skipped"})
+        why = f" ({'; '.join(reasons)})" if len(reasons) == 1 else ""
+        click.echo(printable(f"{counts['ok']} upscaled, {counts['skipped']} skipped{why}, {counts['failed']} failed, "
+                             f"{len(plan.not_images)} not images"), err=True)
     if counts["failed"]:
         sys.exit(1)
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _no_images(folder: Path, recursive: bool) -> str:
+    return f"no images found in {folder}" + (" or its sub-folders" if recursive else "")
+
+
+def _check_output_name(dest: Path, fmt: str | None) -> None:
+    """A file named by -o holds the format its extension says: an extension we cannot write, or one that
+    disagrees with --format, is a usage error (PNG bytes in `big.gif` helped nobody). With --format, a name
+    without a known image extension (`out.img`) is written in that format."""
+    from .imageio import format_for
+
+    named = format_for(dest)
+    if fmt is None and named is None:
+        known = ", ".join(f".{e}" for e in FORMATS)
+        raise UsageProblem(f"{dest}: cannot write {dest.suffix or 'a file without an extension'!s} images; "
+                           f"name it with one of {known}, or pass --format")
+    if fmt is not None and named is not None and named != format_for(None, fmt):
+        raise UsageProblem(f"{dest}: the name says {named} but --format says {format_for(None, fmt)}; "
+                           "make them agree")
 
 
 @main.command(epilog=EXIT_CODES)
@@ -276,17 +385,17 @@ def convert(checkpoint, output, model, scale, key, overwrite):
 
     src = Path(checkpoint)
     if not src.is_file():
-        raise click.ClickException(f"{src}: no such file")
+        raise Problem(f"{src}: no such file")
     dst = Path(output) if output else src.with_suffix(".safetensors")
     if dst.exists() and not overwrite:
-        raise click.ClickException(f"{dst}: already exists (use --overwrite to replace it)")
+        raise Problem(f"{dst}: already exists (use --overwrite to replace it)")
     entry = None
     if model is not None or scale is not None:
         entry = _entry(model, scale)
     try:
         used = convert_checkpoint(src, dst, entry, key=key)
-    except WeightsError as e:
-        raise click.ClickException(str(e)) from None
+    except WeightsError as e:  # the checkpoint is convert's input
+        raise Problem(str(e)) from None
     click.echo(f"{src} -> {dst} ({used.label})", err=True)
 
 
@@ -315,10 +424,11 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
         protocol = "tiled"
     upscaler = _load_upscaler(_entry(model, scale, weights), weights, device, protocol, offline, precision, tile,
                               overlap)
+    _warn_half_precision_on_cpu(upscaler)
     try:
         result = evaluate(upscaler, hr_dir, lr_dir)
     except ImageError as e:
-        raise click.ClickException(str(e)) from None
+        raise Problem(str(e)) from None
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -443,7 +553,7 @@ def bench(model, scale, weights, random_weights, device, offline, sizes, precisi
                             folder_images=folder_images, force=force,
                             log=None if as_json else (lambda line: click.echo(line, err=True)))
     except MachineBusyError as e:
-        raise click.ClickException(str(e)) from None
+        raise Problem(str(e)) from None
     except ValueError as e:
         raise UsageProblem(str(e)) from None
     if as_json:

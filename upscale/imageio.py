@@ -1077,8 +1077,7 @@ def save_image(image: Any, dest: str | os.PathLike | BinaryIO, fmt: str | None =
             raise ImageError(f"{label}: unknown output format {fmt!r}; use one of png, jpeg, webp, tiff, bmp")
         data = encode_image(image, fmt_name, quality=quality, provenance=provenance, name=label)
         try:
-            stream.write(data)
-            stream.flush()
+            _write_all(stream, data)
         except OSError as e:
             raise ImageError(f"{label}: cannot write ({_os_problem(e)})") from None
         return None
@@ -1101,6 +1100,18 @@ def save_image(image: Any, dest: str | os.PathLike | BinaryIO, fmt: str | None =
     data = encode_image(image, fmt_name, quality=quality, provenance=provenance, name=str(dest))
     _write_atomic(dest, data, overwrite)
     return dest
+
+
+def _write_all(stream: BinaryIO, data: bytes) -> None:
+    """Write every byte or raise. A pipe whose reader has gone (`| head -c 100`) can take part of a write and
+    report the short count instead of failing; ignoring it would end in exit 0 with the image cut short."""
+    view = memoryview(data)
+    while view:
+        written = stream.write(view)
+        if not written:
+            raise OSError(errno.EPIPE, "Broken pipe")
+        view = view[written:]
+    stream.flush()
 
 
 def _write_atomic(dest: Path, data: bytes, overwrite: bool) -> None:
