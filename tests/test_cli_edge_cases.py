@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 from test_cli import run, upscale_cmd
 
 CAT = REPO / "examples" / "cat.png"

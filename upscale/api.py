@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from .imageio import LoadedImage, array_planes, pillow_planes, quantise
+from .imageio import LoadedImage, array_planes, pillow_planes, quantise, unit_floats
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -76,9 +76,12 @@ def upscale_planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None 
     Returns (s*H x s*W x 3 float32 in [0, 1], s*H x s*W float32 alpha or None). Grey colour (three equal
     channels, `grayscale=True`) comes back as three equal channels.
     """
-    rgb = np.ascontiguousarray(rgb, dtype=np.float32)
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+        raise ValueError(f"expected a non-empty H x W x 3 colour array, got shape {rgb.shape}")
+    rgb = np.ascontiguousarray(unit_floats(rgb))
     if alpha is not None:
-        alpha = np.clip(np.asarray(alpha, dtype=np.float32), 0.0, 1.0)
+        alpha = unit_floats(alpha)
     if alpha is None or bool((alpha >= 1.0).all()):
         out = model.upscale_array(rgb)
         out_alpha = None if alpha is None else np.ones(out.shape[:2], np.float32)

@@ -29,11 +29,10 @@ from typing import Any, Callable, Iterable, Protocol
 
 from PIL import Image, UnidentifiedImageError
 
+from .imageio import format_by_magic
+
 STDIO = Path("-")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
-# Leading bytes of the formats we read: a file that starts like an image is an image, however broken (BMP's
-# two-letter "BM" is left out: a text file may start with it).
-_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"GIF87a", b"GIF89a")
 
 
 @dataclass
@@ -94,7 +93,7 @@ def looks_like_image(path: Path) -> bool:
         return True
     if not head:
         return path.suffix.lower() in IMAGE_EXTENSIONS
-    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    return format_by_magic(head) is not None  # starts like an image: an image, however broken
 
 
 def _has_glob(text: str) -> bool:
@@ -420,6 +419,9 @@ class UpscaleStages:
         stats = self.upscaler.stats  # what this image actually ran with
         used = {"protocol": stats.protocol, "tile": stats.tile, "precision": stats.precision,
                 "fp32_fallbacks": stats.fp32_fallbacks}
+        if image.frames > 1:  # until every frame is supported, never silently
+            what = "pages" if image.source_format == "TIFF" else "frames"
+            used["warnings"] = [f"{image.source_format} with {image.frames} {what}: only the first was upscaled"]
         provenance = {**self.provenance, "protocol": stats.protocol, "tile": stats.tile or "whole image",
                       "precision": stats.precision}
         return (result, provenance), used

@@ -223,6 +223,8 @@ class Upscaler:
     def run(self, lr: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) float in [0, 1] -> (N, 3, s*h, s*w) on the [0, 1] scale, unclamped, on the CPU."""
         h, w = lr.shape[-2:]
+        if h == 0 or w == 0:
+            raise ValueError(f"empty image ({h} x {w} pixels): nothing to upscale")
         arch = self.architecture
         x = pad_to_min_size(lr.to(torch.float32), arch.min_size)
         protocol = self.protocol

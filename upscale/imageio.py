@@ -61,8 +61,10 @@ import os
 import re
 import struct
 import sys
+import socket
 import tempfile
 import threading
+import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -71,7 +73,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from . import __version__
 
@@ -120,6 +122,7 @@ class LoadedImage:
     xmp: bytes | None = None
     text: dict[str, str] = field(default_factory=dict)
     source_format: str | None = None
+    frames: int = 1  # frames of an animation or pages of a document; only the first is read
 
     @property
     def size(self) -> tuple[int, int]:
@@ -157,21 +160,33 @@ def max_pixels() -> int | None:
     return _max_pixels_override if _max_pixels_override is not None else Image.MAX_IMAGE_PIXELS
 
 
+#: Pillow's limits on PNG text chunks (1 MB decompressed each, 64 MB in all) guard against zip bombs in
+#: metadata; with no pixel limit (allow_large) they are lifted too, to this
+_LARGE_TEXT = 2**31 - 1
+
+
 @contextlib.contextmanager
 def _pillow_guard(limit: int | None) -> Iterator[None]:
-    """Silence Pillow's warnings while decoding; lift Pillow's own bomb check when our limit is higher."""
+    """Silence Pillow's warnings while decoding; lift Pillow's own bomb check when our limit is higher, and
+    its text-chunk limits when there is no limit. Pillow's limits are module globals: changed under a lock
+    and restored, so that other reads keep theirs."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pillow = Image.MAX_IMAGE_PIXELS
-        if pillow is not None and (limit is None or limit > pillow):
-            with _pillow_limit_lock:
-                Image.MAX_IMAGE_PIXELS = None
-                try:
-                    yield
-                finally:
-                    Image.MAX_IMAGE_PIXELS = pillow
-        else:
+        lift_pixels = pillow is not None and (limit is None or limit > pillow)
+        if not lift_pixels and limit is not None:
             yield
+            return
+        with _pillow_limit_lock:
+            saved = Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY
+            if lift_pixels:
+                Image.MAX_IMAGE_PIXELS = None
+            if limit is None:
+                PngImagePlugin.MAX_TEXT_CHUNK = PngImagePlugin.MAX_TEXT_MEMORY = _LARGE_TEXT
+            try:
+                yield
+            finally:
+                Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = saved
 
 
 def _check_pixels(label: str, width: int, height: int, limit: int | None) -> None:
@@ -188,6 +203,16 @@ def _check_pixels(label: str, width: int, height: int, limit: int | None) -> Non
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# leading bytes of the formats we read (BMP's two-letter "BM" left out: a text file may start with it)
+_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF87a": "GIF",
+          b"GIF89a": "GIF"}
+
+
+def format_by_magic(head: bytes) -> str | None:
+    """The format an image file's first 12 bytes announce, however broken the rest; None if none of ours."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
 
 # Tags of a TIFF file's IFD0 that describe the pixel layout of *that* file: never carried to an output.
 _LAYOUT_TAGS = frozenset({
@@ -259,10 +284,15 @@ def read_image(source: str | os.PathLike | bytes | BinaryIO, *, allow_large: boo
         raise ImageError(f"{label}: more pixels than the safety limit (a possible decompression bomb); "
                          f"pass {ALLOW_LARGE_FLAG} to read it anyway") from None
     except UnidentifiedImageError:
+        if (kind := format_by_magic(data[:12])) is not None:  # e.g. a PNG whose header chunk fails its CRC
+            raise ImageError(f"{label}: corrupt {kind} image (its header is damaged or cut short)") from None
         raise ImageError(f"{label}: not an image (unrecognised content)") from None
     except MemoryError:
         raise ImageError(f"{label}: not enough memory to decode this image") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input, reported in one line
+        if "MAX_TEXT_CHUNK" in str(e) or "text chunks" in str(e):
+            raise ImageError(f"{label}: a text chunk (metadata) larger than the safety limit (possibly a zip bomb); "
+                             f"pass {ALLOW_LARGE_FLAG} to read it anyway") from None
         raise ImageError(f"{label}: truncated or corrupt image ({_one_line(e)})") from None
     image.path = path
     return image
@@ -275,6 +305,7 @@ def _decode(data: bytes, label: str, limit: int | None) -> LoadedImage:
             return tiff16
     im = Image.open(io.BytesIO(data))
     _check_pixels(label, *im.size, limit)
+    frames = int(getattr(im, "n_frames", 1) or 1)
     fmt = im.format or ""
     sixteen = fmt == "PNG" and data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] == 16
     im.load()  # also reads the PNG text chunks after the image data
@@ -287,7 +318,9 @@ def _decode(data: bytes, label: str, limit: int | None) -> LoadedImage:
         rgb, alpha, grey, depth, icc_changed = _pillow_planes(im, label)
         if icc_changed:
             meta["icc_profile"] = None
-    return _finish(rgb, alpha, grey, depth, meta, mode, fmt)
+    image = _finish(rgb, alpha, grey, depth, meta, mode, fmt)
+    image.frames = frames
+    return image
 
 
 def _finish(rgb, alpha, grey, depth, meta, mode, fmt) -> LoadedImage:
@@ -466,7 +499,10 @@ def _decode_tiff16(data: bytes, label: str, limit: int | None) -> LoadedImage | 
     xmp = bytes(xmp) if isinstance(xmp, (bytes, bytearray)) and xmp else None
     meta.update(_xmp_metadata(xmp, meta, orient=False))  # the EXIF tag of the TIFF itself rules
     mode = {1: "I;16", 2: "LA;16", 3: "RGB;16", 4: "RGBA;16"}[a.shape[2]]
-    return _finish(rgb, alpha, grey, 16, meta, mode, "TIFF")
+    image = _finish(rgb, alpha, grey, 16, meta, mode, "TIFF")
+    with contextlib.suppress(Exception):  # pages, as Pillow counts them (it reads the IFD chain only)
+        image.frames = int(getattr(Image.open(io.BytesIO(data)), "n_frames", 1) or 1)
+    return image
 
 
 # ---- metadata --------------------------------------------------------------------------------------
@@ -631,25 +667,47 @@ def _xmp_metadata(xmp: bytes | None, meta: dict[str, Any], orient: bool = True) 
 def array_planes(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, bool, int]:
     """(rgb float32 H x W x 3, alpha or None, grayscale, bit depth) of an H x W (x 1|2|3|4) array.
 
-    uint8 is read as 8-bit, uint16 as 16-bit, floats as [0, 1] values (clipped; bit depth 8 for writing).
+    uint8 is read as 8-bit, uint16 as 16-bit, floats as [0, 1] values (bit depth 8 for writing): a float array
+    beyond [0, 1] by more than rounding (8-bit values in a float array, say) or holding NaN is refused, as is
+    an empty one, with a ValueError saying what is expected.
     """
     a = np.asarray(a)
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4):
         raise ValueError(f"expected an H x W, H x W x 1, 2, 3 or 4 image array, got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"empty image array (shape {a.shape}): nothing to upscale")
     if a.dtype == np.uint8:
         f, depth = a.astype(np.float32) / 255.0, 8
     elif a.dtype == np.uint16:
         f, depth = a.astype(np.float32) / 65535.0, 16
     elif np.issubdtype(a.dtype, np.floating):
-        f, depth = np.nan_to_num(a.astype(np.float32), nan=0.0).clip(0.0, 1.0), 8
+        f, depth = unit_floats(a), 8
     else:
         raise TypeError(f"unsupported image array dtype {a.dtype}; use uint8, uint16 or float in [0, 1]")
     channels = a.shape[2]
     if channels <= 2:
         return _grey_to_rgb(f[..., 0]), (f[..., 1] if channels == 2 else None), True, depth
     return f[..., :3], (f[..., 3] if channels == 4 else None), False, depth
+
+
+#: how far float pixel values may stray outside [0, 1] (rounding in the caller's own arithmetic) before
+#: they are taken for another scale, such as 0-255, and refused
+FLOAT_RANGE_TOLERANCE = 1e-3
+
+
+def unit_floats(a: np.ndarray) -> np.ndarray:
+    """A float array as float32 in [0, 1]: values within the tolerance outside are clipped; NaN, Inf or values
+    further out raise ValueError (a silent clip turned 0-255 data white)."""
+    f = np.asarray(a, dtype=np.float32)
+    if f.size and not np.isfinite(f).all():
+        raise ValueError("the image array holds NaN or Inf; float images take values in [0, 1]")
+    low, high = (float(f.min()), float(f.max())) if f.size else (0.0, 0.0)
+    if low < -FLOAT_RANGE_TOLERANCE or high > 1 + FLOAT_RANGE_TOLERANCE:
+        raise ValueError(f"float image values must lie in [0, 1], these run from {low:g} to {high:g}; divide "
+                         "0-255 data by 255, or pass uint8 (0-255) or uint16 (0-65535) arrays")
+    return f.clip(0.0, 1.0)
 
 
 def pillow_planes(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool, int]:
@@ -1114,10 +1172,64 @@ def _write_all(stream: BinaryIO, data: bytes) -> None:
     stream.flush()
 
 
+# Temporary files of atomic writes: `.NAME.upscale-HOST-PID-XXXXXXXX.part` beside NAME, HOST a short hash of
+# the machine's name. A run killed with SIGKILL leaves its temporary behind; the next run writing into that
+# folder removes those whose writer is gone: on this machine, a PID that no longer runs and a file older than
+# this run; from another machine sharing the folder, a file a day old. Names written by earlier versions
+# (`.NAME.XXXXXXXX.part`) go once a day old too. Nothing else is touched.
+_HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")[:6]
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:upscale-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-)?[a-z0-9_]{8}\.part")
+_RUN_STARTED = time.time()
+_STALE_ELSEWHERE_S = 24 * 3600
+_cleaned_folders: set[str] = set()
+_cleaning_lock = threading.Lock()
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or cannot tell: leave its file alone
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries of our own killed writes in `folder` (see above); returns what was removed.
+    Done once per folder per process, before the first write there."""
+    key = os.path.realpath(folder)
+    with _cleaning_lock:
+        if key in _cleaned_folders:
+            return []
+        _cleaned_folders.add(key)
+    removed = []
+    with contextlib.suppress(OSError):
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                m = _TEMP_NAME.fullmatch(entry.name)
+                if m is None or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    age = _RUN_STARTED - entry.stat(follow_symlinks=False).st_mtime
+                    if m["pid"] is not None and m["host"] == _HOST:
+                        stale = age > 0 and int(m["pid"]) != os.getpid() and not _pid_running(int(m["pid"]))
+                    else:
+                        stale = age > _STALE_ELSEWHERE_S
+                    if stale:
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+                except OSError:
+                    continue
+    return removed
+
+
 def _write_atomic(dest: Path, data: bytes, overwrite: bool) -> None:
     folder = dest.parent
+    remove_stale_temporaries(folder)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.upscale-{_HOST}-{os.getpid()}-", suffix=".part",
+                                   dir=folder)
     except OSError as e:
         raise ImageError(f"{dest}: cannot write in {folder} ({_os_problem(e)})") from None
     try:
