@@ -101,12 +101,12 @@ def _cpu_kernels_built_once():
 def agdn_eval(dataset: str, scale: int, protocol: str = "reference", tile: int | None = None, overlap: int = 16):
     """`upscale eval`'s code path (Upscaler + evaluate) on a benchmark set; cached across test modules."""
     from upscale import registry
-    from upscale.engine import Upscaler
+    from upscale.engine import EngineOptions, Upscaler
     from upscale.evaluation import evaluate
 
     root = need(BENCHMARKS / dataset)
-    upscaler = Upscaler.load(registry.resolve("agdn", scale), device="cpu", protocol=protocol, tile=tile,
-                             overlap=overlap)
+    upscaler = Upscaler.load(registry.resolve("agdn", scale), options=EngineOptions(protocol, "auto", tile, overlap,
+                                                                                      "cpu"))
     return evaluate(upscaler, root / "HR", root / "LR_bicubic" / f"X{scale}")
 
 

@@ -11,10 +11,13 @@ import sys
 import imagecodecs
 import numpy as np
 import pytest
+import torch
 from conftest import REPO
 from PIL import Image
 
 import upscale
+from upscale.api import upscale_image_with_stats
+from upscale.engine import RunStats
 from upscale.imageio import LoadedImage, read_image, save_image
 
 EXAMPLES = REPO / "examples"
@@ -34,9 +37,9 @@ class NearestModel:
     def __init__(self):
         self.calls = 0
 
-    def upscale_array(self, rgb: np.ndarray) -> np.ndarray:
+    def upscale_array(self, rgb: np.ndarray) -> tuple[np.ndarray, RunStats]:
         self.calls += 1
-        return np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1).clip(0, 1).astype(np.float32)
+        return np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1).clip(0, 1).astype(np.float32), RunStats()
 
 
 @pytest.fixture
@@ -70,7 +73,7 @@ def test_load_model(model):
 @pytest.fixture(scope="module")
 def engine_out(model, crop) -> np.ndarray:
     """What the engine (the CLI's code path) makes of the crop: float, clamped."""
-    return model.upscale_array(crop.astype(np.float32) / 255)
+    return model.upscale_array(crop.astype(np.float32) / 255)[0]
 
 
 def test_uint8_rgb_matches_the_engine(model, crop, engine_out):
@@ -100,7 +103,7 @@ def test_grey_arrays_stay_grey(model, crop):
     out = upscale.upscale_image(model, grey)
     assert out.shape == (2 * H, 2 * W) and out.dtype == np.uint8
     # the mean of the three output channels of the replicated grey image
-    rgb = model.upscale_array(np.repeat(grey[..., None].astype(np.float32) / 255, 3, axis=2))
+    rgb, _ = model.upscale_array(np.repeat(grey[..., None].astype(np.float32) / 255, 3, axis=2))
     from upscale.metrics import to_uint8
 
     np.testing.assert_array_equal(out, to_uint8(rgb.mean(axis=2)))
@@ -125,7 +128,7 @@ def test_rgba_premultiplied_has_no_dark_fringe(model):
     assert red.mean() > 220 and red.min() > 120  # stays red at the semi-transparent edge
     assert out[..., 1][edge].max() < 20 and out[..., 2][edge].max() < 20  # no other colour creeps in
     # what a naive upscale of the straight colour does: the black of the hidden pixels bleeds into the edge
-    naive = model.upscale_array(src[..., :3].astype(np.float32) / 255)[..., 0][edge] * 255
+    naive = model.upscale_array(src[..., :3].astype(np.float32) / 255)[0][..., 0][edge] * 255
     assert naive.mean() < red.mean() - 30
     # alpha itself: opaque inside, no ghost halo two low-resolution pixels away from the shape
     assert alpha[14:34, 12:28].min() > 0.99
@@ -230,3 +233,25 @@ def test_bad_inputs(stub):
         upscale.upscale_image(stub, np.zeros((H, W, 5), np.uint8))
     with pytest.raises(TypeError, match="cannot upscale a str"):
         upscale.upscale_image(stub, "photo.png")
+
+
+def test_fp32_fallbacks_of_both_passes_of_an_rgba_image_are_counted():
+    # an RGBA image runs the network twice (colour, alpha): the count once kept only the last pass's
+    model = upscale.load_model("agdn", 2, device="cpu", precision="bf16")
+    calls = {"n": 0}
+
+    def poison_the_colour_pass(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 1 and torch.is_autocast_enabled("cpu"):
+            return output * float("nan")
+
+    handle = model.model.upsampler.register_forward_hook(poison_the_colour_pass)
+    rgba = np.random.default_rng(0).random((20, 24, 4)).astype(np.float32)
+    rgba[..., 3] = 0.5  # not opaque: the alpha pass runs
+    try:
+        out, stats = upscale_image_with_stats(model, rgba)
+    finally:
+        handle.remove()
+    assert out.shape == (40, 48, 4) and np.isfinite(out).all()
+    assert stats.fp32_fallbacks == 1 and stats.tiles == 2 and stats.notes == [
+        "non-finite bf16 output, recomputed in fp32"]

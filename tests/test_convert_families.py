@@ -86,8 +86,8 @@ def official_pth(family: str, state: dict[str, torch.Tensor], dest: Path) -> Pat
     return dest
 
 
-def one_error_line(result: subprocess.CompletedProcess, *needles: str):
-    assert result.returncode == 1, (result.returncode, result.stderr)
+def one_error_line(result: subprocess.CompletedProcess, *needles: str, code: int = 1):
+    assert result.returncode == code, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].lower().startswith("error: "), result.stderr
     for needle in needles:
@@ -203,5 +203,5 @@ def test_wrong_shapes_fail_in_one_line_and_write_nothing(family, case, tmp_path,
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
     image = tmp_path / "out.png"
     result = cli(photo, "--weights", out, "-m", name, "-s", scale, "-o", image)
-    one_error_line(result, str(out), f"not {name} x{scale} weights", victim)
+    one_error_line(result, str(out), f"not {name} x{scale} weights", victim, code=2)  # a bad --weights: usage
     assert not image.exists()

@@ -7,7 +7,7 @@ from conftest import REPO, agdn_eval, load_golden
 from PIL import Image
 
 from upscale import registry
-from upscale.engine import MIN_TILE, Upscaler
+from upscale.engine import MIN_TILE, EngineOptions, Upscaler
 from upscale.models.base import Placement
 from upscale.tiling import Tile, plan_blocks, plan_halo_tiles, ramp, run_tiles
 from upscale.weights import build_model
@@ -25,7 +25,7 @@ def photo(name="coffee.png", box=None) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def agdn2():
-    return Upscaler.load(registry.resolve("agdn", 2), device="cpu")
+    return Upscaler.load(registry.resolve("agdn", 2), options=EngineOptions("reference", device="cpu"))
 
 
 # -- planning and blending ---------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_agdn_tile_size_does_not_change_the_output(agdn2):
     outputs = []
     for tile in (48, 96):
         agdn2.protocol, agdn2.tile = "tiled", tile
-        outputs.append(agdn2.run(x))
+        outputs.append(agdn2.run(x)[0])
     agdn2.protocol, agdn2.tile = "reference", None
     assert psnr(outputs[0], outputs[1]) >= 50
     assert psnr(outputs[0], whole_local) >= 50 and psnr(outputs[1], whole_local) >= 50
@@ -112,7 +112,7 @@ def test_agdn_tiled_equals_whole_at_every_tile_size(agdn2, size):
     try:
         for tile in range(MIN_TILE, 2 * agdn2.model.tlc_window + 1):
             agdn2.tile = tile
-            worst[tile] = psnr(agdn2.run(x), whole_local)
+            worst[tile] = psnr(agdn2.run(x)[0], whole_local)
     finally:
         agdn2.protocol, agdn2.tile = "reference", None
     bad = {tile: round(db, 1) for tile, db in worst.items() if db < 50}
@@ -130,19 +130,19 @@ def test_block_families_same_output_at_every_tile_size_and_batch(family, case, n
     x = photo(box=(0, 70, 0, 150))
     plans = {str(up.tile_plan(72, 160, tile)[0]) for tile in range(MIN_TILE, 2 * 48 + 1)}
     assert len(plans) == 1
-    one = up.run(x)
-    tiles = up.stats.tiles
+    one, stats = up.run(x)
+    tiles = stats.tiles
     assert tiles > 1 and one.shape == (1, 3, 140, 300) and torch.isfinite(one).all()
     for batch in range(2, tiles + 1):
         up.tile_batch = batch
-        assert psnr(up.run(x), one) >= 50, f"{tiles} blocks, {batch} per forward"
+        assert psnr(up.run(x)[0], one) >= 50, f"{tiles} blocks, {batch} per forward"
 
 
 def test_no_seam_along_tile_boundaries(agdn2):
     x = photo()
     whole_local = agdn2.model(x, Placement(tuple(x.shape[-2:])))
     agdn2.protocol, agdn2.tile = "tiled", 48
-    tiled = agdn2.run(x)
+    tiled, _ = agdn2.run(x)
     agdn2.protocol, agdn2.tile = "reference", None
     diff = (tiled - whole_local).abs().mean(dim=(0, 1))
     band = torch.zeros_like(diff, dtype=torch.bool)
@@ -157,7 +157,7 @@ def test_no_seam_along_tile_boundaries(agdn2):
 
 def test_non_finite_tile_is_recomputed_in_fp32(agdn2):
     x = photo(box=(0, 100, 0, 100))
-    agdn2.protocol, agdn2.tile, agdn2.precision, agdn2.warn = "tiled", 48, "bf16", False
+    agdn2.protocol, agdn2.tile, agdn2.precision = "tiled", 48, "bf16"
     calls = {"n": 0}
 
     def poison_second_call(module, args, output):
@@ -167,22 +167,22 @@ def test_non_finite_tile_is_recomputed_in_fp32(agdn2):
 
     handle = agdn2.model.upsampler.register_forward_hook(poison_second_call)
     try:
-        y = agdn2.run(x)
+        y, stats = agdn2.run(x)
     finally:
         handle.remove()
-        agdn2.protocol, agdn2.tile, agdn2.precision, agdn2.warn = "reference", None, "auto", True
+        agdn2.protocol, agdn2.tile, agdn2.precision = "reference", None, "auto"
     assert torch.isfinite(y).all()
-    assert agdn2.stats.fp32_fallbacks == 1 and agdn2.stats.precision == "bf16"
+    assert stats.fp32_fallbacks == 1 and stats.precision == "bf16" and "recomputed in fp32" in stats.notes[0]
 
 
 def test_bf16_on_cpu_runs_close_to_fp32(agdn2):
     x = photo(box=(0, 40, 0, 48))
     agdn2.precision = "bf16"
     try:
-        half = agdn2.run(x)
+        half, _ = agdn2.run(x)
     finally:
         agdn2.precision = "auto"
-    full = agdn2.run(x)
+    full, _ = agdn2.run(x)
     assert torch.isfinite(half).all() and (half - full).abs().mean() < 2e-2
 
 
@@ -193,7 +193,7 @@ def test_small_and_thin_images_tile(agdn2, size):
     x = photo(box=(0, size[0], 0, size[1])) if size[0] <= 107 and size[1] <= 160 else torch.rand(1, 3, *size)
     agdn2.protocol, agdn2.tile = "tiled", 64
     try:
-        y = agdn2.run(x)
+        y, _ = agdn2.run(x)
     finally:
         agdn2.protocol, agdn2.tile = "reference", None
     assert y.shape == (1, 3, size[0] * 2, size[1] * 2) and torch.isfinite(y).all()

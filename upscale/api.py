@@ -39,9 +39,9 @@ from .imageio import LoadedImage, array_planes, pillow_planes, quantise, unit_fl
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .engine import Upscaler
+    from .engine import RunStats, Upscaler
 
-__all__ = ["load_model", "upscale_image", "upscale_planes"]
+__all__ = ["load_model", "upscale_image", "upscale_image_with_stats", "upscale_planes"]
 
 # At and above this upscaled alpha the colour is the premultiplied result divided by alpha; below, it blends
 # towards the input's neighbourhood colour (see the module docstring).
@@ -49,15 +49,18 @@ _TRUSTED_ALPHA = 0.5
 
 
 def load_model(model: str = "agdn", scale: int | None = None, weights: str | None = None, device: str | None = None,
-               protocol: str = "reference", offline: bool = False) -> "Upscaler":
-    """A ready-to-run :class:`~upscale.engine.Upscaler` for a zoo model ("agdn", "esc-light", "agdn x2"...).
+               protocol: str = "auto", offline: bool = False, precision: str = "auto", tile: int | None = None,
+               overlap: int | None = None) -> "Upscaler":
+    """A ready-to-run :class:`~upscale.engine.Upscaler` for a zoo model ("agdn", "esc-light", "agdn x2"...),
+    with the options the command line has (`upscale.engine.EngineOptions` checks them the same way).
 
     `scale` defaults to x4 where the model has it; `weights` is a .safetensors file to use instead of the
-    resolved one; `device` is "cpu", "cuda", "cuda:1" or None (CUDA when present); `protocol` is
-    "reference" (the family's official test-time procedure) or "whole".
+    resolved one; `device` is "cpu", "cuda", "cuda:1" or None (CUDA when present); `protocol` is "auto"
+    (the official procedure when the image fits the memory budget, else tiles), "reference", "whole" or
+    "tiled"; `precision` "auto", "fp32", "fp16" or "bf16"; `tile` and `overlap` in LR pixels.
     """
     from . import registry
-    from .engine import Upscaler
+    from .engine import DEFAULT_OVERLAP, EngineOptions, Upscaler
 
     m = re.fullmatch(r"\s*(.+?)\s+x(\d+)\s*", model)
     if m:
@@ -66,7 +69,8 @@ def load_model(model: str = "agdn", scale: int | None = None, weights: str | Non
             raise registry.UnknownModelError(f"model {model!r} asks for x{named_scale}, but scale={scale} was given")
         model, scale = name, named_scale
     entry = registry.resolve(model, scale)
-    return Upscaler.load(entry, weights, device=device, protocol=protocol, offline=offline)
+    options = EngineOptions(protocol, precision, tile, DEFAULT_OVERLAP if overlap is None else overlap, device)
+    return Upscaler.load(entry, weights, options, offline=offline)
 
 
 def upscale_planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None = None,
@@ -76,6 +80,13 @@ def upscale_planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None 
     Returns (s*H x s*W x 3 float32 in [0, 1], s*H x s*W float32 alpha or None). Grey colour (three equal
     channels, `grayscale=True`) comes back as three equal channels.
     """
+    out, out_alpha, _ = _planes(model, rgb, alpha, grayscale)
+    return out, out_alpha
+
+
+def _planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None,
+            grayscale: bool) -> tuple[np.ndarray, np.ndarray | None, "RunStats"]:
+    """`upscale_planes` with what the engine did, summed over the colour and alpha passes."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
         raise ValueError(f"expected a non-empty H x W x 3 colour array, got shape {rgb.shape}")
@@ -83,11 +94,12 @@ def upscale_planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None 
     if alpha is not None:
         alpha = unit_floats(alpha)
     if alpha is None or bool((alpha >= 1.0).all()):
-        out = model.upscale_array(rgb)
+        out, stats = model.upscale_array(rgb)
         out_alpha = None if alpha is None else np.ones(out.shape[:2], np.float32)
     else:
-        premultiplied = model.upscale_array(np.ascontiguousarray(rgb * alpha[..., None]))
-        grey_alpha = model.upscale_array(np.ascontiguousarray(np.repeat(alpha[..., None], 3, axis=2))).mean(axis=2)
+        premultiplied, stats = model.upscale_array(np.ascontiguousarray(rgb * alpha[..., None]))
+        grey_alpha, alpha_stats = model.upscale_array(np.ascontiguousarray(np.repeat(alpha[..., None], 3, axis=2)))
+        grey_alpha, stats = grey_alpha.mean(axis=2), stats + alpha_stats
         s = premultiplied.shape[0] // rgb.shape[0]
         low, high = _neighbourhood_range(alpha)
         out_alpha = np.clip(grey_alpha, _nearest(low, s), _nearest(high, s)).astype(np.float32)
@@ -97,7 +109,7 @@ def upscale_planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None 
         out = weight * divided + (1.0 - weight) * _nearest(_neighbourhood_colour(rgb, alpha), s)
     if grayscale:
         out = np.repeat(out.mean(axis=2, keepdims=True), 3, axis=2)
-    return out.astype(np.float32, copy=False), out_alpha
+    return out.astype(np.float32, copy=False), out_alpha, stats
 
 
 def _nearest(x: np.ndarray, s: int) -> np.ndarray:
@@ -143,10 +155,15 @@ def upscale_image(model: "Upscaler", image: Any) -> Any:
     - :class:`~upscale.imageio.LoadedImage` (from :func:`upscale.imageio.read_image`): a LoadedImage with
       the upscaled pixels and the same metadata, ready for :func:`upscale.imageio.save_image`.
     """
+    return upscale_image_with_stats(model, image)[0]
+
+
+def upscale_image_with_stats(model: "Upscaler", image: Any) -> tuple[Any, "RunStats"]:
+    """:func:`upscale_image`, and what the engine did (protocol, tiles, precision, fp32 fallbacks, notes)."""
     if isinstance(image, LoadedImage) or (dataclasses.is_dataclass(image) and hasattr(image, "rgb")
                                           and hasattr(image, "alpha")):
-        rgb, alpha = upscale_planes(model, image.rgb, image.alpha, bool(getattr(image, "grayscale", False)))
-        return dataclasses.replace(image, rgb=rgb, alpha=alpha)
+        rgb, alpha, stats = _planes(model, image.rgb, image.alpha, bool(getattr(image, "grayscale", False)))
+        return dataclasses.replace(image, rgb=rgb, alpha=alpha), stats
     if isinstance(image, np.ndarray):
         return _upscale_array(model, image)
     from PIL import Image
@@ -156,9 +173,9 @@ def upscale_image(model: "Upscaler", image: Any) -> Any:
     raise TypeError(f"cannot upscale a {type(image).__name__}; pass a NumPy array, a PIL image or a LoadedImage")
 
 
-def _upscale_array(model: "Upscaler", a: np.ndarray) -> np.ndarray:
+def _upscale_array(model: "Upscaler", a: np.ndarray) -> tuple[np.ndarray, "RunStats"]:
     rgb, alpha, grey, _ = array_planes(a)
-    out, out_alpha = upscale_planes(model, rgb, alpha, grey)
+    out, out_alpha, stats = _planes(model, rgb, alpha, grey)
     planes = out[..., :1] if grey else out
     if out_alpha is not None:
         planes = np.concatenate([planes, out_alpha[..., None]], axis=2)
@@ -168,16 +185,16 @@ def _upscale_array(model: "Upscaler", a: np.ndarray) -> np.ndarray:
         result = quantise(planes, 16)
     else:
         result = planes.astype(a.dtype, copy=False)
-    return result[..., 0] if a.ndim == 2 else result
+    return (result[..., 0] if a.ndim == 2 else result), stats
 
 
-def _upscale_pillow(model: "Upscaler", im: "Image.Image") -> "Image.Image":
+def _upscale_pillow(model: "Upscaler", im: "Image.Image") -> tuple["Image.Image", "RunStats"]:
     from PIL import Image
 
     rgb, alpha, grey, depth = pillow_planes(im)
     if depth == 16 and im.mode not in ("I;16", "I;16L", "I;16B", "I;16N"):
         raise ValueError(f"PIL mode {im.mode} is not supported by upscale_image; use RGB, RGBA, L, LA or I;16")
-    out, out_alpha = upscale_planes(model, rgb, alpha, grey)
+    out, out_alpha, stats = _planes(model, rgb, alpha, grey)
     planes = out[..., :1] if grey else out
     if out_alpha is not None:
         planes = np.concatenate([planes, out_alpha[..., None]], axis=2)
@@ -189,4 +206,4 @@ def _upscale_pillow(model: "Upscaler", im: "Image.Image") -> "Image.Image":
     icc = im.info.get("icc_profile")
     if icc:
         result.info["icc_profile"] = icc
-    return result
+    return result, stats

@@ -413,15 +413,17 @@ class UpscaleStages:
         return read_image(job.source, allow_large=self.allow_large)
 
     def compute(self, job: Job, image) -> tuple[Any, dict]:
-        from .api import upscale_image
+        from .api import upscale_image_with_stats
 
-        result = upscale_image(self.upscaler, image)
-        stats = self.upscaler.stats  # what this image actually ran with
+        result, stats = upscale_image_with_stats(self.upscaler, image)  # what this image actually ran with
         used = {"protocol": stats.protocol, "tile": stats.tile, "precision": stats.precision,
                 "fp32_fallbacks": stats.fp32_fallbacks}
+        warnings = list(stats.notes)
         if image.frames > 1:  # until every frame is supported, never silently
             what = "pages" if image.source_format == "TIFF" else "frames"
-            used["warnings"] = [f"{image.source_format} with {image.frames} {what}: only the first was upscaled"]
+            warnings.append(f"{image.source_format} with {image.frames} {what}: only the first was upscaled")
+        if warnings:
+            used["warnings"] = warnings
         provenance = {**self.provenance, "protocol": stats.protocol, "tile": stats.tile or "whole image",
                       "precision": stats.precision}
         return (result, provenance), used

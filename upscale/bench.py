@@ -147,7 +147,7 @@ def _straight_twin(up):
     import dataclasses
 
     twin = up.architecture.straight_twin(up.model)
-    return None if twin is None else dataclasses.replace(up, model=twin, stats=type(up.stats)())
+    return None if twin is None else dataclasses.replace(up, model=twin)
 
 
 @contextmanager
@@ -172,11 +172,12 @@ def _sync(device) -> None:
 def _load(model: str, scale: int, weights: str | None, device: str, precision: str, tile: int | None,
           offline: bool):
     from . import registry
-    from .engine import Upscaler
+    from .engine import EngineOptions, Upscaler
     from .weights import build_model
 
     entry = registry.resolve(model, scale)
-    protocol = "tiled" if tile else "reference"
+    # the official procedure unless tiles are asked for (a tile makes "auto" tiled)
+    options = EngineOptions("auto" if tile else "reference", precision, tile, device=device)
     if weights == "random":  # timing does not depend on the weights: no download needed
         import torch
 
@@ -185,9 +186,8 @@ def _load(model: str, scale: int, weights: str | None, device: str, precision: s
         torch.manual_seed(0)
         dev = pick_device(device)
         net = build_model(entry).eval().requires_grad_(False).to(dev)
-        return Upscaler(entry, net, dev, protocol=protocol, precision=precision, tile=tile)
-    return Upscaler.load(entry, weights, device=device, protocol=protocol, offline=offline, precision=precision,
-                         tile=tile)
+        return Upscaler(entry, net, dev, options.protocol, options.precision, options.tile, options.overlap)
+    return Upscaler.load(entry, weights, options, offline=offline)
 
 
 # -- the benchmark --------------------------------------------------------------------------------------------------
@@ -250,6 +250,7 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
             x = _synthetic_image(h, w, seed)
             times: dict[str, list[float]] = {impl: [] for impl in impls}
             peaks: dict[str, tuple[float, float | None]] = {}
+            protocols: dict[str, str] = {}
             for impl, runner in runners.items():  # warm-up (and the memory peak of one call) per implementation
                 if up.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -259,7 +260,7 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
                     reset = _reset_cpu_peak()
                     base = (_status_kb("VmRSS") or 0) * 1024
                 for _ in range(max(1, warmup)):
-                    runner.run(x)
+                    protocols[impl] = runner.run(x)[1].protocol
                     _sync(up.device)
                 if up.device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(up.device) / 2**20
@@ -283,7 +284,7 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
                        "mpix_per_s": {k: out_mpix / v for k, v in lat.items() if k in ("median", "min", "max")},
                        "peak_memory_mb": round(peaks[impl][0], 1),
                        "peak_memory_extra_mb": None if peaks[impl][1] is None else round(peaks[impl][1], 1),
-                       "memory_kind": memory_kind, "times_s": times[impl], "protocol": runners[impl].stats.protocol}
+                       "memory_kind": memory_kind, "times_s": times[impl], "protocol": protocols[impl]}
                 results.append(row)
             if straight:
                 fast_row, straight_row = results[-2], results[-1]

@@ -7,7 +7,8 @@ is reached as `./models`.
 Exit codes: 0 every input done; 1 some input failed, or a folder held no image (each failure is one line on
 stderr); 2 usage error: something the command line names is wrong before any input is read (unknown model,
 wrong scale, bad option, a --weights file that is missing, corrupt or not weights, an unavailable device);
-130 interrupted. Every error line starts with `error: `, and control characters in names are escaped so
+1 as well when the zoo's weights are not there (not fetched yet, offline) or fail to download; 130
+interrupted. Every error line starts with `error: `, and control characters in names are escaped so
 that a line stays one line.
 """
 
@@ -25,6 +26,7 @@ import click
 
 from . import __version__, registry
 from .imageio import FORMATS, ImageError
+from .options import DEFAULT_OVERLAP, MIN_TILE, PRECISIONS, PROTOCOLS, EngineOptions, OptionError
 
 EXIT_CODES = ("Exit codes: 0 all done, 1 some inputs failed (or a folder held no image), 2 usage error, "
               "130 interrupted.")
@@ -113,16 +115,25 @@ def _entry(model: str | None, scale: int | None, weights: str | None = None) -> 
         raise UsageProblem(str(e)) from None
 
 
-def _load_upscaler(entry, weights, device, protocol="reference", offline=False, precision="auto", tile=None,
-                   overlap=16):
+def _options(protocol: str, precision: str, tile: int | None, overlap: int, device: str) -> EngineOptions:
+    try:
+        return EngineOptions(protocol, precision, tile, overlap, device)
+    except OptionError as e:
+        raise UsageProblem(f"--{e.option}: {e.problem}") from None
+
+
+def _load_upscaler(entry, weights, options: EngineOptions, offline=False):
     from .engine import Upscaler
     from .weights import WeightsError
 
     try:
-        return Upscaler.load(entry, weights, device=device, protocol=protocol, offline=offline,
-                             precision=precision, tile=tile, overlap=overlap)
-    except (WeightsError, ValueError) as e:  # the weights or an option named on the command line
-        raise UsageProblem(str(e)) from None
+        return Upscaler.load(entry, weights, options, offline=offline)
+    except OptionError as e:
+        raise UsageProblem(f"--{e.option}: {e.problem}") from None
+    except WeightsError as e:
+        # a --weights file that is wrong is a usage error; the zoo's weights missing (not fetched, offline)
+        # or failing to download is a failure to run
+        raise (UsageProblem if weights is not None else Problem)(str(e)) from None
 
 
 def _err(message: str) -> None:
@@ -148,10 +159,11 @@ weights_option = click.option("--weights", type=click.Path(dir_okay=False), defa
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
 tile_option = click.option("--tile", type=int, default=None, metavar="N",
-                           help="Tile size in LR pixels, at least 32 (default: whole image when it fits the memory budget).")
-overlap_option = click.option("--overlap", type=int, default=16, show_default=True,
+                           help=f"Tile size in LR pixels, at least {MIN_TILE} (default: whole image when it fits the "
+                           "memory budget).")
+overlap_option = click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True,
                               help="Blend width across tile seams, LR pixels.")
-precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+precision_option = click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
                                 show_default=True, help="auto: fp16 on CUDA, fp32 on the CPU; non-finite tiles "
                                 "are recomputed in fp32. Half precision on the CPU is much slower than fp32 "
                                 "(a warning says so).")
@@ -189,7 +201,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (an input is never overwritten).")
 @click.option("--skip-existing/--no-skip-existing", "skip_existing", default=None,
               help="Skip inputs whose output exists (default for folder inputs; a named file fails instead).")
-@click.option("--protocol", type=click.Choice(["auto", "reference", "whole", "tiled"]), default="auto",
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="auto",
               show_default=True, help="auto: the family's official procedure on the whole image when it fits "
               "the memory budget, else tiled with local statistics (--tile forces tiles).")
 @tile_option
@@ -235,6 +247,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         if names.count("-") > 1:
             raise UsageProblem("stdin (-) can be given once")
         entry = _entry(model, scale, weights)
+        options = _options(protocol, precision, tile, overlap, device)
         ext = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tif", "bmp": ".bmp"}.get(fmt)
         plan = plan_jobs(names, output, entry.scale, suffix=suffix, ext=ext, recursive=recursive)
         if output == "-" and len(plan.jobs) != 1:
@@ -263,13 +276,11 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         protect = tuple(job.source for job in plan.jobs if job.source != STDIO)
         start = time.perf_counter()
         try:
-            if tile is not None and protocol == "auto":
-                protocol = "tiled"
-            upscaler = _load_upscaler(entry, weights, device, protocol, offline, precision, tile, overlap)
+            upscaler = _load_upscaler(entry, weights, options, offline)
             if not quiet:
                 _warn_half_precision_on_cpu(upscaler)
             base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
-                           "precision": upscaler.working_precision, "protocol": protocol, "tile": tile}
+                           "precision": upscaler.working_precision, "protocol": options.protocol, "tile": tile}
 
             stages = UpscaleStages(upscaler, FORMATS[fmt] if fmt else None, quality, overwrite, allow_large,
                                    protect, {"model": entry.name, "variant": entry.title, "scale": entry.scale,
@@ -409,8 +420,8 @@ def convert(checkpoint, output, model, scale, key, overwrite):
               help="Folder of high-resolution ground-truth images.")
 @click.option("--lr", "lr_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder of LR images (default: made from HR with MATLAB-style bicubic).")
-@click.option("--protocol", type=click.Choice(["reference", "whole", "tiled"]), default="reference",
-              show_default=True, help="reference: the family's official test procedure (what the papers report); "
+@click.option("--protocol", type=click.Choice([p for p in PROTOCOLS if p != "auto"]), default=None,
+              help="reference (the default): the family's official test procedure (what the papers report); "
               "tiled: our tiled engine (--tile implies it).")
 @tile_option
 @overlap_option
@@ -420,10 +431,8 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
     """PSNR / SSIM (Y channel, border = scale) of a model on an HR folder."""
     from .evaluation import evaluate
 
-    if tile is not None:
-        protocol = "tiled"
-    upscaler = _load_upscaler(_entry(model, scale, weights), weights, device, protocol, offline, precision, tile,
-                              overlap)
+    options = _options(protocol or ("tiled" if tile is not None else "reference"), precision, tile, overlap, device)
+    upscaler = _load_upscaler(_entry(model, scale, weights), weights, options, offline)
     _warn_half_precision_on_cpu(upscaler)
     try:
         result = evaluate(upscaler, hr_dir, lr_dir)
@@ -435,8 +444,8 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
     from rich.console import Console
     from rich.table import Table
 
-    tiles = f" (tile {tile}, overlap {overlap})" if protocol == "tiled" else ""
-    table = Table(title=f"{upscaler.entry.label}, protocol {protocol}{tiles}, LR: {result.lr_source}")
+    tiles = f" (tile {tile}, overlap {overlap})" if options.protocol == "tiled" else ""
+    table = Table(title=f"{upscaler.entry.label}, protocol {options.protocol}{tiles}, LR: {result.lr_source}")
     for col in ("image", "LR size", "PSNR-Y (dB)", "SSIM-Y"):
         table.add_column(col, justify="left" if col == "image" else "right")
     for s in result.images:

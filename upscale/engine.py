@@ -7,9 +7,11 @@ Protocols:
 - "whole": one plain forward pass over the whole image.
 - "tiled": tiles with local statistics (see `tiling.py` and `Architecture.local_mode`), so that memory grows
   with the tile, not the image, and a pixel gets the same statistics whichever tile computes it.
-- "auto": "reference" when the whole image fits the memory budget, else "tiled".
+- "auto": "reference" when the whole image fits the memory budget, else "tiled" ("tiled" when a tile is set).
 Precision: fp32, fp16, bf16 or auto (fp16 on CUDA, fp32 on the CPU). A tile whose half-precision output is not
-finite is recomputed in fp32 and counted in `stats.fp32_fallbacks`.
+finite is recomputed in fp32. The options are checked once, in `options.EngineOptions`. `run` returns its
+output with a `RunStats` (what it did, fallbacks counted, notes for the user): the engine prints nothing,
+its caller reports.
 """
 
 from __future__ import annotations
@@ -26,16 +28,13 @@ from torch import nn
 
 from . import tiling
 from .models import Architecture, get_architecture
+from .options import DEFAULT_OVERLAP, MIN_TILE, EngineOptions, OptionError
 from .models.base import Placement
 from .models.layers import mirror_pad, pad_to_multiple
 from .registry import ModelEntry
 from .weights import load_model, resolve_weights
 
-PROTOCOLS = ("auto", "reference", "whole", "tiled")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_OVERLAP = 16
-MIN_TILE = 32
 
 
 def available_devices() -> list[str]:
@@ -65,8 +64,8 @@ def pick_device(name: str | None = None) -> torch.device:
         and (device.index is None or device.index < torch.cuda.device_count())
         or device.type == "mps" and "mps" in available and device.index in (None, 0))
     if not ok:
-        why = "not a device" if device is None else "not available on this machine"
-        raise ValueError(f"device {name!r}: {why} (available: {', '.join(available)})")
+        why = "is not a device" if device is None else "is not available on this machine"
+        raise ValueError(f"{name!r} {why} (available: {', '.join(available)})")
     return device
 
 
@@ -120,13 +119,20 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 @dataclass
 class RunStats:
-    """What the last `run` did, for `--json` and the user: protocol, tile, precision, fallbacks."""
+    """What one `run` did, returned with its output: protocol, tile, precision, fallbacks, and notes for the
+    user (a tile recomputed in fp32, an out-of-memory retry) that the caller reports."""
 
     protocol: str = ""
     tile: int | None = None
     precision: str = "fp32"
     tiles: int = 1
     fp32_fallbacks: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __add__(self, other: "RunStats") -> "RunStats":
+        """Two passes over one image (colour and alpha): counts add up, notes are kept once each."""
+        return RunStats(self.protocol, self.tile, self.precision, self.tiles + other.tiles,
+                        self.fp32_fallbacks + other.fp32_fallbacks, list(dict.fromkeys(self.notes + other.notes)))
 
 
 @dataclass
@@ -140,8 +146,6 @@ class Upscaler:
     precision: str = "auto"
     tile: int | None = None  # LR px per tile core; None: from the memory budget
     overlap: int = DEFAULT_OVERLAP  # blend width across tile seams, LR px
-    stats: RunStats = field(default_factory=RunStats)
-    warn: bool = True  # say on stderr when a tile falls back to fp32
     tile_batch: int | None = None  # tiles per forward in block mode; None: (tile // block)^2 on CUDA, 1 on the CPU
 
     @property
@@ -153,20 +157,15 @@ class Upscaler:
         return self.entry.scale
 
     @classmethod
-    def load(cls, entry: ModelEntry, weights: str | None = None, device: str | None = None,
-             protocol: str = "reference", offline: bool = False, precision: str = "auto",
-             tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> "Upscaler":
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if tile is not None and tile < MIN_TILE:
-            raise ValueError(f"--tile must be at least {MIN_TILE} LR pixels")
-        if overlap < 0:
-            raise ValueError("--overlap must be >= 0")
-        dev = pick_device(device)
+    def load(cls, entry: ModelEntry, weights: str | None = None, options: EngineOptions = EngineOptions(),
+             offline: bool = False) -> "Upscaler":
+        """The entry's network with `weights` (a file; None: resolved from the zoo), run as `options` say."""
+        try:
+            dev = pick_device(options.device)
+        except ValueError as e:
+            raise OptionError("device", str(e)) from None
         model = load_model(entry, resolve_weights(entry, weights, offline=offline)).to(dev)
-        return cls(entry, model, dev, protocol, precision, tile, overlap)
+        return cls(entry, model, dev, options.protocol, options.precision, options.tile, options.overlap)
 
     # -- precision ---------------------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
@@ -179,18 +178,16 @@ class Upscaler:
         """"fp32", "fp16" or "bf16": what "auto" means on this device."""
         return next(name for name, dtype in DTYPES.items() if dtype == self._dtype())
 
-    def _forward(self, fn, x: torch.Tensor) -> torch.Tensor:
-        """fn(x) in the working precision; a non-finite result is recomputed in fp32."""
+    def _forward(self, fn, x: torch.Tensor, stats: RunStats) -> torch.Tensor:
+        """fn(x) in the working precision; a non-finite result is recomputed in fp32 (counted in `stats`)."""
         dtype = self._dtype()
         if dtype != torch.float32:
             with torch.autocast(self.device.type, dtype=dtype):
                 y = fn(x)
             if torch.isfinite(y).all():
                 return y.float()
-            self.stats.fp32_fallbacks += 1
-            if self.warn:
-                print(f"upscale: non-finite {self.stats.precision} output in a tile, recomputed in fp32",
-                      file=sys.stderr)
+            stats.fp32_fallbacks += 1
+            stats.notes.append(f"non-finite {stats.precision} output, recomputed in fp32")
         y = fn(x).float()
         if not torch.isfinite(y).all():
             raise NonFiniteOutputError("the network's output holds NaN or Inf in float32 (broken weights?); "
@@ -220,8 +217,9 @@ class Upscaler:
         return max(MIN_TILE, min(side, 1024))
 
     @torch.inference_mode()
-    def run(self, lr: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) float in [0, 1] -> (N, 3, s*h, s*w) on the [0, 1] scale, unclamped, on the CPU."""
+    def run(self, lr: torch.Tensor) -> tuple[torch.Tensor, RunStats]:
+        """(N, 3, h, w) float in [0, 1] -> ((N, 3, s*h, s*w) on the [0, 1] scale, unclamped, on the CPU; what
+        the run did)."""
         h, w = lr.shape[-2:]
         if h == 0 or w == 0:
             raise ValueError(f"empty image ({h} x {w} pixels): nothing to upscale")
@@ -231,26 +229,26 @@ class Upscaler:
         if protocol == "auto":
             fits = x.shape[-2] * x.shape[-1] * self._bytes_per_pixel() <= memory_budget(self.device)
             protocol = "reference" if fits and self.tile is None else "tiled"
-        self.stats = RunStats(protocol=protocol, precision=self.working_precision)
+        stats = RunStats(protocol=protocol, precision=self.working_precision)
         if protocol == "tiled":
-            y = self._run_tiled(x)
+            y = self._run_tiled(x, stats)
         else:
             fn = (lambda t: arch.reference_forward(self.model, t)) if protocol == "reference" else self.model
-            y = self._forward(fn, x.to(self.device)).cpu()
-        return y[..., : h * self.scale, : w * self.scale].float()
+            y = self._forward(fn, x.to(self.device), stats).cpu()
+        return y[..., : h * self.scale, : w * self.scale].float(), stats
 
-    def _run_tiled(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_tiled(self, x: torch.Tensor, stats: RunStats) -> torch.Tensor:
         tile = self.tile or self._auto_tile()
         while True:
             try:
-                return self._tiled_pass(x, tile)
+                return self._tiled_pass(x, tile, stats)
             except RuntimeError as e:  # out of memory: retry with a smaller tile
                 if not is_out_of_memory(e) or tile <= MIN_TILE:
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 tile = max(MIN_TILE, tile // 2)
-                print(f"upscale: out of memory, retrying with --tile {tile}", file=sys.stderr)
+                stats.notes.append(f"out of memory, retried with tiles of {tile}")
 
     def tile_plan(self, height: int, width: int, tile: int) -> tuple[list[tiling.Tile], int, int]:
         """(tiles, tiles per forward, blend width) for an image padded to the family's multiple."""
@@ -261,7 +259,7 @@ class Upscaler:
         batch = self.tile_batch or (max(1, (tile // spec.block) ** 2) if self.device.type == "cuda" else 1)
         return tiling.plan_blocks(height, width, spec.block, spec.block_overlap), batch, spec.block_overlap
 
-    def _tiled_pass(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+    def _tiled_pass(self, x: torch.Tensor, tile: int, stats: RunStats) -> torch.Tensor:
         arch = self.architecture
         spec = arch.tiling_spec(self.model)
         h, w = x.shape[-2:]
@@ -273,24 +271,26 @@ class Upscaler:
             def fn(inputs, chunk):
                 t = chunk[0]
                 placement = Placement((big_h, big_w), (t.input[0], t.input[2]))
-                y = self._forward(lambda z: arch.local_forward(self.model, z, placement), inputs.to(self.device))
+                y = self._forward(lambda z: arch.local_forward(self.model, z, placement), inputs.to(self.device),
+                                  stats)
                 release_free_memory()
                 return y
 
         else:
 
             def fn(inputs, chunk):
-                y = self._forward(self.model, inputs.to(self.device))
+                y = self._forward(self.model, inputs.to(self.device), stats)
                 release_free_memory()
                 return y
 
-        self.stats.tile, self.stats.tiles = tile, len(tiles)
+        stats.tile, stats.tiles = tile, len(tiles)
         y = tiling.run_tiles(fn, x, tiles, self.scale, blend, batch=batch)
         return y[..., : h * self.scale, : w * self.scale]
 
-    def upscale_array(self, rgb: np.ndarray) -> np.ndarray:
-        """HxWx3 float32 in [0, 1] -> (s*H)x(s*W)x3 float32, clamped to [0, 1] (a channels-last view)."""
+    def upscale_array(self, rgb: np.ndarray) -> tuple[np.ndarray, RunStats]:
+        """HxWx3 float32 in [0, 1] -> ((s*H)x(s*W)x3 float32 clamped to [0, 1], a channels-last view; stats)."""
         x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
         with torch.inference_mode():
-            y = self.run(x)[0].clamp_(0, 1)  # in place: the output of a photo is gigabytes
-        return y.permute(1, 2, 0).numpy()
+            y, stats = self.run(x)
+            y = y[0].clamp_(0, 1)  # in place: the output of a photo is gigabytes
+        return y.permute(1, 2, 0).numpy(), stats

@@ -81,7 +81,7 @@ def evaluate(upscaler: Upscaler, hr_dir: str | Path, lr_dir: str | Path | None =
             lr = _read_rgb_uint8(find_lr(Path(lr_dir), hr_path, s))
         else:
             lr = metrics.bicubic_downscale_uint8(hr, s)
-        sr = upscaler.upscale_array(lr.astype(np.float32) / 255.0)
+        sr, _ = upscaler.upscale_array(lr.astype(np.float32) / 255.0)
         sr_u8 = metrics.to_uint8(sr)
         h, w = sr_u8.shape[:2]
         hr = hr[:h, :w]
