@@ -5,6 +5,7 @@ One small real model (AGDN x2, shipped weights) on ~20 x 24 px inputs keeps this
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -204,7 +205,7 @@ def test_loaded_image_round_trip_keeps_metadata_and_16_bits(model, tmp_path):
     ramp = np.linspace(2000, 63000, H * W).reshape(H, W)
     a = np.round(np.dstack([ramp, ramp[::-1], np.full((H, W), 30000.0), ramp.T.reshape(H, W)])).astype(np.uint16)
     (tmp_path / "in.png").write_bytes(imagecodecs.png_encode(a))
-    image = read_image(tmp_path / "in.png").replace(text={"Title": "ramp"})
+    image = dataclasses.replace(read_image(tmp_path / "in.png"), text={"Title": "ramp"})
     big = upscale.upscale_image(model, image)
     assert isinstance(big, LoadedImage) and big.rgb.shape == (2 * H, 2 * W, 3) and big.alpha.shape == (2 * H, 2 * W)
     assert big.bit_depth == 16 and big.text == {"Title": "ramp"} and big.path == image.path

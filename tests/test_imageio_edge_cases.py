@@ -18,7 +18,7 @@ from test_cli import run
 
 import upscale
 from upscale.api import upscale_planes
-from upscale.imageio import _HOST
+from upscale.files import _HOST
 
 CAT = REPO / "examples" / "cat.png"
 

@@ -29,10 +29,9 @@ from typing import Any, Callable, Iterable, Protocol
 
 from PIL import Image, UnidentifiedImageError
 
-from .imageio import format_by_magic
+from .imageio import READ_EXTENSIONS, format_by_magic
 
 STDIO = Path("-")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
 
 @dataclass
@@ -92,7 +91,7 @@ def looks_like_image(path: Path) -> bool:
     except OSError:
         return True
     if not head:
-        return path.suffix.lower() in IMAGE_EXTENSIONS
+        return path.suffix.lower() in READ_EXTENSIONS
     return format_by_magic(head) is not None  # starts like an image: an image, however broken
 
 

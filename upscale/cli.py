@@ -25,8 +25,15 @@ from pathlib import Path
 import click
 
 from . import __version__, registry
-from .imageio import FORMATS, ImageError
-from .options import DEFAULT_OVERLAP, MIN_TILE, PRECISIONS, PROTOCOLS, EngineOptions, OptionError
+from .imageio import EXTENSIONS, FORMATS, ImageError
+from .options import (
+    DEFAULT_OVERLAP,
+    MIN_TILE,
+    PRECISIONS,
+    PROTOCOLS,
+    EngineOptions,
+    OptionError,
+)
 
 EXIT_CODES = ("Exit codes: 0 all done, 1 some inputs failed (or a folder held no image), 2 usage error, "
               "130 interrupted.")
@@ -194,7 +201,7 @@ def main():
 @weights_option
 @device_option
 @offline_option
-@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
               help="Output format (default: from -o's extension, else png).")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
 @click.option("--suffix", default=None, help="Output name suffix (default _x<scale>).")
@@ -248,7 +255,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
             raise UsageProblem("stdin (-) can be given once")
         entry = _entry(model, scale, weights)
         options = _options(protocol, precision, tile, overlap, device)
-        ext = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tif", "bmp": ".bmp"}.get(fmt)
+        ext = EXTENSIONS[FORMATS[fmt]] if fmt else None
         plan = plan_jobs(names, output, entry.scale, suffix=suffix, ext=ext, recursive=recursive)
         if output == "-" and len(plan.jobs) != 1:
             raise UsageProblem(f"-o - (stdout) takes exactly one input, got {len(plan.jobs)}")

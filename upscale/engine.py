@@ -28,9 +28,9 @@ from torch import nn
 
 from . import tiling
 from .models import Architecture, get_architecture
-from .options import DEFAULT_OVERLAP, MIN_TILE, EngineOptions, OptionError
 from .models.base import Placement
 from .models.layers import mirror_pad, pad_to_multiple
+from .options import DEFAULT_OVERLAP, MIN_TILE, EngineOptions, OptionError
 from .registry import ModelEntry
 from .weights import load_model, resolve_weights
 

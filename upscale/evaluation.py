@@ -15,9 +15,7 @@ from PIL import Image
 
 from . import metrics
 from .engine import Upscaler
-from .imageio import ImageError
-
-IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
+from .imageio import READ_EXTENSIONS, ImageError
 
 
 @dataclass
@@ -60,7 +58,7 @@ def _read_rgb_uint8(path: Path) -> np.ndarray:
 def find_lr(lr_dir: Path, hr_path: Path, scale: int) -> Path:
     stem = hr_path.stem
     for name in (stem, f"{stem}x{scale}", f"{stem}_x{scale}", f"{stem}X{scale}"):
-        for suffix in (hr_path.suffix, *sorted(IMAGE_SUFFIXES)):
+        for suffix in (hr_path.suffix, *READ_EXTENSIONS):
             candidate = lr_dir / f"{name}{suffix}"
             if candidate.is_file():
                 return candidate
@@ -69,7 +67,7 @@ def find_lr(lr_dir: Path, hr_path: Path, scale: int) -> Path:
 
 def evaluate(upscaler: Upscaler, hr_dir: str | Path, lr_dir: str | Path | None = None) -> EvalResult:
     hr_dir = Path(hr_dir)
-    hr_paths = sorted(p for p in hr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    hr_paths = sorted(p for p in hr_dir.iterdir() if p.suffix.lower() in READ_EXTENSIONS)
     if not hr_paths:
         raise ImageError(f"{hr_dir}: no images found")
     s = upscaler.scale

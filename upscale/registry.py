@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Mapping
+
+import tomllib
 
 DEFAULT_MODEL = "agdn"
 DEFAULT_SCALE = 4
