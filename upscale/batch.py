@@ -58,6 +58,7 @@ class Outcome:
     error: str | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    remedy: str | None = None  # the setting that would let a failed input through (the error's `remedy`)
 
     def record(self) -> dict:
         output = None if self.job.skip else str(self.job.dest)
@@ -327,7 +328,8 @@ def run_jobs(jobs: list[Job], stages: Stages, *, overwrite: bool, skip_existing:
                     written = entry.write.result()
                     outcome = Outcome(entry.job, "ok", None, written - entry.start, entry.extra)
                 except errors as e:
-                    outcome = Outcome(entry.job, "failed", str(e), time.perf_counter() - entry.start)
+                    outcome = Outcome(entry.job, "failed", str(e), time.perf_counter() - entry.start,
+                                      remedy=getattr(e, "remedy", None))
             pending.popleft()
             outcomes.append(outcome)
             on_outcome(outcome)
@@ -365,7 +367,8 @@ def run_jobs(jobs: list[Job], stages: Stages, *, overwrite: bool, skip_existing:
                 result, extra = stages.compute(job, data)
                 del data
             except errors as e:
-                pending.append(_Pending(job, start, outcome=Outcome(job, "failed", str(e), time.perf_counter() - start)))
+                failed = Outcome(job, "failed", str(e), time.perf_counter() - start, remedy=getattr(e, "remedy", None))
+                pending.append(_Pending(job, start, outcome=failed))
                 report(block=False)
                 continue
             big = stages.nbytes(result) > WRITE_BEHIND_BYTES

@@ -113,7 +113,8 @@ def _entry(model: str | None, scale: int | None, weights: str | None = None) -> 
             except WeightsError as e:
                 raise UsageProblem(str(e)) from None
             if entry is None:
-                raise UsageProblem(f"{weights}: cannot tell which model these weights belong to; pass -m MODEL -s SCALE")
+                raise UsageProblem(f"{weights}: cannot tell which model these weights belong to; name the model and "
+                                   f"scale ({REMEDY_FLAGS['model']})")
             if scale is not None and scale != entry.scale:
                 raise UsageProblem(f"{weights}: holds {entry.label} weights, not x{scale}")
             return entry
@@ -140,7 +141,15 @@ def _load_upscaler(entry, weights, options: EngineOptions, offline=False):
     except WeightsError as e:
         # a --weights file that is wrong is a usage error; the zoo's weights missing (not fetched, offline)
         # or failing to download is a failure to run
-        raise (UsageProblem if weights is not None else Problem)(str(e)) from None
+        raise (UsageProblem if weights is not None else Problem)(_with_remedy(str(e), e.remedy)) from None
+
+
+# the flags that do what an error's `remedy` names (lower layers speak of the setting, the CLI of its flag)
+REMEDY_FLAGS = {"allow_large": "--allow-large", "weights": "--weights FILE", "model": "-m MODEL -s SCALE"}
+
+
+def _with_remedy(message: str, remedy: str | None) -> str:
+    return f"{message} ({REMEDY_FLAGS[remedy]})" if remedy in REMEDY_FLAGS else message
 
 
 def _err(message: str) -> None:
@@ -304,12 +313,12 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
             def report(outcome):
                 record = {**base_record, **outcome.record()}
                 name = "<stdin>" if outcome.job.source == STDIO else str(outcome.job.source)
-                if record.get("error"):  # one line, as on stderr
-                    record["error"] = printable(record["error"])
+                if record.get("error"):  # one line, as on stderr, with the flag that would help
+                    record["error"] = printable(_with_remedy(record["error"], outcome.remedy))
                 if as_json:
                     click.echo(json.dumps(record))
                 if outcome.status == "failed":
-                    message = outcome.error or "failed"
+                    message = _with_remedy(outcome.error or "failed", outcome.remedy)
                     if name not in message and str(outcome.job.dest) not in message:
                         message = f"{name}: {message}"  # every failure line names its file
                     _err(message)
@@ -413,7 +422,7 @@ def convert(checkpoint, output, model, scale, key, overwrite):
     try:
         used = convert_checkpoint(src, dst, entry, key=key)
     except WeightsError as e:  # the checkpoint is convert's input
-        raise Problem(str(e)) from None
+        raise Problem(_with_remedy(str(e), e.remedy)) from None
     click.echo(f"{src} -> {dst} ({used.label})", err=True)
 
 

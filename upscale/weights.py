@@ -71,7 +71,14 @@ Progress = Callable[[int, "int | None"], None]
 
 
 class WeightsError(RuntimeError):
-    """Weights that are missing, corrupt, mismatched or of the wrong model; the message says which file."""
+    """Weights that are missing, corrupt, mismatched or of the wrong model; the message says which file.
+
+    `remedy`, where there is one: "weights" (give a weights file), "model" (name the model and scale): the
+    command line adds its flags."""
+
+    def __init__(self, message: str, remedy: str | None = None):
+        super().__init__(message)
+        self.remedy = remedy
 
 
 class _NotInHubCache(WeightsError):
@@ -117,7 +124,7 @@ def resolve_weights(
     if not entry.url:
         raise WeightsError(
             f"no weights for {entry.label}: {entry.note or 'no official source'}; "
-            f"pass --weights FILE or put {entry.file} in one of: {searched}"
+            f"give a weights file, or put {entry.file} in one of: {searched}", remedy="weights"
         )
     if offline or offline_requested():
         missing = f"offline: {entry.file} for {entry.label} is not in {searched}"
@@ -480,7 +487,8 @@ def convert_checkpoint(
     if entry is None:
         entry = detect(state)
         if entry is None:
-            raise WeightsError(f"{src}: cannot tell which model these weights belong to; pass -m MODEL -s SCALE")
+            raise WeightsError(f"{src}: cannot tell which model these weights belong to; name the model and scale",
+                               remedy="model")
     model = build_model(entry)
     check_state_dict(model, state, src, entry)
     check_finite(state, src)

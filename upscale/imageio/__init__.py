@@ -52,19 +52,19 @@ refused even with ``overwrite``. ``dest="-"`` or a binary stream gets the bytes 
 (:func:`encode_image` makes them).
 
 Decompression bombs: an image with more pixels than Pillow's ``Image.MAX_IMAGE_PIXELS`` (or the limit set
-with :func:`set_max_pixels`) is refused unless ``allow_large=True`` (the CLI's ``--allow-large``).
+with :func:`set_max_pixels`) is refused unless ``allow_large=True`` (the CLI's ``--allow-large``; such errors are a :class:`TooLargeError`).
 """
 
 from .decode import max_pixels, read_image, set_max_pixels
 from .encode import PNG_COMPRESS_LEVEL, encode_image
 from .image import (
-    ALLOW_LARGE_FLAG,
     EXTENSIONS,
     FORMATS,
     READ_EXTENSIONS,
     SIXTEEN_BIT_FORMATS,
     ImageError,
     LoadedImage,
+    TooLargeError,
     array_planes,
     format_by_magic,
     format_for,
@@ -75,7 +75,7 @@ from .image import (
 from .write import save_image
 
 __all__ = [
-    "ALLOW_LARGE_FLAG", "EXTENSIONS", "FORMATS", "PNG_COMPRESS_LEVEL", "READ_EXTENSIONS", "SIXTEEN_BIT_FORMATS", "ImageError", "LoadedImage",
+    "EXTENSIONS", "FORMATS", "PNG_COMPRESS_LEVEL", "READ_EXTENSIONS", "SIXTEEN_BIT_FORMATS", "ImageError", "LoadedImage", "TooLargeError",
     "array_planes", "encode_image", "format_by_magic", "format_for", "max_pixels", "pillow_planes", "quantise",
     "read_image", "save_image", "set_max_pixels", "unit_floats",
 ]

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .image import (
-    ALLOW_LARGE_FLAG,
     ImageError,
     LoadedImage,
+    TooLargeError,
     _grey_to_rgb,
     _one_line,
     _pillow_planes,
@@ -77,9 +77,9 @@ def _pillow_guard(limit: int | None) -> Iterator[None]:
 
 def _check_pixels(label: str, width: int, height: int, limit: int | None) -> None:
     if limit is not None and width * height > limit:
-        raise ImageError(
+        raise TooLargeError(
             f"{label}: {width}x{height} = {width * height:,} pixels is more than the {limit:,}-pixel safety limit "
-            f"(a possible decompression bomb); pass {ALLOW_LARGE_FLAG} to read it anyway"
+            "(a possible decompression bomb); allow large images to read it anyway"
         )
 
 
@@ -141,8 +141,8 @@ def read_image(source: str | os.PathLike | bytes | BinaryIO, *, allow_large: boo
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"{label}: more pixels than the safety limit (a possible decompression bomb); "
-                         f"pass {ALLOW_LARGE_FLAG} to read it anyway") from None
+        raise TooLargeError(f"{label}: more pixels than the safety limit (a possible decompression bomb); "
+                            "allow large images to read it anyway") from None
     except UnidentifiedImageError:
         if (kind := format_by_magic(data[:12])) is not None:  # e.g. a PNG whose header chunk fails its CRC
             raise ImageError(f"{label}: corrupt {kind} image (its header is damaged or cut short)") from None
@@ -151,8 +151,8 @@ def read_image(source: str | os.PathLike | bytes | BinaryIO, *, allow_large: boo
         raise ImageError(f"{label}: not enough memory to decode this image") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input, reported in one line
         if "MAX_TEXT_CHUNK" in str(e) or "text chunks" in str(e):
-            raise ImageError(f"{label}: a text chunk (metadata) larger than the safety limit (possibly a zip bomb); "
-                             f"pass {ALLOW_LARGE_FLAG} to read it anyway") from None
+            raise TooLargeError(f"{label}: a text chunk (metadata) larger than the safety limit (possibly a zip "
+                                "bomb); allow large images to read it anyway") from None
         raise ImageError(f"{label}: truncated or corrupt image ({_one_line(e)})") from None
     image.path = path
     return image

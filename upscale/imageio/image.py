@@ -25,11 +25,21 @@ READ_EXTENSIONS = tuple(f".{name}" for name in (*FORMATS, *READ_ONLY_FORMATS))
 SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
 
 
-ALLOW_LARGE_FLAG = "--allow-large"
 
 
 class ImageError(RuntimeError):
-    """An input that cannot be read or an output that cannot be written; the message names the file."""
+    """An input that cannot be read or an output that cannot be written; the message names the file.
+
+    `remedy` names, where there is one, the setting that would let it through ("allow_large"): messages here
+    speak of the concept, and the command line adds its flag."""
+
+    remedy: str | None = None
+
+
+class TooLargeError(ImageError):
+    """More pixels, or larger metadata, than the safety limits allow (a possible decompression bomb)."""
+
+    remedy = "allow_large"
 
 
 @dataclass
