@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,15 @@ def assert_matches_golden(ours: torch.Tensor, golden: torch.Tensor, tolerance: t
     )
 
 
+def upscale_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "upscale"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "upscale.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*upscale_cmd(), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
 def detected(state_dict) -> tuple[str, int] | None:
     """(variant, scale) that `upscale.weights.detect` finds for a state dict, or None."""
     from upscale.weights import detect
@@ -88,13 +99,15 @@ def _test_threads():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _cpu_kernels_built_once():
-    """Build (or find) the fused CPU kernels before any test runs, so that the console-script subprocesses
-    find them in the cache instead of each compiling them again."""
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """Build (or find) AGDN's fused CPU kernels once, before the tests that run AGDN (in this process or in
+    console-script subprocesses, which then find them in the cache instead of each compiling them again).
+    Modules that need them say so with `pytestmark = pytest.mark.usefixtures("cpu_kernels")`; the others
+    (the registry, metrics, image I/O, ESC, ASID) start without a compile."""
     from upscale.models.agdn import kernels
 
-    kernels.load()
+    return kernels.load()
 
 
 @functools.cache

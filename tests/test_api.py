@@ -21,6 +21,8 @@ from upscale.api import upscale_image_with_stats
 from upscale.engine import RunStats
 from upscale.imageio import LoadedImage, read_image, save_image
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
+
 EXAMPLES = REPO / "examples"
 H, W = 24, 20
 

@@ -11,6 +11,8 @@ import pytest
 from upscale import batch
 from upscale.batch import Job, run_jobs
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
+
 
 class Recorder:
     """Stages that log what ran where; `fail_read`/`fail_write` name sources that fail at that step."""

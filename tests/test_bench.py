@@ -11,6 +11,8 @@ from rich.console import Console
 from upscale import bench
 from upscale.bench import MachineBusyError, format_table, parse_size, run_bench
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
+
 
 @pytest.fixture(scope="module")
 def tiny_results():

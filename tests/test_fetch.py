@@ -40,6 +40,8 @@ from upscale.weights import (
     sha256_of,
 )
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
+
 EXAMPLE = REPO / "examples" / "cat.png"
 COMMIT = hashlib.sha1(b"upscale test repo").hexdigest()  # the fake hub's commit id
 

@@ -4,8 +4,9 @@ import json
 import subprocess
 
 import pytest
-from conftest import BENCHMARKS, agdn_eval, load_golden, need
-from test_cli import upscale_cmd
+from conftest import BENCHMARKS, agdn_eval, load_golden, need, upscale_cmd
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
 
 PAPER = {("Set5", 2): 38.21, ("Set5", 3): 34.63, ("Set5", 4): 32.43,
          ("Set14", 2): 34.02, ("Set14", 3): 30.55, ("Set14", 4): 28.80}

@@ -12,6 +12,8 @@ from upscale.models.base import Placement
 from upscale.tiling import Tile, plan_blocks, plan_halo_tiles, ramp, run_tiles
 from upscale.weights import build_model
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
+
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-10 * torch.log10(((a - b) ** 2).mean()))

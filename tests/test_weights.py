@@ -21,6 +21,8 @@ from upscale.weights import (
     sha256_of,
 )
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
+
 UPSCALE = [sys.executable, "-m", "upscale.cli"]
 
 

@@ -2,25 +2,16 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run
 from PIL import Image
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
+
 EXAMPLE = REPO / "examples" / "cat.png"
-
-
-def upscale_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "upscale"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "upscale.cli"]
-
-
-def run(*args, cwd=None):
-    return subprocess.run([*upscale_cmd(), *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.fixture

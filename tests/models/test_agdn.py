@@ -23,6 +23,8 @@ from upscale.models.agdn.network import tlc_origins
 from upscale.models.base import Placement
 from upscale.weights import load_model, resolve_weights
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
+
 ARCH = get_architecture("agdn")
 SPEC_PARAMS = {("agdn", 2): 280_530, ("agdn", 3): 286_215, ("agdn", 4): 294_174, ("agdn-s", 4): 69_272}
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run
 from PIL import Image, PngImagePlugin
-from test_cli import run
 
 import upscale
 from upscale.api import upscale_planes
 from upscale.files import _HOST
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
 
 CAT = REPO / "examples" / "cat.png"
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run, upscale_cmd
 from PIL import Image, ImageOps
-from test_cli import run, upscale_cmd
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
 
 CAT = REPO / "examples" / "cat.png"
 COFFEE = REPO / "examples" / "coffee.png"

@@ -8,9 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run, upscale_cmd
 from PIL import Image
-from test_cli import run, upscale_cmd
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
 
 CAT = REPO / "examples" / "cat.png"
 

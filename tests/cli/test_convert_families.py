@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from upscale import registry
 from upscale.weights import sha256_of
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
+
 EXAMPLE = REPO / "examples" / "cat.png"
 FAMILY_KEY = {"agdn": "params_ema", "esc": "params_ema", "asid": ""}
 CASES = [(family, name) for family in ("agdn", "esc", "asid") for name in golden_case_names(family)]

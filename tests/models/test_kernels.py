@@ -252,7 +252,7 @@ def test_the_avx2_build_matches_the_eager_path_too():
     # CPUs without AVX-512 (most desktops and laptops) run the AVX2 code; build it here and run this file's op
     # checks and the golden cases on it, in a child process (the build is cached like the native one)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           "tests/test_kernels.py", "tests/test_agdn.py", "-k", "not avx2_build"],
+                           "tests/models/test_kernels.py", "tests/models/test_agdn.py", "-k", "not avx2_build"],
                           capture_output=True, text=True, cwd=REPO, timeout=1800,
                           env={**os.environ, "UPSCALE_CPU_KERNELS": "avx2"})
     tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
