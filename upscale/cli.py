@@ -15,7 +15,6 @@ that a line stays one line.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import sys
@@ -34,17 +33,11 @@ from .options import (
     EngineOptions,
     OptionError,
 )
+from .reporter import DEFAULT as REPORT
+from .reporter import Reporter, printable
 
 EXIT_CODES = ("Exit codes: 0 all done, 1 some inputs failed (or a folder held no image), 2 usage error, "
               "130 interrupted.")
-
-
-def printable(text: str) -> str:
-    """`text` with control characters escaped as Python writes them (a newline in a file name becomes \\n),
-    so that every message stays one line."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
 
 
 class Problem(click.ClickException):
@@ -84,7 +77,7 @@ class DefaultCommandGroup(click.Group):
             e.show()
             sys.exit(e.exit_code)
         except click.Abort:
-            click.echo("interrupted", err=True)
+            REPORT.status("interrupted")
             sys.exit(130)
         except OSError as e:
             if e.errno != errno.EPIPE:
@@ -153,16 +146,12 @@ def _with_remedy(message: str, remedy: str | None) -> str:
 
 
 def _err(message: str) -> None:
-    click.echo(f"error: {printable(message)}", err=True)
+    REPORT.error(message)
 
 
-def _warn(message: str) -> None:
-    click.echo(f"warning: {printable(message)}", err=True)
-
-
-def _warn_half_precision_on_cpu(upscaler) -> None:
+def _warn_half_precision_on_cpu(upscaler, report: Reporter = REPORT) -> None:
     if upscaler.device.type == "cpu" and upscaler.working_precision != "fp32":
-        _warn(f"{upscaler.working_precision} on the CPU is much slower than fp32 (emulated, 10-700x measured); "
+        report.warning(f"{upscaler.working_precision} on the CPU is much slower than fp32 (emulated, 10-700x measured); "
               "half precision pays on a GPU")
 
 
@@ -242,9 +231,10 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         raise UsageProblem("--overwrite and --skip-existing contradict each other")
     if as_json and output == "-" and not dry_run:
         raise UsageProblem("--json and -o - both need stdout; write the image to a file or drop --json")
+    report = Reporter(quiet=quiet, as_json=as_json)
     outcomes: list = []
     interrupted = False
-    progress = None
+    progress = advance = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM ends a run as Ctrl-C does
     try:
         names = list(inputs)
@@ -278,11 +268,15 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
                 state = "exists" if job.dest != STDIO and job.dest.exists() else "new"
                 if job.conflict or job.skip:
                     state = "fails: " + job.conflict if job.conflict else "skipped: " + job.skip
-                click.echo(json.dumps({"input": str(job.source), "output": str(job.dest), "output_state": state})
-                           if as_json else printable(f"{job.source} -> {job.dest} ({state})"))
+                if as_json:
+                    report.record({"input": str(job.source), "output": str(job.dest), "output_state": state})
+                else:
+                    report.line(f"{job.source} -> {job.dest} ({state})")
             for path in plan.not_images:
-                click.echo(json.dumps({"input": str(path), "status": "skipped", "error": "not an image"})
-                           if as_json else printable(f"{path}: not an image, skipped"))
+                if as_json:
+                    report.record({"input": str(path), "status": "skipped", "error": "not an image"})
+                else:
+                    report.line(f"{path}: not an image, skipped")
             for folder in plan.empty_folders:
                 _err(_no_images(folder, recursive))
             if plan.empty_folders:
@@ -293,8 +287,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         start = time.perf_counter()
         try:
             upscaler = _load_upscaler(entry, weights, options, offline)
-            if not quiet:
-                _warn_half_precision_on_cpu(upscaler)
+            _warn_half_precision_on_cpu(upscaler, report)
             base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
                            "precision": upscaler.working_precision, "protocol": options.protocol, "tile": tile}
 
@@ -302,57 +295,50 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
                                    protect, {"model": entry.name, "variant": entry.title, "scale": entry.scale,
                                              "device": str(upscaler.device), "upscale": __version__})
 
-            if not quiet and sys.stderr.isatty() and len(plan.jobs) > 1:
-                from rich.console import Console
-                from rich.progress import Progress
+            if len(plan.jobs) > 1:
+                progress = report.progress("upscaling", len(plan.jobs))
+                advance = progress.__enter__()
 
-                progress = Progress(console=Console(stderr=True), transient=True)
-                task = progress.add_task("upscaling", total=len(plan.jobs))
-                progress.start()
-
-            def report(outcome):
+            def on_outcome(outcome):
                 record = {**base_record, **outcome.record()}
                 name = "<stdin>" if outcome.job.source == STDIO else str(outcome.job.source)
                 if record.get("error"):  # one line, as on stderr, with the flag that would help
                     record["error"] = printable(_with_remedy(record["error"], outcome.remedy))
                 if as_json:
-                    click.echo(json.dumps(record))
+                    report.record(record)
                 if outcome.status == "failed":
                     message = _with_remedy(outcome.error or "failed", outcome.remedy)
                     if name not in message and str(outcome.job.dest) not in message:
                         message = f"{name}: {message}"  # every failure line names its file
-                    _err(message)
-                elif not quiet and not as_json and outcome.status == "ok" and output != "-":
-                    click.echo(printable(f"{outcome.job.source} -> {outcome.job.dest} ({entry.label}, "
-                                         f"{outcome.seconds:.2f} s)"), err=True)
-                if not quiet:
-                    for warning in outcome.extra.get("warnings", ()):
-                        _warn(f"{name}: {warning}")
-                if progress is not None:
-                    progress.advance(task)
+                    report.error(message)
+                elif outcome.status == "ok" and output != "-":
+                    report.info(f"{outcome.job.source} -> {outcome.job.dest} ({entry.label}, {outcome.seconds:.2f} s)")
+                for warning in outcome.extra.get("warnings", ()):
+                    report.warning(f"{name}: {warning}")
+                if advance is not None:
+                    advance(advance=1)
 
             if as_json:
                 for path in plan.not_images:
-                    click.echo(json.dumps({"input": str(path), "output": None, "status": "skipped",
-                                           "error": "not an image", **base_record, "seconds": 0.0}))
+                    report.record({"input": str(path), "output": None, "status": "skipped",
+                                   "error": "not an image", **base_record, "seconds": 0.0})
             for folder in plan.empty_folders:
                 if as_json:
-                    click.echo(json.dumps({"input": str(folder), "output": None, "status": "failed",
-                                           "error": printable(_no_images(folder, recursive)), **base_record,
-                                           "seconds": 0.0}))
-                _err(_no_images(folder, recursive))
+                    report.record({"input": str(folder), "output": None, "status": "failed",
+                                   "error": printable(_no_images(folder, recursive)), **base_record, "seconds": 0.0})
+                report.error(_no_images(folder, recursive))
             outcomes = run_jobs(plan.jobs, stages, overwrite=overwrite, skip_existing=skip_existing,
-                                on_outcome=report,
+                                on_outcome=on_outcome,
                                 errors=(ImageError, OSError, ValueError, RuntimeError, MemoryError))
         except KeyboardInterrupt as e:  # while loading the model or upscaling: report below
             interrupted, outcomes = True, getattr(e, "outcomes", outcomes)
     except KeyboardInterrupt:  # while reading the list or planning
-        click.echo("interrupted: nothing done", err=True)
+        report.status("interrupted: nothing done")
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if progress is not None:
-            progress.stop()
+            progress.__exit__(None, None, None)
     counts = {k: sum(o.status == k for o in outcomes) for k in ("ok", "skipped", "failed")}
     counts["failed"] += len(plan.empty_folders)  # a folder with nothing to do is a failed input
     summary = {"summary": True, **counts, "not_images": len(plan.not_images),
@@ -360,16 +346,16 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
                "not_started": len(plan.jobs) - len(outcomes), "interrupted": interrupted,
                "seconds": round(time.perf_counter() - start, 3)}
     if as_json:
-        click.echo(json.dumps(summary))
+        report.record(summary)
     if interrupted:
-        click.echo(f"interrupted: {counts['ok']} done, {counts['skipped']} skipped, {counts['failed']} failed, "
-                   f"{summary['not_started']} not started; no partial file left", err=True)
+        report.status(f"interrupted: {counts['ok']} done, {counts['skipped']} skipped, {counts['failed']} failed, "
+                      f"{summary['not_started']} not started; no partial file left")
         sys.exit(130)
-    if not quiet and not as_json and (len(plan.jobs) > 1 or plan.not_images or plan.empty_folders):
+    if len(plan.jobs) > 1 or plan.not_images or plan.empty_folders:
         reasons = sorted({o.error or "" for o in outcomes if o.status == "skipped"})
         why = f" ({'; '.join(reasons)})" if len(reasons) == 1 else ""
-        click.echo(printable(f"{counts['ok']} upscaled, {counts['skipped']} skipped{why}, {counts['failed']} failed, "
-                             f"{len(plan.not_images)} not images"), err=True)
+        report.info(f"{counts['ok']} upscaled, {counts['skipped']} skipped{why}, {counts['failed']} failed, "
+                    f"{len(plan.not_images)} not images")
     if counts["failed"]:
         sys.exit(1)
 
@@ -423,7 +409,7 @@ def convert(checkpoint, output, model, scale, key, overwrite):
         used = convert_checkpoint(src, dst, entry, key=key)
     except WeightsError as e:  # the checkpoint is convert's input
         raise Problem(_with_remedy(str(e), e.remedy)) from None
-    click.echo(f"{src} -> {dst} ({used.label})", err=True)
+    REPORT.info(f"{src} -> {dst} ({used.label})")
 
 
 @main.command("eval", epilog=EXIT_CODES)
@@ -455,9 +441,8 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
     except ImageError as e:
         raise Problem(str(e)) from None
     if as_json:
-        click.echo(json.dumps(result.to_dict()))
+        REPORT.record(result.to_dict())
         return
-    from rich.console import Console
     from rich.table import Table
 
     tiles = f" (tile {tile}, overlap {overlap})" if options.protocol == "tiled" else ""
@@ -468,7 +453,7 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
         table.add_row(s.name, f"{s.lr_size[0]}x{s.lr_size[1]}", f"{s.psnr:.4f}", f"{s.ssim:.5f}")
     table.add_section()
     table.add_row("mean", "", f"{result.psnr:.4f}", f"{result.ssim:.5f}")
-    Console(soft_wrap=True).print(table)
+    REPORT.table(table)
 
 
 @main.command()
@@ -484,9 +469,8 @@ def models(as_json):
                      "license": e.license, "weights": present, "psnr": dict(e.psnr)})
     if as_json:
         for r in rows:
-            click.echo(json.dumps(r))
+            REPORT.record(r)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table()
@@ -496,7 +480,7 @@ def models(as_json):
         psnr = ", ".join(f"{k} {v:.2f}" for k, v in r["psnr"].items())
         table.add_row(r["model"], f"x{r['scale']}", f"{r['params']:,}", "present" if r["weights"] else "absent",
                       psnr, r["license"].split(";")[0])
-    Console(soft_wrap=True).print(table)
+    REPORT.table(table)
 
 
 @main.command()
@@ -521,24 +505,16 @@ def fetch(model, scale, force):
         raise UsageProblem(str(e)) from None
     failed = 0
     for entry in entries:
-        progress = None
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import Progress
-
-            progress = Progress(console=Console(stderr=True), transient=True)
-            task = progress.add_task(entry.label, total=None)
-            progress.start()
-        try:
-            report = (lambda done, total: progress.update(task, completed=done, total=total)) if progress else None
-            path = fetch_weights(entry, progress=report, force=True) if force else resolve_weights(entry, progress=report)
-            click.echo(f"{entry.label}: {path}", err=True)
-        except WeightsError as e:
-            failed += 1
-            _err(str(e))
-        finally:
-            if progress is not None:
-                progress.stop()
+        with REPORT.progress(entry.label, None) as update:
+            report = (lambda done, total: update(completed=done, total=total)) if update else None
+            try:
+                path = (fetch_weights(entry, progress=report, force=True) if force
+                        else resolve_weights(entry, progress=report))
+            except WeightsError as e:
+                failed += 1
+                REPORT.error(_with_remedy(str(e), e.remedy))
+                continue
+        REPORT.info(f"{entry.label}: {path}")
     if failed:
         sys.exit(1)
 
@@ -576,19 +552,16 @@ def bench(model, scale, weights, random_weights, device, offline, sizes, precisi
                             repeats=repeats, warmup=warmup, reference_impl=not no_reference, threads=threads,
                             weights="random" if random_weights else weights, offline=offline,
                             folder_images=folder_images, force=force,
-                            log=None if as_json else (lambda line: click.echo(line, err=True)))
+                            log=None if as_json else REPORT.info)
     except MachineBusyError as e:
         raise Problem(str(e)) from None
     except ValueError as e:
         raise UsageProblem(str(e)) from None
     if as_json:
         for row in results:
-            click.echo(json.dumps(row))
+            REPORT.record(row)
         return
-    from rich.console import Console
-
-    # written to a file or a pipe, rich would squeeze the table into 80 columns and cut the figures short
-    format_table(results, Console(soft_wrap=True, width=None if sys.stdout.isatty() else 150))
+    format_table(results, REPORT.console())
 
 
 if __name__ == "__main__":
