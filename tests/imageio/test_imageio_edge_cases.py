@@ -99,14 +99,15 @@ def test_only_the_first_frame_is_upscaled_and_that_is_said(tmp_path):
     frames[0].save(tmp_path / "apng.png", save_all=True, append_images=frames[1:], duration=100)
     frames[0].save(tmp_path / "scan.tif", save_all=True, append_images=frames[1:])
     tiny(tmp_path / "still.png")
-    result = run(*(tmp_path / n for n in ("anim.gif", "apng.png", "scan.tif", "still.png")), "-s", "2",
+    frames[0].save(tmp_path / "phone.jpg", "MPO", save_all=True, append_images=frames[1:2])  # a preview image
+    result = run(*(tmp_path / n for n in ("anim.gif", "apng.png", "scan.tif", "still.png", "phone.jpg")), "-s", "2",
                  "-o", tmp_path / "out", "--json")
     assert result.returncode == 0, result.stderr
     recs = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines()[:-1])}
     assert recs["anim.gif"]["warnings"] == ["GIF with 3 frames: only the first was upscaled"]
     assert recs["apng.png"]["warnings"] == ["PNG with 3 frames: only the first was upscaled"]
     assert recs["scan.tif"]["warnings"] == ["TIFF with 3 pages: only the first was upscaled"]
-    assert "warnings" not in recs["still.png"]
+    assert "warnings" not in recs["still.png"] and "warnings" not in recs["phone.jpg"]
     warned = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warned) == 3 and all("only the first" in line for line in warned)
 

@@ -83,6 +83,7 @@ def _check_pixels(label: str, width: int, height: int, limit: int | None) -> Non
         )
 
 
+_MULTI_FRAME_FORMATS = ("GIF", "PNG", "WEBP", "TIFF")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
 
@@ -165,7 +166,9 @@ def _decode(data: bytes, label: str, limit: int | None) -> LoadedImage:
             return tiff16
     im = Image.open(io.BytesIO(data))
     _check_pixels(label, *im.size, limit)
-    frames = int(getattr(im, "n_frames", 1) or 1)
+    # frames of an animation or pages of a scan; not the extra images some formats carry (a phone JPEG's
+    # MPO preview, a PSD's layers): warning about those would be noise
+    frames = int(getattr(im, "n_frames", 1) or 1) if im.format in _MULTI_FRAME_FORMATS else 1
     fmt = im.format or ""
     sixteen = fmt == "PNG" and data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] == 16
     im.load()  # also reads the PNG text chunks after the image data
