@@ -5,7 +5,7 @@ Protocols:
 - "reference": the family's official test-time procedure (`Architecture.reference_forward`): what the
   papers measured and what `upscale eval` uses by default.
 - "whole": one plain forward pass over the whole image.
-- "tiled": tiles with local statistics (see `tiling.py` and `Architecture.local_mode`), so that memory grows
+- "tiled": tiles with local statistics (see `tiling.py` and `Architecture.tiling_spec`), so that memory grows
   with the tile, not the image, and a pixel gets the same statistics whichever tile computes it.
 - "auto": "reference" when the whole image fits the memory budget, else "tiled" ("tiled" when a tile is set).
 Precision: fp32, fp16, bf16 or auto (fp16 on CUDA, fp32 on the CPU). A tile whose half-precision output is not

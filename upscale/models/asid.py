@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tiling import tiled_forward
-from .base import Architecture
+from .base import Architecture, TilingSpec
 from .layers import LayerNorm2d
 
 #: window size of the spatial attention (hard-coded 8 in the official SLA/SGA) and the padding multiple
@@ -464,12 +464,11 @@ class ASIDArchitecture(Architecture):
     family = "asid"
     variants = ("asid", "asid-d8")
     min_size = RAW_MIN_SIDE  # smaller inputs also work through model(x), which replicate-pads them itself
-    # tiled mode: blocks of the training size on the official tiler's grid (stride 40, anchored at (0, 0))
-    # blended smoothly; stride and padding are multiples of the 8 px attention windows
-    local_mode = "blocks"
-    block = TILE
-    block_overlap = TILE_OVERLAP
-    pad_multiple = WINDOW
+
+    def tiling_spec(self, model: nn.Module) -> TilingSpec:
+        # blocks of the training size on the official tiler's grid (stride 40, anchored at (0, 0)) blended
+        # smoothly; stride and padding are multiples of the 8 px attention windows
+        return TilingSpec("blocks", block=TILE, block_overlap=TILE_OVERLAP, pad_multiple=WINDOW)
 
     def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> ASID:
         if variant not in self.variants:

@@ -36,12 +36,20 @@ class Placement:
 
 @dataclass(frozen=True)
 class TilingSpec:
-    local_mode: str  # "placement" or "blocks" (see Architecture.local_mode)
-    alignment: int
-    halo: int
-    block: int
-    block_overlap: int
-    pad_multiple: int
+    """How the tiled engine keeps tiles consistent with each other (see `engine.py` / `tiling.py`).
+
+    "placement": `local_forward` gets each tile's `Placement`; tile inputs start on multiples of `alignment`
+    and carry `halo` pixels of context on inner edges. "blocks": the image is cut into fixed blocks of `block`
+    px on a grid anchored at (0, 0) (stride block - block_overlap), each run on its own and blended smoothly;
+    execution tiles are unions of blocks. Either way the whole image is first reflect-padded to a multiple of
+    `pad_multiple` (window grids anchored at (0, 0))."""
+
+    local_mode: str  # "placement" or "blocks"
+    alignment: int = 1
+    halo: int = 0
+    block: int = 0
+    block_overlap: int = 0
+    pad_multiple: int = 1
 
 
 class Architecture:
@@ -52,19 +60,6 @@ class Architecture:
     variants: tuple[str, ...] = ()
     #: minimum LR side the raw network accepts (the engine pads smaller inputs up to it)
     min_size: int = 1
-
-    #: how the tiled engine keeps tiles consistent with each other (see `engine.py` / `tiling.py`):
-    #: "placement": `local_forward` gets each tile's `Placement`; tile inputs start on multiples of
-    #: `tile_alignment` and carry `halo` pixels of context on inner edges.
-    #: "blocks": the image is cut into fixed blocks of `block` px on a grid anchored at (0, 0) (stride
-    #: block - block_overlap), each run on its own and blended smoothly; execution tiles are unions of blocks.
-    local_mode: str = "blocks"
-    tile_alignment: int = 1
-    halo: int = 16
-    block: int = 64
-    block_overlap: int = 16
-    #: reflect-pad the whole image to a multiple of this before tiling (window grids anchored at (0, 0))
-    pad_multiple: int = 1
 
     def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> nn.Module:
         """A network in eval mode with random weights, shaped like the official one for this variant."""
@@ -79,9 +74,9 @@ class Architecture:
         return model(lr)
 
     def tiling_spec(self, model: nn.Module) -> "TilingSpec":
-        """How the tiled engine cuts images for this model (a method: ESC's window size varies by variant)."""
-        return TilingSpec(self.local_mode, self.tile_alignment, self.halo, self.block, self.block_overlap,
-                          self.pad_multiple)
+        """How the tiled engine cuts images for this model (the one place a family declares it; a method, as
+        it may depend on the variant: ESC's window size, AGDN's TLC window)."""
+        raise NotImplementedError
 
     def local_forward(self, model: nn.Module, x: torch.Tensor, placement: Placement) -> torch.Tensor:
         """The local-statistics forward of one tile (or of the whole image, with offset (0, 0))."""

@@ -576,7 +576,7 @@ class ESCArchitecture(Architecture):
         # to whole windows keep every attention window on the whole image's grid; each block's pooled mean
         # (the dynamic kernels) is its local statistic
         ws = model.window_size
-        return TilingSpec("blocks", ws, 0, block=4 * ws, block_overlap=ws, pad_multiple=ws)
+        return TilingSpec("blocks", alignment=ws, block=4 * ws, block_overlap=ws, pad_multiple=ws)
 
     def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> nn.Module:
         if variant not in self.variants:

@@ -24,15 +24,13 @@ class AGDNArchitecture(Architecture):
     family = "agdn"
     variants = ("agdn", "agdn-s")
     min_size = 15  # below this the reflect pad of MVSA's smallest map fails (§4.1)
-    local_mode = "placement"
-    tile_alignment = MVSA_STRIDE
 
     def tiling_spec(self, model):
         # context of one TLC window on each inner edge: every window that touches a tile's core is then
         # complete inside the tile (measured on Set14 barbara x2, tile 64: halo 24 -> 49 dB vs the whole
         # image, -0.07 dB; halo 48 -> 61 dB, +0.02 dB)
         halo = -(-(model.tlc_window or 48) // MVSA_STRIDE) * MVSA_STRIDE
-        return TilingSpec("placement", MVSA_STRIDE, halo, block=0, block_overlap=0, pad_multiple=1)
+        return TilingSpec("placement", alignment=MVSA_STRIDE, halo=halo)
 
     def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> nn.Module:
         model = AGDN(scale, hparams["num_feat"], hparams["num_block"], hparams.get("tlc_window"),
