@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -79,6 +80,34 @@ def upscale_cmd() -> list[str]:
 
 def run(*args, cwd=None):
     return subprocess.run([*upscale_cmd(), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def photo_crop(dest: Path, box=(0, 0, 24, 24), **save) -> Path:
+    """A small crop of the example photograph saved at `dest` (format from the extension, or `save`)."""
+    from PIL import Image
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(REPO / "examples" / "cat.png") as im:
+        im.convert("RGB").crop(box).save(dest, **save)
+    return dest
+
+
+@contextlib.contextmanager
+def half_precision_goes_non_finite(module, on_call: int):
+    """While inside, the `on_call`-th call of `module` made under CPU autocast returns NaN (a forced fp16/bf16
+    overflow), so that the engine's fp32 fallback runs."""
+    calls = {"n": 0}
+
+    def poison(mod, args, output):
+        calls["n"] += 1
+        if calls["n"] == on_call and torch.is_autocast_enabled("cpu"):
+            return output * float("nan")
+
+    handle = module.register_forward_hook(poison)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def detected(state_dict) -> tuple[str, int] | None:

@@ -8,19 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run, upscale_cmd
+from conftest import REPO, photo_crop, run, upscale_cmd
 from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
 
 CAT = REPO / "examples" / "cat.png"
-
-
-def tiny(dest: Path, box=(0, 0, 24, 24), **save) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(CAT) as im:
-        im.convert("RGB").crop(box).save(dest, **save)
-    return dest
 
 
 def records(stdout: str) -> tuple[list[dict], dict]:
@@ -34,9 +27,9 @@ def errors(stderr: str) -> list[str]:
 
 def test_inputs_sharing_an_output_all_fail_naming_each_other_and_the_rest_runs(tmp_path):
     folder = tmp_path / "d"
-    tiny(folder / "a.png")
-    tiny(folder / "a.jpg", quality=95)
-    tiny(folder / "b.png", box=(30, 30, 54, 54))
+    photo_crop(folder / "a.png")
+    photo_crop(folder / "a.jpg", quality=95)
+    photo_crop(folder / "b.png", box=(30, 30, 54, 54))
     out = tmp_path / "out"
     for flags in ([], ["--overwrite"]):
         result = run(folder, "-o", out, "-s", "2", "--json", *flags)
@@ -50,8 +43,8 @@ def test_inputs_sharing_an_output_all_fail_naming_each_other_and_the_rest_runs(t
         assert by_name["b.png"]["status"] in ("ok", "skipped")
         assert summary["failed"] == 2
     # names that differ only in case collide too: the output folder may be case-insensitive (macOS, exFAT)
-    upper = tiny(tmp_path / "n" / "A.png")
-    lower = tiny(tmp_path / "n" / "a.png")
+    upper = photo_crop(tmp_path / "n" / "A.png")
+    lower = photo_crop(tmp_path / "n" / "a.png")
     listing = tmp_path / "list.txt"
     listing.write_text(f"{upper}\n{lower}\n{lower}\n")
     result = run("--from-list", listing, "-o", tmp_path / "out2", "-s", "2", "--json")
@@ -63,7 +56,7 @@ def test_inputs_sharing_an_output_all_fail_naming_each_other_and_the_rest_runs(t
 
 
 def test_output_name_decides_the_format_and_an_unwritable_one_is_a_usage_error(tmp_path):
-    src = tiny(tmp_path / "p.png")
+    src = photo_crop(tmp_path / "p.png")
     gif = run(src, "-s", "2", "-o", tmp_path / "big.gif")
     assert gif.returncode == 2 and not (tmp_path / "big.gif").exists()
     assert len(errors(gif.stderr)) == 1 and ".gif" in gif.stderr and ".webp" in gif.stderr
@@ -79,7 +72,7 @@ def test_output_name_decides_the_format_and_an_unwritable_one_is_a_usage_error(t
 def test_control_characters_in_names_stay_on_one_line(tmp_path):
     folder = tmp_path / "odd"
     folder.mkdir()
-    good = tiny(tmp_path / "x.png").read_bytes()
+    good = photo_crop(tmp_path / "x.png").read_bytes()
     (folder / "bad\nname.png").write_bytes(good[: len(good) // 2])  # truncated
     (folder / "esc\x1bape.png").write_bytes(good[:40])
     result = run(folder, "-s", "2", "--json")
@@ -94,7 +87,7 @@ def test_control_characters_in_names_stay_on_one_line(tmp_path):
 
 
 def test_one_error_prefix_and_one_exit_code_per_kind_of_problem(tmp_path):
-    src = tiny(tmp_path / "p.png")
+    src = photo_crop(tmp_path / "p.png")
     unknown = run(src, "--no-such-flag")
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == errors(unknown.stderr)
     assert len(errors(unknown.stderr)) == 1
@@ -125,7 +118,7 @@ def test_a_closed_stdout_is_an_error_not_a_silent_cut(tmp_path):
 
 def test_half_precision_on_the_cpu_is_said_to_be_slow(tmp_path):
     assert "slower" in run("--help").stdout + run("run", "--help").stdout
-    result = run(tiny(tmp_path / "p.png", box=(0, 0, 16, 16)), "-s", "2", "--precision", "bf16",
+    result = run(photo_crop(tmp_path / "p.png", box=(0, 0, 16, 16)), "-s", "2", "--precision", "bf16",
                  "--device", "cpu", "-o", tmp_path / "o.png")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
@@ -145,9 +138,9 @@ def test_a_folder_without_images_says_so_and_exits_1(tmp_path, recursive):
 
 def test_earlier_results_in_a_folder_are_counted_as_skipped_with_the_reason(tmp_path):
     folder = tmp_path / "shots"
-    tiny(folder / "img.png")
-    tiny(folder / "img_x2.png", box=(0, 0, 48, 48))  # the user's own file, or an earlier result
-    tiny(folder / "new.png", box=(10, 10, 34, 34))
+    photo_crop(folder / "img.png")
+    photo_crop(folder / "img_x2.png", box=(0, 0, 48, 48))  # the user's own file, or an earlier result
+    photo_crop(folder / "new.png", box=(10, 10, 34, 34))
     result = run(folder, "-s", "2", "--json")
     assert result.returncode == 0, result.stderr
     recs, summary = records(result.stdout)

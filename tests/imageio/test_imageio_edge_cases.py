@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run
+from conftest import REPO, photo_crop, run
 from PIL import Image, PngImagePlugin
 
 import upscale
@@ -22,13 +22,6 @@ from upscale.files import _HOST
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
 
 CAT = REPO / "examples" / "cat.png"
-
-
-def tiny(dest: Path, box=(0, 0, 24, 24), **save) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(CAT) as im:
-        im.convert("RGB").crop(box).save(dest, **save)
-    return dest
 
 
 def dead_pid() -> int:
@@ -56,7 +49,7 @@ def test_a_run_removes_only_the_stale_temporaries_of_its_own_killed_writes(tmp_p
     two_days = time.time() - 2 * 86400
     os.utime(legacy, (two_days, two_days))
     os.utime(keep["fresh legacy"], None)  # now: may belong to a run under way
-    result = run(tiny(tmp_path / "a.png"), "-s", "2", "-o", out / "a_x2.png")
+    result = run(photo_crop(tmp_path / "a.png"), "-s", "2", "-o", out / "a_x2.png")
     assert result.returncode == 0, result.stderr
     assert not stale.exists() and not legacy.exists()
     assert all(p.exists() for p in keep.values()), [k for k, p in keep.items() if not p.exists()]
@@ -64,7 +57,7 @@ def test_a_run_removes_only_the_stale_temporaries_of_its_own_killed_writes(tmp_p
 
 
 def test_a_png_with_a_damaged_header_is_a_corrupt_image_named_or_in_a_folder(tmp_path):
-    data = bytearray(tiny(tmp_path / "ok.png").read_bytes())
+    data = bytearray(photo_crop(tmp_path / "ok.png").read_bytes())
     data[29] ^= 0xFF  # the IHDR chunk's CRC
     folder = tmp_path / "shots"
     folder.mkdir()
@@ -81,7 +74,7 @@ def test_a_png_with_a_damaged_header_is_a_corrupt_image_named_or_in_a_folder(tmp
 def test_allow_large_also_lifts_the_text_chunk_limit(tmp_path):
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", "x" * 20_000_000, zip=True)  # 20 MB of metadata, 20 KB on disk
-    src = tiny(tmp_path / "meta.png", pnginfo=info)
+    src = photo_crop(tmp_path / "meta.png", pnginfo=info)
     refused = run(src, "-s", "2", "-o", tmp_path / "no.png")
     assert refused.returncode == 1 and not (tmp_path / "no.png").exists()
     assert "text chunk" in refused.stderr and "--allow-large" in refused.stderr
@@ -98,7 +91,7 @@ def test_only_the_first_frame_is_upscaled_and_that_is_said(tmp_path):
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
     frames[0].save(tmp_path / "apng.png", save_all=True, append_images=frames[1:], duration=100)
     frames[0].save(tmp_path / "scan.tif", save_all=True, append_images=frames[1:])
-    tiny(tmp_path / "still.png")
+    photo_crop(tmp_path / "still.png")
     frames[0].save(tmp_path / "phone.jpg", "MPO", save_all=True, append_images=frames[1:2])  # a preview image
     result = run(*(tmp_path / n for n in ("anim.gif", "apng.png", "scan.tif", "still.png", "phone.jpg")), "-s", "2",
                  "-o", tmp_path / "out", "--json")
