@@ -14,6 +14,7 @@ that a line stays one line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -235,7 +236,8 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
     report = Reporter(quiet=quiet, as_json=as_json)
     outcomes: list = []
     interrupted = False
-    progress = advance = None
+    bar = contextlib.ExitStack()  # closes the progress bar, however the run ends
+    advance = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM ends a run as Ctrl-C does
     try:
         names = list(inputs)
@@ -297,8 +299,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
                                              "device": str(upscaler.device), "upscale": __version__})
 
             if len(plan.jobs) > 1:
-                progress = report.progress("upscaling", len(plan.jobs))
-                advance = progress.__enter__()
+                advance = bar.enter_context(report.progress("upscaling", len(plan.jobs)))
 
             def on_outcome(outcome):
                 record = {**base_record, **outcome.record()}
@@ -338,8 +339,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if progress is not None:
-            progress.__exit__(None, None, None)
+        bar.close()
     counts = {k: sum(o.status == k for o in outcomes) for k in ("ok", "skipped", "failed")}
     counts["failed"] += len(plan.empty_folders)  # a folder with nothing to do is a failed input
     summary = {"summary": True, **counts, "not_images": len(plan.not_images),
