@@ -15,10 +15,8 @@ average is reported too) and refuses with `MachineBusyError` when that exceeds `
 `force=True`; forced results carry `"busy": true`, as do results after which the CPUs were found busy. Torch threads are pinned for the run (default: the CPUs this process may use)
 and restored afterwards.
 
-Memory: on CUDA, `torch.cuda.max_memory_allocated` (reset before each case). On the CPU, the resident-set
-high-water mark of the whole process (`VmHWM`), reset before each case where the kernel allows it
-(`/proc/self/clear_refs`), else the lifetime peak (`ru_maxrss`): process-wide, so it includes the model,
-PyTorch itself and anything else the process holds.
+Memory: `memory.PeakMemory` (on CUDA `torch.cuda.max_memory_allocated`; on the CPU the process's RSS
+high-water mark, reset before each case where Linux allows it), over the warm-up call.
 """
 
 from __future__ import annotations
@@ -73,38 +71,6 @@ def cpu_busy(interval: float = 0.5) -> dict[str, float]:
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     busy = (after[0] - before[0]) - (own_after - own_before) * hz
     return {"others": max(0.0, busy / (after[1] - before[1])), "load_per_core": load}
-
-
-# -- memory ------------------------------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_cpu_peak() -> bool:
-    """Reset the process's RSS high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_peak_mb() -> float:
-    hwm = _status_kb("VmHWM")
-    if hwm is None:
-        import resource
-
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return hwm / 1024
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -212,6 +178,8 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
     """
     import torch
 
+    from .memory import PeakMemory
+
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
     sizes = [parse_size(s) if isinstance(s, str) else (int(s[0]), int(s[1])) for s in sizes]
@@ -243,8 +211,7 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
               # what the fast path ran on (AGDN on the CPU: the fused kernels, or why not)
               "cpu_kernels": up.architecture.fast_path_status(up.model, up.device)}
     results: list[dict[str, Any]] = []
-    memory_kind = ("torch.cuda.max_memory_allocated" if up.device.type == "cuda"
-                   else "process RSS high-water mark (VmHWM, whole process)")
+    memory_kind = PeakMemory(up.device).kind
     with _threads(n_threads):
         for h, w in sizes:
             x = _synthetic_image(h, w, seed)
@@ -254,20 +221,11 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
             for impl, runner in runners.items():  # warm-up (and the memory peak of one call) per implementation
                 if up.device.type == "cuda":
                     torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(up.device)
-                    base = torch.cuda.memory_allocated(up.device)
-                else:
-                    reset = _reset_cpu_peak()
-                    base = (_status_kb("VmRSS") or 0) * 1024
-                for _ in range(max(1, warmup)):
-                    protocols[impl] = runner.run(x)[1].protocol
-                    _sync(up.device)
-                if up.device.type == "cuda":
-                    peak = torch.cuda.max_memory_allocated(up.device) / 2**20
-                    peaks[impl] = (peak, peak - base / 2**20)
-                else:
-                    peak = _cpu_peak_mb()
-                    peaks[impl] = (peak, max(0.0, peak - base / 2**20) if reset else None)
+                with PeakMemory(up.device) as peak:
+                    for _ in range(max(1, warmup)):
+                        protocols[impl] = runner.run(x)[1].protocol
+                        _sync(up.device)
+                peaks[impl] = (peak.peak / 2**20, None if peak.extra is None else peak.extra / 2**20)
             for r in range(repeats):  # interleaved, so both implementations see the same machine
                 for impl, runner in runners.items():
                     _sync(up.device)

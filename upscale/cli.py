@@ -164,16 +164,19 @@ scale_option = click.option("-s", "--scale", type=int, default=None,
 weights_option = click.option("--weights", type=click.Path(dir_okay=False), default=None,
                               help="A .safetensors weights file (the model is detected from it if -m is not given).")
 device_option = click.option("--device", default="auto", show_default=True,
-                             help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
+                             help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N, mps (Apple GPUs: accepted, not yet tested "
+                             "by this project).")
 tile_option = click.option("--tile", type=int, default=None, metavar="N",
                            help=f"Tile size in LR pixels, at least {MIN_TILE} (default: whole image when it fits the "
                            "memory budget).")
 overlap_option = click.option("--overlap", type=int, default=DEFAULT_OVERLAP, show_default=True,
                               help="Blend width across tile seams, LR pixels.")
 precision_option = click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
-                                show_default=True, help="auto: fp16 on CUDA, fp32 on the CPU; non-finite tiles "
-                                "are recomputed in fp32. Half precision on the CPU is much slower than fp32 "
-                                "(a warning says so).")
+                                show_default=True, help="auto: fp16 on CUDA, fp32 on the CPU. fp32 is IEEE float32 "
+                                "everywhere (TF32 off on CUDA); tf32 allows TF32 tensor cores on CUDA (faster, "
+                                "about 1e-3 relative error; fp32 elsewhere). Non-finite half-precision tiles are "
+                                "recomputed in fp32. Half precision on the CPU is much slower than fp32 (a warning "
+                                "says so).")
 offline_option = click.option("--offline", is_flag=True, help="Never touch the network (HF_HUB_OFFLINE=1 too).")
 
 
@@ -530,7 +533,8 @@ def fetch(model, scale, force):
 @offline_option
 @click.option("--size", "sizes", multiple=True, default=("128x128",), show_default=True, metavar="HxW",
               help="LR input size; repeat for several.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="As for run (auto: fp16 on CUDA, fp32 on the CPU).")
 @tile_option
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)

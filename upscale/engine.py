@@ -8,27 +8,27 @@ Protocols:
 - "tiled": tiles with local statistics (see `tiling.py` and `Architecture.tiling_spec`), so that memory grows
   with the tile, not the image, and a pixel gets the same statistics whichever tile computes it.
 - "auto": "reference" when the whole image fits the memory budget, else "tiled" ("tiled" when a tile is set).
-Precision: fp32, fp16, bf16 or auto (fp16 on CUDA, fp32 on the CPU). A tile whose half-precision output is not
-finite is recomputed in fp32. The options are checked once, in `options.EngineOptions`. `run` returns its
+Precision: fp32, tf32, fp16, bf16 or auto (fp16 on CUDA, fp32 on the CPU). "fp32" is IEEE float32 everywhere
+(TF32 off on CUDA, which PyTorch otherwise allows for convolutions); "tf32" allows it. A tile whose
+half-precision output is not finite is recomputed in fp32. Out of memory is never fatal while a smaller tile
+exists (see `Upscaler.run`). The options are checked once, in `options.EngineOptions`. `run` returns its
 output with a `RunStats` (what it did, fallbacks counted, notes for the user): the engine prints nothing,
 its caller reports.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import tiling
+from . import memory, tiling
 from .models import Architecture, get_architecture
-from .models.base import Placement
+from .models.base import MemoryEstimate, Placement
 from .models.layers import mirror_pad, pad_to_multiple
 from .options import DEFAULT_OVERLAP, MIN_TILE, EngineOptions, OptionError
 from .registry import ModelEntry
@@ -79,48 +79,36 @@ def pad_to_min_size(x: torch.Tensor, min_size: int) -> torch.Tensor:
     return mirror_pad(x, 0, max(0, min_size - w), 0, max(0, min_size - h))
 
 
-def memory_budget(device: torch.device) -> int:
-    """Bytes the engine lets one forward pass use: most of the free GPU memory; on the CPU a quarter of the
-    available RAM, at most 768 MiB, so that a 24 MP photo's output buffer (1.15 GB at x4) fits beside it."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.7)
-    available = 4 << 30
+@contextmanager
+def float32_matmul_mode(tf32: bool):
+    """Within: float32 convolutions and matrix products on CUDA in IEEE float32, or in TF32 when `tf32`; restored
+    afterwards. PyTorch lets cuDNN use TF32 for float32 convolutions by default, which misses the golden
+    tolerance: "fp32" means float32 here. (The flags only act on CUDA; setting them elsewhere is harmless, which
+    is how the CPU tests check them.)"""
+    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+    if new_api:  # torch >= 2.9: the legacy allow_tf32 flags must not be mixed with these
+        targets = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+        previous = [t.fp32_precision for t in targets]
+        for t in targets:
+            t.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        previous = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        available = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        pass
-    return int(min(available * 0.25, 768 << 20))
-
-
-@cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None elsewhere."""
-    try:
-        return ctypes.CDLL(None).malloc_trim if sys.platform == "linux" else None
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS. Between tiles: glibc keeps the freed buffers of one tile's
-    forward in its heap, and with the holes between the next tiles' buffers the process grew with the number
-    of tiles, not with the tile (a 3000 x 2000 photo at x4 on the CPU: peak RSS 2.84 GB before, 2.43 GB with
-    this after every tile, the same 91-93 s)."""
-    if (trim := _malloc_trim()) is not None:
-        trim(0)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+        yield
+    finally:
+        if new_api:
+            for t, value in zip(targets, previous):
+                t.fp32_precision = value
+        else:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 @dataclass
 class RunStats:
-    """What one `run` did, returned with its output: protocol, tile, precision, fallbacks, and notes for the
-    user (a tile recomputed in fp32, an out-of-memory retry) that the caller reports."""
+    """What one `run` did, returned with its output: protocol, tile, tiles per forward call, precision,
+    fallbacks, and notes for the user (a tile recomputed in fp32, an out-of-memory retry) that the caller
+    reports."""
 
     protocol: str = ""
     tile: int | None = None
@@ -128,11 +116,18 @@ class RunStats:
     tiles: int = 1
     fp32_fallbacks: int = 0
     notes: list[str] = field(default_factory=list)
+    tiles_per_forward: int = 1
+    forward_calls: int = 0
 
     def __add__(self, other: "RunStats") -> "RunStats":
         """Two passes over one image (colour and alpha): counts add up, notes are kept once each."""
         return RunStats(self.protocol, self.tile, self.precision, self.tiles + other.tiles,
-                        self.fp32_fallbacks + other.fp32_fallbacks, list(dict.fromkeys(self.notes + other.notes)))
+                        self.fp32_fallbacks + other.fp32_fallbacks, list(dict.fromkeys(self.notes + other.notes)),
+                        self.tiles_per_forward, self.forward_calls + other.forward_calls)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
 
 @dataclass
@@ -146,7 +141,12 @@ class Upscaler:
     precision: str = "auto"
     tile: int | None = None  # LR px per tile core; None: from the memory budget
     overlap: int = DEFAULT_OVERLAP  # blend width across tile seams, LR px
-    tile_batch: int | None = None  # tiles per forward in block mode; None: (tile // block)^2 on CUDA, 1 on the CPU
+    #: tiles per forward call (block-mode tiles, ASID's official tiler); None: as many as the memory budget
+    #: allows on a GPU, one on the CPU (where batching buys nothing: see `_tiles_per_forward`)
+    tile_batch: int | None = None
+    #: where tiled outputs are blended: None: on the device when the whole output fits its budget, else on
+    #: the host; True/False force either (the tests run the host-copy path of a GPU on the CPU this way)
+    blend_on_device: bool | None = None
 
     @property
     def architecture(self) -> Architecture:
@@ -171,101 +171,150 @@ class Upscaler:
     def _dtype(self) -> torch.dtype:
         if self.precision == "auto":
             return torch.float16 if self.device.type == "cuda" else torch.float32
-        return DTYPES[self.precision]
+        return torch.float32 if self.precision == "tf32" else DTYPES[self.precision]
 
     @property
     def working_precision(self) -> str:
-        """"fp32", "fp16" or "bf16": what "auto" means on this device."""
-        return next(name for name, dtype in DTYPES.items() if dtype == self._dtype())
+        """"fp32", "tf32", "fp16" or "bf16": what "auto" means on this device."""
+        return "tf32" if self.precision == "tf32" else next(n for n, d in DTYPES.items() if d == self._dtype())
 
     def _forward(self, fn, x: torch.Tensor, stats: RunStats) -> torch.Tensor:
         """fn(x) in the working precision; a non-finite result is recomputed in fp32 (counted in `stats`)."""
         dtype = self._dtype()
-        if dtype != torch.float32:
-            with torch.autocast(self.device.type, dtype=dtype):
-                y = fn(x)
-            if torch.isfinite(y).all():
-                return y.float()
-            stats.fp32_fallbacks += 1
-            stats.notes.append(f"non-finite {stats.precision} output, recomputed in fp32")
-        y = fn(x).float()
+        stats.forward_calls += 1
+        with float32_matmul_mode(self.precision == "tf32"):
+            if dtype != torch.float32:
+                with torch.autocast(self.device.type, dtype=dtype):
+                    y = fn(x)
+                if torch.isfinite(y).all():
+                    return y.float()
+                stats.fp32_fallbacks += 1
+                stats.note(f"non-finite {stats.precision} output, recomputed in fp32")
+            y = fn(x).float()
         if not torch.isfinite(y).all():
             raise NonFiniteOutputError("the network's output holds NaN or Inf in float32 (broken weights?); "
                                        "no image written")
         return y
 
-    # -- execution -----------------------------------------------------------------------------------------
-    def _bytes_per_pixel(self) -> int:
-        """Rough peak memory of one forward pass per LR input pixel. A model may know better
-        (`bytes_per_pixel(device, dtype)`, e.g. AGDN on its fused CPU kernels: ~2.8 KB measured); otherwise the
-        general estimate (AGDN x4 on the CPU in fp32: a 900 x 600 photo in tiles of 299 x 299 inputs peaked at
-        1.76 GB RSS, ~16 KB per tile pixel over the baseline and the output; ESC-XL's 192 channels need more)."""
+    # -- memory ----------------------------------------------------------------------------------------------
+    def memory_estimate(self) -> MemoryEstimate:
+        """Peak memory of one forward pass on this device in this precision: the family's measured figure
+        (`Architecture.memory_estimate`), or UPSCALE_BYTES_PER_PIXEL when set (to force tiling in tests)."""
         override = int(os.environ.get("UPSCALE_BYTES_PER_PIXEL", 0))
         if override:
-            return override
-        own = getattr(self.model, "bytes_per_pixel", None)
-        if callable(own) and (known := own(self.device, self._dtype())):
-            return int(known)
-        params = sum(p.numel() for p in self.model.parameters())
-        return 48_000 if params > 5_000_000 else 16_000
+            return MemoryEstimate(0, override)
+        return self.architecture.memory_estimate(self.model, self.device, self._dtype())
 
     def _auto_tile(self) -> int:
         """The largest tile core whose input (core plus halo on both sides) fits the memory budget."""
         spec = self.architecture.tiling_spec(self.model)
         context = 2 * max(spec.halo, self.overlap // 2) if spec.local_mode == "placement" else 0
-        side = int((memory_budget(self.device) / self._bytes_per_pixel()) ** 0.5) - context
+        side = int(self.memory_estimate().pixels_within(memory.budget(self.device)) ** 0.5) - context
         return max(MIN_TILE, min(side, 1024))
 
+    def _tiles_per_forward(self, tile_pixels: int) -> int:
+        """How many tiles of `tile_pixels` one forward call takes: `tile_batch` when set; on a GPU as many as the
+        budget holds (up to 64: one call per tile is launch-bound there); on the CPU one, where a batch is no
+        faster (the work per tile is already large) and only costs memory."""
+        if self.tile_batch:
+            return self.tile_batch
+        if self.device.type == "cpu":
+            return 1
+        return max(1, min(64, self.memory_estimate().pixels_within(memory.budget(self.device)) // tile_pixels))
+
+    def _blend_on_device(self, output_bytes: int) -> bool:
+        if self.blend_on_device is not None:
+            return self.blend_on_device
+        return self.device.type == "cpu" or output_bytes <= memory.budget(self.device) // 2
+
+    # -- execution -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, lr: torch.Tensor) -> tuple[torch.Tensor, RunStats]:
         """(N, 3, h, w) float in [0, 1] -> ((N, 3, s*h, s*w) on the [0, 1] scale, unclamped, on the CPU; what
-        the run did)."""
+        the run did).
+
+        Out of memory never fails an image while a smaller tile exists: a whole-image pass that runs out is
+        redone in tiles, and tiles that run out are halved (fewer per call first, then smaller), down to the
+        smallest; the ladder is said once in `RunStats.notes`."""
         h, w = lr.shape[-2:]
         if h == 0 or w == 0:
             raise ValueError(f"empty image ({h} x {w} pixels): nothing to upscale")
-        arch = self.architecture
-        x = pad_to_min_size(lr.to(torch.float32), arch.min_size)
+        x = pad_to_min_size(lr.to(torch.float32), self.architecture.min_size)
         protocol = self.protocol
         if protocol == "auto":
-            fits = x.shape[-2] * x.shape[-1] * self._bytes_per_pixel() <= memory_budget(self.device)
+            fits = self.memory_estimate().bytes_for(x.shape[-2] * x.shape[-1]) <= memory.budget(self.device)
             protocol = "reference" if fits and self.tile is None else "tiled"
         stats = RunStats(protocol=protocol, precision=self.working_precision)
-        if protocol == "tiled":
-            y = self._run_tiled(x, stats)
+        y = None
+        if protocol != "tiled":
+            try:
+                y = self._run_whole(x, protocol, stats)
+            except RuntimeError as e:
+                if not memory.is_out_of_memory(e):
+                    raise
+            if y is None:  # out of memory (outside the except block, so the failed pass's tensors are freed)
+                memory.free_cache(self.device)
+                stats.protocol = "tiled"
+                y = self._run_tiled(x, stats, ran_out=f"the whole image ({protocol})")
         else:
-            fn = (lambda t: arch.reference_forward(self.model, t)) if protocol == "reference" else self.model
-            y = self._forward(fn, x.to(self.device), stats).cpu()
+            y = self._run_tiled(x, stats)
         return y[..., : h * self.scale, : w * self.scale].float(), stats
 
-    def _run_tiled(self, x: torch.Tensor, stats: RunStats) -> torch.Tensor:
+    def _run_whole(self, x: torch.Tensor, protocol: str, stats: RunStats) -> torch.Tensor:
+        arch = self.architecture
+        if protocol == "reference":
+            batch = self._tiles_per_forward(64 * 64)  # only a tiled official procedure (ASID's) uses it
+
+            def fn(t):
+                return arch.reference_forward(self.model, t, batch)
+
+            stats.tiles_per_forward = batch
+        else:
+            fn = self.model
+        return self._forward(fn, x.to(self.device), stats).cpu()
+
+    def _run_tiled(self, x: torch.Tensor, stats: RunStats, ran_out: str | None = None) -> torch.Tensor:
+        spec = self.architecture.tiling_spec(self.model)
         tile = self.tile or self._auto_tile()
+        block_mode = spec.local_mode == "blocks"
+        batch = self._tiles_per_forward((spec.block if block_mode else tile) ** 2) if block_mode else 1
         while True:
             try:
-                return self._tiled_pass(x, tile, stats)
-            except RuntimeError as e:  # out of memory: retry with a smaller tile
-                if not is_out_of_memory(e) or tile <= MIN_TILE:
+                y = self._tiled_pass(x, tile, batch, stats)
+                break
+            except RuntimeError as e:
+                if not memory.is_out_of_memory(e) or (batch <= 1 and (block_mode or tile <= MIN_TILE)):
                     raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                what = f"tiles of {spec.block if block_mode else tile}" + (f", {batch} per call" if batch > 1 else "")
+            memory.free_cache(self.device)
+            ran_out = ran_out or what
+            if batch > 1:
+                batch //= 2
+            else:
                 tile = max(MIN_TILE, tile // 2)
-                stats.notes.append(f"out of memory, retried with tiles of {tile}")
+        if ran_out:
+            used = f"tiles of {stats.tile}" + (f", {batch} per call" if batch > 1 else "")
+            stats.note(f"out of memory with {ran_out}; finished with {used}")
+        return y
 
-    def tile_plan(self, height: int, width: int, tile: int) -> tuple[list[tiling.Tile], int, int]:
+    def tile_plan(self, height: int, width: int, tile: int, batch: int | None = None
+                  ) -> tuple[list[tiling.Tile], int, int]:
         """(tiles, tiles per forward, blend width) for an image padded to the family's multiple."""
         spec = self.architecture.tiling_spec(self.model)
         if spec.local_mode == "placement":
             halo = max(spec.halo, -(-self.overlap // 2))
             return tiling.plan_halo_tiles(height, width, tile, halo, spec.alignment), 1, self.overlap
-        batch = self.tile_batch or (max(1, (tile // spec.block) ** 2) if self.device.type == "cuda" else 1)
+        batch = batch or self._tiles_per_forward(spec.block**2)
         return tiling.plan_blocks(height, width, spec.block, spec.block_overlap), batch, spec.block_overlap
 
-    def _tiled_pass(self, x: torch.Tensor, tile: int, stats: RunStats) -> torch.Tensor:
+    def _tiled_pass(self, x: torch.Tensor, tile: int, batch: int, stats: RunStats) -> torch.Tensor:
         arch = self.architecture
         spec = arch.tiling_spec(self.model)
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, spec.pad_multiple)
         big_h, big_w = x.shape[-2:]
-        tiles, batch, blend = self.tile_plan(big_h, big_w, tile)
+        tiles, batch, blend = self.tile_plan(big_h, big_w, tile, batch)
+        on_cpu = self.device.type == "cpu"
         if spec.local_mode == "placement":
 
             def fn(inputs, chunk):
@@ -273,19 +322,24 @@ class Upscaler:
                 placement = Placement((big_h, big_w), (t.input[0], t.input[2]))
                 y = self._forward(lambda z: arch.local_forward(self.model, z, placement), inputs.to(self.device),
                                   stats)
-                release_free_memory()
+                if on_cpu:
+                    memory.release_free_memory()
                 return y
 
         else:
 
             def fn(inputs, chunk):
                 y = self._forward(self.model, inputs.to(self.device), stats)
-                release_free_memory()
+                if on_cpu:
+                    memory.release_free_memory()
                 return y
 
-        stats.tile, stats.tiles = tile, len(tiles)
-        y = tiling.run_tiles(fn, x, tiles, self.scale, blend, batch=batch)
-        return y[..., : h * self.scale, : w * self.scale]
+        stats.tile = spec.block if spec.local_mode == "blocks" else tile
+        stats.tiles, stats.tiles_per_forward = len(tiles), batch
+        output_bytes = x.shape[0] * 3 * big_h * big_w * self.scale**2 * 4
+        out_device = self.device if self._blend_on_device(output_bytes) else torch.device("cpu")
+        y = tiling.run_tiles(fn, x, tiles, self.scale, blend, batch=batch, out_device=out_device)
+        return y[..., : h * self.scale, : w * self.scale].cpu()
 
     def upscale_array(self, rgb: np.ndarray) -> tuple[np.ndarray, RunStats]:
         """HxWx3 float32 in [0, 1] -> ((s*H)x(s*W)x3 float32 clamped to [0, 1], a channels-last view; stats)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PROTOCOLS = ("auto", "reference", "whole", "tiled")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
 DEFAULT_OVERLAP = 16
 MIN_TILE = 32
 

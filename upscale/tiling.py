@@ -16,9 +16,8 @@ Two pieces, kept separate:
   ASID procedure bit for bit (same additions, same order, same division).
 
 The function does not pad, clamp or change the value range: callers that need a minimum size, an input
-mapping (e.g. [0, 1] -> [-1, 1]) or clipping do it around `tiled_forward`. Tiles are run one at a time (batch
-dimension = the caller's N), which keeps peak memory at one tile and keeps results identical to a loop over
-single tiles.
+mapping (e.g. [0, 1] -> [-1, 1]) or clipping do it around `tiled_forward`. Tiles are run `tiles_per_forward` at a
+time (default one: peak memory of one tile); the assembly adds them in the same order whatever the batching.
 """
 
 from __future__ import annotations
@@ -82,12 +81,15 @@ def tiled_forward(
     scale: int,
     tile: int | tuple[int, int],
     overlap: int | tuple[int, int],
+    tiles_per_forward: int = 1,
 ) -> torch.Tensor:
     """Run `fn` over overlapping tiles of `x` (N, C, H, W) and assemble an (N, C_out, scale*H, scale*W) result.
 
     `tile` and `overlap` are in input pixels, an int (square) or a (height, width) pair; each tile side must not
-    exceed the matching image side (see `grid_origins`). `fn` gets (N, C, tile_h, tile_w) slices and must return
-    (N, C_out, scale*tile_h, scale*tile_w). Overlapping outputs are averaged with equal weight.
+    exceed the matching image side (see `grid_origins`). `fn` gets (B*N, C, tile_h, tile_w) stacks of up to
+    `tiles_per_forward` tiles and must return (B*N, C_out, scale*tile_h, scale*tile_w). Overlapping outputs are
+    averaged with equal weight, added in row-major tile order whatever the batching (so only the network's own
+    arithmetic on a batch, not the assembly, can differ from one tile per call).
     Values are passed through untouched: no range mapping, no clamping.
     """
     if x.dim() != 4:
@@ -98,22 +100,26 @@ def tiled_forward(
     tile_h, tile_w = _pair(tile, "tile")
     origins = plan_tiles(height, width, (tile_h, tile_w), overlap)
     out_th, out_tw = tile_h * scale, tile_w * scale
+    step = max(1, int(tiles_per_forward))
 
     out: torch.Tensor | None = None
     count: torch.Tensor | None = None
-    for top, left in origins:
-        y = fn(x[..., top : top + tile_h, left : left + tile_w])
-        if y.dim() != 4 or y.shape[0] != n or y.shape[-2:] != (out_th, out_tw):
+    for i in range(0, len(origins), step):
+        chunk = origins[i : i + step]
+        views = [x[..., top : top + tile_h, left : left + tile_w] for top, left in chunk]
+        y = fn(views[0] if len(views) == 1 else torch.cat(views))  # one tile: the view itself, as officially
+        if y.dim() != 4 or y.shape[0] != n * len(chunk) or y.shape[-2:] != (out_th, out_tw):
             raise ValueError(
-                f"network returned shape {tuple(y.shape)} for a {tile_h}x{tile_w} tile; "
-                f"expected ({n}, C, {out_th}, {out_tw}) at scale {scale}"
+                f"network returned shape {tuple(y.shape)} for {len(chunk)} {tile_h}x{tile_w} tile(s); "
+                f"expected ({n * len(chunk)}, C, {out_th}, {out_tw}) at scale {scale}"
             )
         if out is None:
             out = y.new_zeros((n, y.shape[1], height * scale, width * scale))
             count = y.new_zeros((1, 1, height * scale, width * scale))
-        r, c = top * scale, left * scale
-        out[..., r : r + out_th, c : c + out_tw] += y
-        count[..., r : r + out_th, c : c + out_tw] += 1
+        for j, (top, left) in enumerate(chunk):
+            r, c = top * scale, left * scale
+            out[..., r : r + out_th, c : c + out_tw] += y[j * n : (j + 1) * n]
+            count[..., r : r + out_th, c : c + out_tw] += 1
     assert out is not None and count is not None  # plan_tiles always yields at least one tile
     return out / count
 
@@ -189,8 +195,10 @@ def run_tiles(fn: Callable[[torch.Tensor, list[Tile]], torch.Tensor], x: torch.T
               scale: int, blend: int, batch: int = 1, out_device: torch.device | str = "cpu") -> torch.Tensor:
     """Run `fn(inputs, tiles)` over the tiles (`batch` same-shaped tiles per call) and blend into one buffer.
 
-    `fn` gets a (B*N, C, h, w) stack of tile inputs and the B tiles, and returns (B*N, C_out, s*h, s*w). The
-    output buffer (N, C_out, s*H, s*W) is allocated once on `out_device`; device memory holds one batch.
+    `fn` gets a (B*N, C, h, w) stack of tile inputs and the B tiles, and returns (B*N, C_out, s*h, s*w) on its
+    device. The output buffer (N, C_out, s*H, s*W) is allocated once on `out_device`. When that is the network's
+    device, tiles are blended where they were computed; otherwise each batch is copied out without waiting
+    (into pinned memory from a GPU) and blended one call later, while the device computes the next batch.
     """
     n, _, height, width = x.shape
     out = None
@@ -211,20 +219,30 @@ def run_tiles(fn: Callable[[torch.Tensor, list[Tile]], torch.Tensor], x: torch.T
         if cols not in col_ramps:
             col_ramps[cols] = ramp(*cols, width, scale, blend)
             cols_total[t.input[2] * scale : t.input[3] * scale] += col_ramps[cols]
+
+    def add(pieces: torch.Tensor, copied, chunk: list[Tile]) -> None:
+        if copied is not None:
+            copied.synchronize()  # the copy out of the device has landed
+        for j, t in enumerate(chunk):
+            top, bottom, left, right = (v * scale for v in t.input)
+            wr = row_ramps[t.core[:2], t.input[:2]].to(out.device, torch.float32)
+            wc = col_ramps[t.core[2:], t.input[2:]].to(out.device, torch.float32)
+            out[..., top:bottom, left:right] += pieces[j * n : (j + 1) * n] * (wr[:, None] * wc[None, :])
+
+    pending = None
     for same_shape in groups.values():
         for i in range(0, len(same_shape), batch):
             chunk = same_shape[i : i + batch]
             inputs = torch.cat([x[..., t.input[0] : t.input[1], t.input[2] : t.input[3]] for t in chunk])
-            y = fn(inputs, chunk)
+            y = fn(inputs, chunk).to(torch.float32)
             if out is None:
                 out = torch.zeros((n, y.shape[1], height * scale, width * scale), dtype=torch.float32,
                                   device=out_device)
-            for j, t in enumerate(chunk):
-                top, bottom, left, right = (v * scale for v in t.input)
-                wr, wc = row_ramps[t.core[:2], t.input[:2]], col_ramps[t.core[2:], t.input[2:]]
-                weight = (wr[:, None] * wc[None, :]).to(torch.float32)
-                piece = y[j * n : (j + 1) * n].to(out.device, torch.float32)
-                out[..., top:bottom, left:right] += piece * weight.to(out.device)
+            if pending is not None:
+                add(*pending)
+            pending = (*_copy_out(y, out.device), chunk)
+    if pending is not None:
+        add(*pending)
     # tiles form a grid of row spans x column spans, so the total weight is separable; divide in row blocks
     # so that no full-size weight map is ever allocated (a 24 MP photo's output is gigabytes)
     cols = cols_total.to(out.device, torch.float32)
@@ -232,3 +250,17 @@ def run_tiles(fn: Callable[[torch.Tensor, list[Tile]], torch.Tensor], x: torch.T
         rows = rows_total[r0 : r0 + 256].to(out.device, torch.float32)
         out[..., r0 : r0 + 256, :] /= rows[:, None] * cols[None, :]
     return out
+
+
+def _copy_out(y: torch.Tensor, device: torch.device):
+    """(y on `device`, an event to wait on before reading it, or None). From a CUDA device to the host the copy is
+    asynchronous, into pinned memory (from PyTorch's caching host allocator, so not re-pinned every tile)."""
+    if y.device == device:
+        return y, None
+    if y.device.type != "cuda" or device.type != "cpu":
+        return y.to(device), None
+    host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+    host.copy_(y, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(y.device))
+    return host, done

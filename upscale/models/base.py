@@ -52,6 +52,27 @@ class TilingSpec:
     pad_multiple: int = 1
 
 
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one forward pass: `fixed` bytes plus `per_pixel` bytes per LR input pixel, output included.
+
+    Each family declares measured figures with a margin (`Architecture.memory_estimate`); `tests/test_memory.py`
+    measures the real peak at two sizes per family and precision and fails if it exceeds the estimate."""
+
+    fixed: int
+    per_pixel: int
+
+    def bytes_for(self, pixels: int) -> int:
+        return self.fixed + self.per_pixel * pixels
+
+    def pixels_within(self, budget: int) -> int:
+        """The most LR pixels one forward may take within `budget` bytes (0 when even the fixed part exceeds it)."""
+        return max(0, budget - self.fixed) // self.per_pixel
+
+
+KB, MB = 1024, 2**20
+
+
 class Architecture:
     """One model family: how to build it, how the official test procedure runs it, what its weights say of its shape."""
 
@@ -65,8 +86,12 @@ class Architecture:
         """A network in eval mode with random weights, shaped like the official one for this variant."""
         raise NotImplementedError
 
-    def reference_forward(self, model: nn.Module, lr: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, model: nn.Module, lr: torch.Tensor, tiles_per_forward: int = 1) -> torch.Tensor:
         """The family's official test-time procedure (padding, tiling, TLC) on a [0, 1] batch.
+
+        `tiles_per_forward`: for a procedure that runs the network over tiles (ASID), how many tiles one forward
+        call may take (the engine sizes it to the memory budget); the result does not depend on it beyond
+        rounding.
 
         Returns the [0, 1]-scaled output, unclamped. This is what `upscale eval --protocol reference` runs
         and what the `sr_protocol` golden tensors hold.
@@ -77,6 +102,11 @@ class Architecture:
         """How the tiled engine cuts images for this model (the one place a family declares it; a method, as
         it may depend on the variant: ESC's window size, AGDN's TLC window)."""
         raise NotImplementedError
+
+    def memory_estimate(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> MemoryEstimate:
+        """Peak memory of `model(x)` on `device` in `dtype` (float32, or the half type under autocast). The default
+        is a cautious guess for a family that has not measured its own."""
+        return MemoryEstimate(64 * MB, 16 * KB)
 
     def local_forward(self, model: nn.Module, x: torch.Tensor, placement: Placement) -> torch.Tensor:
         """The local-statistics forward of one tile (or of the whole image, with offset (0, 0))."""

@@ -30,13 +30,6 @@ class AGDN(StraightAGDN):
         self._module_list: list | None = None  # every submodule, for `_fast_weights`' cache key
         self.register_load_state_dict_post_hook(_clear_fast_cache)
 
-    def bytes_per_pixel(self, device: torch.device, dtype: torch.dtype) -> int | None:
-        """Peak memory of a forward per LR input pixel on the fused-kernel path (measured ~2.8 KB at 256 x 256
-        and 512 x 512 for x4, output included; 4 KB with a margin), None elsewhere (the engine's estimate)."""
-        if self.fast and self.use_kernels and torch.device(device).type == "cpu" and dtype == torch.float32:
-            return 4_000 if kernels.load() is not None else None
-        return None
-
     def uses_fast_path(self, x: torch.Tensor, fast: bool | None = None) -> bool:
         """Whether `forward` takes the fast path for this input: on unless disabled, and only for float32 /
         float64 inference (nothing that autograd records, no autocast: those run the straight path)."""
