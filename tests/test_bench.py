@@ -90,3 +90,23 @@ def test_parse_size():
 def test_cpu_busy_measures_a_fraction():
     busy = bench.cpu_busy(0.05)
     assert busy["others"] >= 0 and busy["load_per_core"] >= 0
+
+
+def test_bench_times_a_real_image_forward_and_end_to_end(tmp_path):
+    from conftest import photo_crop
+
+    image = photo_crop(tmp_path / "photo.jpg", box=(0, 0, 40, 30))
+    results = run_bench("agdn", 2, sizes=[(32, 32)], repeats=2, warmup=1, threads=1, weights="random",
+                        folder_images=0, force=True, reference_impl=False, image=str(image))
+    row = next(r for r in results if r["kind"] == "image")
+    assert row["size"] == [30, 40] and row["output_size"] == [60, 80] and row["file"] == str(image)
+    for key in ("forward", "end_to_end"):
+        assert len(row["times_s"][key]) == 2 and row[f"{key}_s"]["median"] > 0
+        assert row["us_per_lr_pixel"][key] == pytest.approx(row[f"{key}_s"]["median"] / 1200 * 1e6)
+        base = row["first_size_forward_us_per_lr_pixel"]
+        assert row["vs_first_size_forward"][key] == pytest.approx(row["us_per_lr_pixel"][key] / base)
+    assert row["protocol"] == "reference" and row["tiles_per_forward"] == 1 and row["fp32_fallbacks"] == 0
+    assert list(tmp_path.iterdir()) == [image]  # outputs went to a temporary folder
+    table = io.StringIO()
+    format_table(results, Console(file=table, width=200))
+    assert "end to end" in table.getvalue() and "us/px" in table.getvalue()

@@ -5,13 +5,14 @@ path's output (fp32, one tile per forward). The same tests on a real GPU are in 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_golden
+from conftest import REPO, golden_case_names, load_golden
 from PIL import Image
 
 from upscale import memory, registry
 from upscale.engine import EngineOptions, Upscaler
+from upscale.models.base import Placement
 from upscale.options import MIN_TILE
-from upscale.weights import build_model
+from upscale.weights import build_model, detect
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -165,3 +166,94 @@ def test_free_cache_and_budget_work_on_the_cpu():
     memory.free_cache(torch.device("cpu"))
     assert 0 < memory.budget(torch.device("cpu")) <= 768 << 20
     assert not memory.is_out_of_memory(ValueError("out of memory"))  # only runtime errors are allocation failures
+
+
+def test_default_tiles_per_call_follow_the_device_and_the_tile_size():
+    # on the CPU: about 16 K pixels per call (ASID's 64 px tiles 4 at a time: 9 calls for 256 x 256, measured
+    # faster), ESC's 128 px blocks one at a time (a batch is no faster there)
+    up = asid_upscaler("auto")
+    calls = []
+    raw = up.model.forward_raw
+    up.model.forward_raw = lambda t: calls.append(t.shape[0]) or raw(t)
+    _, stats = up.run(photo(256, 256))
+    assert stats.protocol == "reference" and stats.tiles_per_forward == 4 and calls == [4] * 9
+    esc = Upscaler(registry.resolve("esc", 2), build_model(registry.resolve("esc", 2)).eval(), protocol="tiled")
+    assert esc.tile_plan(256, 256, 128)[1] == 1
+
+
+def test_esc_says_once_when_flex_attention_cannot_run_for_want_of_triton(monkeypatch):
+    from upscale.models import esc
+
+    model = build_model(registry.resolve("esc", 2)).eval()
+    arch = esc.ARCHITECTURE
+    assert arch.device_warning(model, torch.device("cpu")) is None  # sdpa is the CPU's choice anyway
+    monkeypatch.setattr(esc.importlib.util, "find_spec", lambda name: None)
+    assert "needs Triton" in arch.device_warning(model, torch.device("cuda"))
+    assert esc.resolve_backend("auto", torch.device("cuda")) == "sdpa"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("size", [(61, 48), (100, 140), (150, 97)])
+def test_agdn_gathered_tlc_windows_equal_the_window_loop(precision, size):
+    # the GPU's attention (windows gathered by index, a group per call) against the reference loop over
+    # windows, on the straight modules, whole image and tiles (a placement clips the windows)
+    golden = load_golden("agdn", "agdn_x2")
+    entry = registry.resolve("agdn", 2)
+    model = build_model(entry)
+    model.load_state_dict(golden.weights)
+    model.fast = False  # the straight modules, as off the CPU
+    x = photo(*size)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    outputs = {}
+    for gathered in (False, True):
+        model.gathered_windows = gathered
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            whole = model(x).float()
+            tile = model(x[..., 12:, 18:], Placement(size, (12, 18))).float()
+        outputs[gathered] = whole, tile
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    for a, b in zip(outputs[False], outputs[True]):
+        assert (a - b).abs().max() <= tolerance, (a - b).abs().max()
+
+
+@pytest.mark.parametrize("case", golden_case_names("agdn"))
+def test_agdn_gathered_tlc_windows_match_the_official_outputs(case):
+    golden = load_golden("agdn", case)
+    entry = detect(golden.weights)
+    model = build_model(entry)
+    model.load_state_dict(golden.weights)
+    model.fast, model.gathered_windows = False, True
+    with torch.inference_mode():
+        y = model(golden.io["lr_protocol"])
+    diff = (y - golden.io["sr_protocol"]).abs()
+    assert diff.max() <= golden.tolerance[0] and diff.mean() <= golden.tolerance[1]
+
+
+def test_agdn_runs_gathered_windows_off_the_cpu_and_the_loop_on_it():
+    model = build_model(registry.resolve("agdn", 2))
+    model.fast = False
+    seen = []
+    attn = model.B1.ea.restormer_attn
+    attn.register_forward_hook(lambda m, a, o: seen.append(m.gathered_windows))
+    model(torch.rand(1, 3, 32, 32))
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("path", ["straight, gathered windows", "cpu kernels"])
+def test_agdn_batched_tiles_equal_one_tile_at_a_time(path):
+    # tiles of one shape share a forward call, each with its own placement (the GPU's way); against one
+    # tile per call, within the golden tolerance
+    up = agdn(tile=48)
+    if path.startswith("straight"):  # slow on the CPU: the same code on a 2-block network, random weights
+        from upscale.models.agdn import AGDN
+
+        torch.manual_seed(0)
+        up.model = AGDN(2, num_block=2, tlc_window=48).eval()
+        up.model.fast, up.model.gathered_windows = False, True
+    x = photo(240, 300)  # 5 x 7 tiles: the inner ones share a shape
+    one, stats_one = up.run(x)
+    assert stats_one.tiles_per_forward == 1 and stats_one.forward_calls == stats_one.tiles == 35
+    up.tile_batch = 4
+    batched, stats = up.run(x)
+    assert stats.tiles_per_forward == 4 and stats.forward_calls < stats.tiles / 2
+    assert (batched - one).abs().max() <= 1e-4 and (batched - one).abs().mean() <= 2e-6

@@ -136,21 +136,23 @@ def _sync(device) -> None:
 
 
 def _load(model: str, scale: int, weights: str | None, device: str, precision: str, tile: int | None,
-          offline: bool):
+          offline: bool, protocol: str = "auto"):
     from . import registry
     from .engine import EngineOptions, Upscaler
     from .weights import build_model
 
     entry = registry.resolve(model, scale)
-    # the official procedure unless tiles are asked for (a tile makes "auto" tiled)
-    options = EngineOptions("auto" if tile else "reference", precision, tile, device=device)
+    options = EngineOptions(protocol, precision, tile, device=device)  # a tile makes "auto" tiled
     if weights == "random":  # timing does not depend on the weights: no download needed
         import torch
 
-        from .engine import pick_device
+        from .engine import OptionError, pick_device
 
         torch.manual_seed(0)
-        dev = pick_device(device)
+        try:
+            dev = pick_device(device)
+        except ValueError as e:
+            raise OptionError("device", str(e)) from None
         net = build_model(entry).eval().requires_grad_(False).to(dev)
         return Upscaler(entry, net, dev, options.protocol, options.precision, options.tile, options.overlap)
     return Upscaler.load(entry, weights, options, offline=offline)
@@ -162,6 +164,7 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
               device: str = "cpu", precision: str = "fp32", tile: int | None = None, repeats: int = 5,
               warmup: int = 1, reference_impl: bool = True, threads: int | None = None, *,
               weights: str | None = None, offline: bool = False, folder_images: int = 3,
+              image: str | None = None, protocol: str = "auto",
               folder_size: tuple[int, int] | None = None, force: bool = False, busy_threshold: float = 0.5,
               busy_interval: float = 1.0, seed: int = 0, log=None) -> list[dict[str, Any]]:
     """Time `model` x`scale` on generated images of each size (h, w) in LR pixels.
@@ -172,6 +175,10 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
     `folder_images` PNGs of `folder_size`, default the first size; 0 skips it). Latency is seconds per image; "mpix_per_s" counts output pixels.
     `weights`: a .safetensors file, None for the zoo's, or "random" (no file needed; timing is the same).
     `threads`: torch CPU threads for the run (default: the CPUs available to this process).
+    `image`: a real image file, timed as users run it (one "image" row): the forward pass alone on its pixels
+    and end to end (decode, upscale, encode, write, as `upscale FILE -o OUT` does it in-process), each per LR
+    pixel and against the first size's forward per LR pixel, measured in the same run.
+    `protocol`: the engine's protocol ("auto", as the CLI runs; a `tile` makes it tiled).
     Raises MachineBusyError when other processes already use more than `busy_threshold` of the CPUs
     (measured over `busy_interval` seconds before anything runs), unless `force`. `log`: a callable taking progress lines (e.g. print to
     stderr), or None.
@@ -188,6 +195,7 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
     n_threads = int(threads) if threads else available_cpus()
     say = log or (lambda line: None)
 
+    up = _load(model, scale, weights, device, precision, tile, offline, protocol)  # a bad option fails first
     busy = cpu_busy(busy_interval)
     # the direct measurement decides; the 1-minute load average lags (it still counts processes that just
     # ended) and is only reported
@@ -200,12 +208,11 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
             raise MachineBusyError(message + "; wait for a quiet machine or pass force")
         print(f"upscale bench: WARNING: {message}; timing anyway (force)", file=sys.stderr)
 
-    up = _load(model, scale, weights, device, precision, tile, offline)
     twin = _straight_twin(up) if reference_impl else None
     runners = {"fast": up, "straight": twin} if twin is not None else {"fast": up}
     impls = list(runners)
     straight = twin is not None
-    common = {"model": up.entry.name, "scale": up.scale, "device": str(up.device), "precision": precision,
+    common = {"model": up.entry.name, "scale": up.scale, "device": str(up.device), "precision": up.working_precision,
               "tile": tile, "threads": n_threads, "repeats": repeats, "warmup": warmup, "busy": too_busy,
               "cpu_busy_before": round(busy["others"], 3), "load_per_core_before": round(busy["load_per_core"], 3),
               # what the fast path ran on (AGDN on the CPU: the fused kernels, or why not)
@@ -217,13 +224,13 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
             x = _synthetic_image(h, w, seed)
             times: dict[str, list[float]] = {impl: [] for impl in impls}
             peaks: dict[str, tuple[float, float | None]] = {}
-            protocols: dict[str, str] = {}
+            used: dict[str, Any] = {}
             for impl, runner in runners.items():  # warm-up (and the memory peak of one call) per implementation
                 if up.device.type == "cuda":
                     torch.cuda.empty_cache()
                 with PeakMemory(up.device) as peak:
                     for _ in range(max(1, warmup)):
-                        protocols[impl] = runner.run(x)[1].protocol
+                        used[impl] = _used(runner.run(x)[1])
                         _sync(up.device)
                 peaks[impl] = (peak.peak / 2**20, None if peak.extra is None else peak.extra / 2**20)
             for r in range(repeats):  # interleaved, so both implementations see the same machine
@@ -242,12 +249,14 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
                        "mpix_per_s": {k: out_mpix / v for k, v in lat.items() if k in ("median", "min", "max")},
                        "peak_memory_mb": round(peaks[impl][0], 1),
                        "peak_memory_extra_mb": None if peaks[impl][1] is None else round(peaks[impl][1], 1),
-                       "memory_kind": memory_kind, "times_s": times[impl], "protocol": protocols[impl]}
+                       "memory_kind": memory_kind, "times_s": times[impl], **used[impl]}
                 results.append(row)
             if straight:
                 fast_row, straight_row = results[-2], results[-1]
                 speed = straight_row["latency_s"]["median"] / fast_row["latency_s"]["median"]
                 fast_row["speedup_vs_straight"] = straight_row["speedup_vs_straight"] = speed
+        if image is not None:
+            results.append(_image_run(up, image, repeats, warmup, results, {**common, "impl": "fast"}, say))
         if folder_images:
             results += _folder_run(up, folder_size or sizes[0], folder_images, seed, {**common, "impl": "fast" if straight else "default"}, say)
     # checked again afterwards (other processes only: the load average now includes this run itself)
@@ -255,6 +264,66 @@ def run_bench(model: str = "agdn", scale: int = 4, sizes: Iterable[tuple[int, in
         for row in results:
             row["busy"] = True
     return results
+
+
+def _used(stats) -> dict[str, Any]:
+    """What the engine did on a case (from its RunStats): protocol, tile, tiles per call, fp32 fallbacks."""
+    return {"protocol": stats.protocol, "tile_used": stats.tile, "tiles": stats.tiles,
+            "tiles_per_forward": stats.tiles_per_forward, "fp32_fallbacks": stats.fp32_fallbacks,
+            "notes": stats.notes}
+
+
+def _image_run(up, path: str, repeats: int, warmup: int, earlier: list[dict], common: dict, say) -> dict[str, Any]:
+    """A real image file: forward alone and end to end (the CLI's read -> upscale -> encode/write stages), per LR
+    pixel, interleaved repeat by repeat; beside the forward per LR pixel of the first synthetic size."""
+    import torch
+
+    from .batch import UpscaleStages, plan_jobs, run_jobs
+    from .imageio import ImageError, read_image
+    from .memory import PeakMemory
+
+    loaded = read_image(path)
+    h, w = loaded.rgb.shape[:2]
+    x = torch.from_numpy(loaded.rgb.transpose(2, 0, 1).copy())[None]
+    times: dict[str, list[float]] = {"forward": [], "end_to_end": []}
+    with tempfile.TemporaryDirectory(prefix="upscale-bench-") as tmp:
+        stages = UpscaleStages(up, None, overwrite=True, provenance={"model": up.entry.name, "scale": up.scale})
+
+        def end_to_end(r: int) -> None:
+            jobs = plan_jobs([path], str(Path(tmp, f"out{r}{Path(path).suffix or '.png'}")), up.scale).jobs
+            outcomes = run_jobs(jobs, stages, overwrite=True, skip_existing=False, on_outcome=lambda o: None,
+                                errors=(ImageError, OSError))
+            if outcomes[0].status != "ok":
+                raise RuntimeError(f"bench: {path}: {outcomes[0].error}")
+
+        with PeakMemory(up.device) as peak:
+            for _ in range(max(1, warmup)):
+                stats = up.run(x)[1]
+                _sync(up.device)
+        for r in range(repeats):
+            _sync(up.device)
+            t0 = time.perf_counter()
+            up.run(x)
+            _sync(up.device)
+            times["forward"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            end_to_end(r)
+            times["end_to_end"].append(time.perf_counter() - t0)
+            say(f"{up.entry.label} {Path(path).name} {h}x{w}: repeat {r + 1}/{repeats}")
+    pixels = h * w
+    per_pixel = {k: statistics.median(v) / pixels * 1e6 for k, v in times.items()}
+    base = next((r for r in earlier if r["kind"] == "latency" and r["impl"] == "fast"), None)
+    base_us = None if base is None else base["latency_s"]["median"] / (base["size"][0] * base["size"][1]) * 1e6
+    return {"kind": "image", **common, "file": str(path), "size": [h, w],
+            "output_size": [h * up.scale, w * up.scale],
+            "forward_s": _spread(times["forward"]), "end_to_end_s": _spread(times["end_to_end"]),
+            "times_s": times, "us_per_lr_pixel": per_pixel,
+            "first_size_forward_us_per_lr_pixel": base_us,
+            "vs_first_size_forward": None if base_us is None else {k: v / base_us for k, v in per_pixel.items()},
+            "mpix_per_s": {k: pixels * up.scale**2 / 1e6 / statistics.median(v) for k, v in times.items()},
+            "peak_memory_mb": round(peak.peak / 2**20, 1),
+            "peak_memory_extra_mb": None if peak.extra is None else round(peak.extra / 2**20, 1),
+            **_used(stats)}
 
 
 def _folder_run(up, size: tuple[int, int], count: int, seed: int, common: dict, say,
@@ -331,6 +400,15 @@ def format_table(results: list[dict[str, Any]], console=None):
                           f"{_ms(lat['q1'])}-{_ms(lat['q3'])}", f"{r['mpix_per_s']['median']:.2f}",
                           f"{r['peak_memory_mb']:.0f}",
                           "" if speed is None else (f"{speed:.2f}x" if r["impl"] == "fast" else "1.00x"))
+        elif r["kind"] == "image":
+            for what, key in (("forward", "forward_s"), ("end to end", "end_to_end_s")):
+                lat = r[key]
+                ratio = (r["vs_first_size_forward"] or {}).get(key[:-2])
+                table.add_row(f"{Path(r['file']).name} {h}x{w}", f"{what}, {r['us_per_lr_pixel'][key[:-2]]:.2f} us/px",
+                              _ms(lat["median"]), f"{_ms(lat['min'])}-{_ms(lat['max'])}",
+                              f"{_ms(lat['q1'])}-{_ms(lat['q3'])}", f"{r['mpix_per_s'][key[:-2]]:.2f}",
+                              f"{r['peak_memory_mb']:.0f}" if what == "forward" else "",
+                              "" if ratio is None else f"{ratio:.2f}x per px")
         else:
             lo, hi = min(r["totals_s"]) / r["images"], max(r["totals_s"]) / r["images"]
             table.add_row(f"folder {r['images']} x {h}x{w}", f"{r['mode']}, per image", _ms(r["seconds_per_image"]),
@@ -338,6 +416,8 @@ def format_table(results: list[dict[str, Any]], console=None):
     notes = []
     if results and results[0]["kind"] == "latency" and results[0]["device"] == "cpu":
         notes.append("peak mem: " + results[0]["memory_kind"])
+    if any(r["kind"] == "image" for r in results):
+        notes.append("speed-up column, image rows: time per LR pixel over the first size's forward")
     if results and results[0].get("cpu_kernels"):
         notes.append("fast path on " + results[0]["cpu_kernels"])
     if any(r.get("busy") for r in results):

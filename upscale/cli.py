@@ -150,8 +150,11 @@ def _err(message: str) -> None:
     REPORT.error(message)
 
 
-def _warn_half_precision_on_cpu(upscaler, report: Reporter = REPORT) -> None:
-    if upscaler.device.type == "cpu" and upscaler.working_precision != "fp32":
+def _warn_about_device(upscaler, report: Reporter = REPORT) -> None:
+    """Once per command: what makes this run slower than it could be on this device."""
+    if (warning := upscaler.architecture.device_warning(upscaler.model, upscaler.device)) is not None:
+        report.warning(warning)
+    if upscaler.device.type == "cpu" and upscaler.working_precision not in ("fp32", "tf32"):
         report.warning(f"{upscaler.working_precision} on the CPU is much slower than fp32 (emulated: measured fp16 "
                        "35-700x, bf16 about 3x); "
                        "half precision pays on a GPU")
@@ -293,7 +296,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         start = time.perf_counter()
         try:
             upscaler = _load_upscaler(entry, weights, options, offline)
-            _warn_half_precision_on_cpu(upscaler, report)
+            _warn_about_device(upscaler, report)
             base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
                            "precision": upscaler.working_precision, "protocol": options.protocol, "tile": tile}
 
@@ -440,7 +443,7 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
 
     options = _options(protocol or ("tiled" if tile is not None else "reference"), precision, tile, overlap, device)
     upscaler = _load_upscaler(_entry(model, scale, weights), weights, options, offline)
-    _warn_half_precision_on_cpu(upscaler)
+    _warn_about_device(upscaler)
     try:
         result = evaluate(upscaler, hr_dir, lr_dir)
     except ImageError as e:
@@ -529,23 +532,29 @@ def fetch(model, scale, force):
 @scale_option
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="A .safetensors weights file.")
 @click.option("--random-weights", is_flag=True, help="Time with random weights (no weights file needed).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
+@device_option
 @offline_option
 @click.option("--size", "sizes", multiple=True, default=("128x128",), show_default=True, metavar="HxW",
-              help="LR input size; repeat for several.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="LR input size of a generated image; repeat for several.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Also time a real image file as `upscale FILE` runs it: the forward pass alone and end to end "
+              "(decode, upscale, encode, write), per LR pixel, beside the first --size's forward.")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="auto", show_default=True,
+              help="As for run (auto: the whole image when it fits the memory budget, else tiles).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="As for run (auto: fp16 on CUDA, fp32 on the CPU).")
 @tile_option
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per case.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True,
+              help="Untimed runs per case first (compile, caches); peak memory is measured over them.")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: the number of cores).")
 @click.option("--no-reference", is_flag=True, help="Skip the straight reference implementation.")
 @click.option("--folder-images", type=click.IntRange(0), default=3, show_default=True,
               help="Images in the end-to-end folder run (decode, infer, encode, write).")
 @click.option("--force", is_flag=True, help="Time even when the CPU is already busy (results marked busy).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per case on stdout.")
-def bench(model, scale, weights, random_weights, device, offline, sizes, precision, tile, repeats, warmup, threads,
-          no_reference, folder_images, force, as_json):
+def bench(model, scale, weights, random_weights, device, offline, sizes, image, protocol, precision, tile, repeats,
+          warmup, threads, no_reference, folder_images, force, as_json):
     """Latency, output MP/s and peak memory, median over repeats, beside the straight reference path."""
     from .bench import MachineBusyError, format_table, run_bench
 
@@ -555,12 +564,15 @@ def bench(model, scale, weights, random_weights, device, offline, sizes, precisi
         raise UsageProblem(f"--size takes HxW, e.g. 128x128 (got {', '.join(sizes)})") from None
     try:
         results = run_bench(model, scale, sizes=parsed, device=device, precision=precision, tile=tile,
+                            image=image, protocol=protocol,
                             repeats=repeats, warmup=warmup, reference_impl=not no_reference, threads=threads,
                             weights="random" if random_weights else weights, offline=offline,
                             folder_images=folder_images, force=force,
                             log=None if as_json else REPORT.info)
     except MachineBusyError as e:
         raise Problem(str(e)) from None
+    except OptionError as e:
+        raise UsageProblem(f"--{e.option}: {e.problem}") from None
     except ValueError as e:
         raise UsageProblem(str(e)) from None
     if as_json:

@@ -464,6 +464,7 @@ class ASIDArchitecture(Architecture):
     family = "asid"
     variants = ("asid", "asid-d8")
     min_size = RAW_MIN_SIDE  # smaller inputs also work through model(x), which replicate-pads them itself
+    reference_tile = TILE
 
     def tiling_spec(self, model: nn.Module) -> TilingSpec:
         # blocks of the training size on the official tiler's grid (stride 40, anchored at (0, 0)) blended

@@ -42,7 +42,8 @@ class TilingSpec:
     and carry `halo` pixels of context on inner edges. "blocks": the image is cut into fixed blocks of `block`
     px on a grid anchored at (0, 0) (stride block - block_overlap), each run on its own and blended smoothly;
     execution tiles are unions of blocks. Either way the whole image is first reflect-padded to a multiple of
-    `pad_multiple` (window grids anchored at (0, 0))."""
+    `pad_multiple` (window grids anchored at (0, 0)). `batched_placements`: `local_forward` also takes a list of
+    placements, one per tile of a batch, so that placement tiles of one shape can share a forward call."""
 
     local_mode: str  # "placement" or "blocks"
     alignment: int = 1
@@ -50,6 +51,7 @@ class TilingSpec:
     block: int = 0
     block_overlap: int = 0
     pad_multiple: int = 1
+    batched_placements: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class Architecture:
     variants: tuple[str, ...] = ()
     #: minimum LR side the raw network accepts (the engine pads smaller inputs up to it)
     min_size: int = 1
+    #: the tile side of an official procedure that runs the network over tiles (ASID's 64), None for a
+    #: whole-image procedure: the engine batches such tiles (`reference_forward`'s `tiles_per_forward`)
+    reference_tile: int | None = None
 
     def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> nn.Module:
         """A network in eval mode with random weights, shaped like the official one for this variant."""
@@ -120,6 +125,11 @@ class Architecture:
     def fast_path_status(self, model: nn.Module, device: torch.device) -> str | None:
         """One line on what the default path runs on here (e.g. fused CPU kernels, or why not); None when the
         family has nothing to say."""
+        return None
+
+    def device_warning(self, model: nn.Module, device: torch.device) -> str | None:
+        """One line the user should see once when `model` runs on `device` with a faster path unavailable there
+        (e.g. a missing compiler); None when there is nothing to say."""
         return None
 
     def describe(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:

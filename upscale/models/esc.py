@@ -15,6 +15,7 @@ Section numbers (§) in comments refer to the spec.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import re
 import warnings
@@ -89,7 +90,7 @@ def _flex_available() -> bool:
         from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:
         return False
-    return True
+    return importlib.util.find_spec("triton") is not None  # on a GPU, flex_attention compiles to Triton kernels
 
 
 def _chunks(n_windows: int, per_window_bytes: int) -> int:
@@ -601,6 +602,12 @@ class ESCArchitecture(Architecture):
 
     def reference_forward(self, model: nn.Module, lr: torch.Tensor, tiles_per_forward: int = 1) -> torch.Tensor:
         return reference_forward(model, lr)  # one pass over the whole image: nothing to batch
+
+    def device_warning(self, model: nn.Module, device: torch.device) -> str | None:
+        if torch.device(device).type == "cuda" and model.attn_backend == "auto" and not _flex_available():
+            return ("ESC's window attention runs on sdpa, slower than flex_attention, which needs Triton "
+                    "(pip install triton)")
+        return None
 
     def describe(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:
         """ESC DIV2K and DFLIP weights look alike: both match "esc" (the first in the zoo's order)."""

@@ -30,7 +30,7 @@ class AGDNArchitecture(Architecture):
         # complete inside the tile (measured on Set14 barbara x2, tile 64: halo 24 -> 49 dB vs the whole
         # image, -0.07 dB; halo 48 -> 61 dB, +0.02 dB)
         halo = -(-(model.tlc_window or 48) // MVSA_STRIDE) * MVSA_STRIDE
-        return TilingSpec("placement", alignment=MVSA_STRIDE, halo=halo)
+        return TilingSpec("placement", alignment=MVSA_STRIDE, halo=halo, batched_placements=True)
 
     def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> nn.Module:
         model = AGDN(scale, hparams["num_feat"], hparams["num_block"], hparams.get("tlc_window"),
@@ -39,11 +39,11 @@ class AGDNArchitecture(Architecture):
 
     def memory_estimate(self, model, device, dtype):
         # measured on the CPU (tests/test_memory.py), x4, 128x96 -> 256x192, per pixel: 2.6 KB on the fused
-        # kernels (CPU, fp32), 4.5 KB on the eager fast path (fp32 elsewhere), 6.6 KB on the straight path
-        # (what runs under autocast: 5.5 KB with bf16)
-        if dtype != torch.float32 or not model.fast:
+        # kernels (CPU, fp32), 4.5 KB on the eager fast path (CPU without the kernels), 6.6 KB on the straight
+        # modules (what runs off the CPU and under autocast: 5.5 KB with bf16)
+        if torch.device(device).type != "cpu" or dtype != torch.float32 or not getattr(model, "fast", False):
             return MemoryEstimate(32 * MB, 8 * KB)
-        if torch.device(device).type == "cpu" and model.use_kernels and kernels.load() is not None:
+        if getattr(model, "use_kernels", False) and kernels.load() is not None:
             return MemoryEstimate(16 * MB, int(3.5 * KB))
         return MemoryEstimate(32 * MB, 6 * KB)
 

@@ -8,7 +8,7 @@ from ..base import Placement
 from . import kernels
 from .fast import _fast_forward, _Workspace
 from .fused import _kernel_forward
-from .network import StraightAGDN
+from .network import StraightAGDN, per_placement
 
 
 class AGDN(StraightAGDN):
@@ -28,6 +28,8 @@ class AGDN(StraightAGDN):
         self._fast_cache: tuple | None = None  # folded weights, rebuilt when a parameter changes
         self._workspace: _Workspace | None = None  # the fused-kernel path's scratch for the last input size
         self._module_list: list | None = None  # every submodule, for `_fast_weights`' cache key
+        #: TLC windows gathered in a few calls (None: off the CPU; see `forward`)
+        self.gathered_windows: bool | None = None
         self.register_load_state_dict_post_hook(_clear_fast_cache)
 
     def uses_fast_path(self, x: torch.Tensor, fast: bool | None = None) -> bool:
@@ -40,14 +42,26 @@ class AGDN(StraightAGDN):
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
     def forward(self, x, placement: Placement | None = None, fast: bool | None = None):
-        """As `StraightAGDN.forward`; `fast`: None follows `self.fast` (default True); False forces the straight reference path, which
-        follows the official operation order one module at a time.
-        """
-        if self.uses_fast_path(x, fast):
-            if self.use_kernels and x.device.type == "cpu" and x.dtype == torch.float32:
+        """As `StraightAGDN.forward`; `fast`: None follows `self.fast` (default True); False forces the straight
+        reference path, which follows the official operation order one module at a time.
+
+        Which path runs: on the CPU, the fused kernels (float32), else the eager fast path; on other devices
+        (or under autocast, or with `fast` False) the straight modules, with the TLC windows gathered
+        (`SparseAttention.gathered_windows`) off the CPU: the fast paths' per-cell loops are made for a
+        CPU's caches and would be launch-bound on a GPU. `gathered_windows` True/False forces the choice."""
+        on_cpu = x.device.type == "cpu"
+        if on_cpu and self.uses_fast_path(x, fast):
+            if isinstance(placement, (list, tuple)):  # batched tiles: the CPU paths take one placement a call
+                return per_placement(lambda t, p: self(t, p, fast), x, placement)
+            if self.use_kernels and x.dtype == torch.float32:
                 if (ops := kernels.load()) is not None:
                     return _kernel_forward(self, ops, x, placement)
             return _fast_forward(self, x, placement)
+        gathered = (not on_cpu) if self.gathered_windows is None else self.gathered_windows
+        if fast is False:
+            gathered = False  # the reference, as written
+        for i in range(1, self.num_block + 1):
+            getattr(self, f"B{i}").ea.restormer_attn.gathered_windows = gathered
         return super().forward(x, placement)
 
 
