@@ -39,6 +39,10 @@ from .reporter import Reporter, printable
 
 EXIT_CODES = ("Exit codes: 0 all done, 1 some inputs failed (or a folder held no image), 2 usage error, "
               "130 interrupted.")
+EXIT_CODES_ONE_JOB = ("Exit codes: 0 done, 1 it failed (a file that cannot be read or written, weights missing "
+                      "or not downloaded), 2 usage error, 130 interrupted.")
+EXIT_CODES_FETCH = ("Exit codes: 0 every requested scale is in the cache, 1 some could not be fetched (or, with "
+                    "--offline, are not cached), 2 usage error, 130 interrupted.")
 
 
 class Problem(click.ClickException):
@@ -195,7 +199,7 @@ def main():
     """
 
 
-@main.command("run", epilog=EXIT_CODES)
+@main.command("run", epilog=EXIT_CODES, short_help="Upscale images (the default command).")
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("-o", "--output", default=None,
               help="Output file (one input), folder, or - for stdout. Default: NAME_x<scale>.png beside each input.")
@@ -215,8 +219,10 @@ def main():
 @click.option("--skip-existing/--no-skip-existing", "skip_existing", default=None,
               help="Skip inputs whose output exists (default for folder inputs; a named file fails instead).")
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="auto",
-              show_default=True, help="auto: the family's official procedure on the whole image when it fits "
-              "the memory budget, else tiled with local statistics (--tile forces tiles).")
+              show_default=True, help="auto: the official procedure when the whole image fits the memory budget, "
+              "else tiled (--tile forces tiles); reference: the family's official test procedure (what the "
+              "papers measured; ASID's is its own 64-px tiler); whole: one plain pass over the whole image; "
+              "tiled: tiles with local statistics, memory bounded by the tile.")
 @tile_option
 @overlap_option
 @precision_option
@@ -392,12 +398,14 @@ def _check_output_name(dest: Path, fmt: str | None) -> None:
                            "make them agree")
 
 
-@main.command(epilog=EXIT_CODES)
+@main.command(epilog=EXIT_CODES_ONE_JOB, short_help="Convert an official .pth to .safetensors.")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output .safetensors (default: beside the input, same name).")
-@model_option
-@scale_option
+@click.option("-m", "--model", default=None, metavar="MODEL",
+              help="Model variant (default: detected from the checkpoint); see `upscale models`.")
+@click.option("-s", "--scale", type=int, default=None,
+              help="Upscaling factor (default: detected from the checkpoint).")
 @click.option("--key", default=None, help="Checkpoint entry holding the weights (default: the registry's, else auto).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def convert(checkpoint, output, model, scale, key, overwrite):
@@ -420,7 +428,7 @@ def convert(checkpoint, output, model, scale, key, overwrite):
     REPORT.info(f"{src} -> {dst} ({used.label})")
 
 
-@main.command("eval", epilog=EXIT_CODES)
+@main.command("eval", epilog=EXIT_CODES_ONE_JOB, short_help="PSNR / SSIM on a benchmark folder.")
 @model_option
 @scale_option
 @weights_option
@@ -432,7 +440,8 @@ def convert(checkpoint, output, model, scale, key, overwrite):
               help="Folder of LR images (default: made from HR with MATLAB-style bicubic).")
 @click.option("--protocol", type=click.Choice([p for p in PROTOCOLS if p != "auto"]), default=None,
               help="reference (the default): the family's official test procedure (what the papers report); "
-              "tiled: our tiled engine (--tile implies it).")
+              "whole: one plain pass over the whole image; tiled: our tiled engine with local statistics "
+              "(--tile implies it).")
 @tile_option
 @overlap_option
 @precision_option
@@ -464,8 +473,8 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
     REPORT.table(table)
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the zoo as JSON lines.")
+@main.command(short_help="List the models and which weights are here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the zoo as JSON lines, one per model and scale.")
 def models(as_json):
     """List every model in the zoo, and whether its weights are present."""
     from .weights import candidate_paths
@@ -479,23 +488,59 @@ def models(as_json):
         for r in rows:
             REPORT.record(r)
         return
+    from rich import box
     from rich.table import Table
 
-    table = Table()
-    for col in ("model", "scale", "params", "weights", "published PSNR (dB)", "licence"):
-        table.add_column(col)
+    # one line per variant at 80 columns: the scales together, the licence as a tag with its note below
+    variants: dict[str, list[dict]] = {}
     for r in rows:
-        psnr = ", ".join(f"{k} {v:.2f}" for k, v in r["psnr"].items())
-        table.add_row(r["model"], f"x{r['scale']}", f"{r['params']:,}", "present" if r["weights"] else "absent",
-                      psnr, r["license"].split(";")[0])
+        variants.setdefault(r["model"], []).append(r)
+    licences: list[str] = []
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, caption_justify="left")
+    for col, justify in (("model", "left"), ("scales", "left"), ("params", "right"), ("weights here", "left"),
+                         ("x4 PSNR (dB)", "left"), ("licence", "left")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    missing = False
+    for name, scales in variants.items():
+        params = sorted(r["params"] for r in scales)
+        low, high = _thousands(params[0]), _thousands(params[-1])
+        span = low if low == high else f"{low}-{high}"
+        present = [f"x{r['scale']}" for r in scales if r["weights"]]
+        missing = missing or len(present) < len(scales)
+        x4 = next((r["psnr"] for r in scales if r["scale"] == 4 and r["psnr"]), {})
+        psnr = next((f"{_short_set(k)} {v:.2f}" for k, v in x4.items()), "")
+        licence = scales[0]["license"]
+        tag = licence if len(licence) <= 12 else None
+        if tag is None:
+            if licence not in licences:
+                licences.append(licence)
+            tag = f"see {'*' * (licences.index(licence) + 1)}"
+        table.add_row(name, " ".join(f"x{r['scale']}" for r in scales), span, " ".join(present) or "-", psnr, tag)
+    notes = [f"{'*' * (i + 1)} {text}" for i, text in enumerate(licences)]
+    if missing:
+        notes.append("Weights not here: `upscale fetch MODEL -s N` downloads them (every scale")
+        notes.append("without -s), or `upscale convert FILE.pth` converts an official checkpoint.")
+    notes.append("`upscale models --json` has every field (PSNR on each benchmark, sources).")
+    table.caption = "\n".join(notes)
     REPORT.table(table)
 
 
-@main.command()
+def _thousands(n: int) -> str:
+    """280,530 -> 281 K; 12,455,916 -> 12.5 M."""
+    return f"{n / 1e6:.1f} M" if n >= 1_000_000 else f"{round(n / 1e3)} K"
+
+
+def _short_set(name: str) -> str:
+    return {"Urban100": "U100", "Manga109": "M109"}.get(name, name)
+
+
+@main.command(epilog=EXIT_CODES_FETCH, short_help="Download a model's official weights.")
 @click.argument("model")
-@scale_option
+@click.option("-s", "--scale", type=int, default=None, help="Upscaling factor (default: every scale of MODEL).")
 @click.option("--force", is_flag=True, help="Download again even when the weights are cached.")
-def fetch(model, scale, force):
+@click.option("--offline", is_flag=True, help="Download nothing: say which scales are in the cache and where "
+              "(exit 1 if one is missing).")
+def fetch(model, scale, force, offline):
     """Download, verify (sha256) and convert the official weights of MODEL into the cache.
 
     \b
@@ -506,6 +551,8 @@ def fetch(model, scale, force):
     from .weights import WeightsError, resolve_weights
     from .weights import fetch as fetch_weights
 
+    if force and offline:
+        raise UsageProblem("--force downloads again and --offline downloads nothing: give one of them")
     try:
         entries = [registry.resolve(model, scale)] if scale else [
             registry.resolve(model, s) for s in registry.scales_of(model)]
@@ -517,7 +564,7 @@ def fetch(model, scale, force):
             report = (lambda done, total: update(completed=done, total=total)) if update else None
             try:
                 path = (fetch_weights(entry, progress=report, force=True) if force
-                        else resolve_weights(entry, progress=report))
+                        else resolve_weights(entry, progress=report, offline=offline))
             except WeightsError as e:
                 failed += 1
                 REPORT.error(_with_remedy(str(e), e.remedy))
@@ -527,7 +574,8 @@ def fetch(model, scale, force):
         sys.exit(1)
 
 
-@main.command(epilog=EXIT_CODES)
+@main.command(epilog="Exit codes: 0 done, 1 the machine was too busy to time (see --force), 2 usage error.",
+              short_help="Time a model: latency, MP/s, peak memory.")
 @click.option("-m", "--model", default="agdn", show_default=True, metavar="MODEL", help="Model variant.")
 @scale_option
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="A .safetensors weights file.")

@@ -202,3 +202,67 @@ def test_unavailable_device_is_one_line_usage_error(photo, device):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and device in lines[0] and "available: cpu" in lines[0], result.stderr
+
+
+def test_models_fits_80_columns_one_line_per_variant(monkeypatch):
+    from upscale import registry
+
+    monkeypatch.setenv("COLUMNS", "80")
+    result = run("models")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    variants = registry.variant_names()
+    assert len(lines) <= len(variants) + 8, result.stdout
+    assert max(len(line.rstrip()) for line in lines) <= 80, result.stdout
+    for name in variants:  # each variant on exactly one line, its scales together
+        rows = [line for line in lines if line.split() and line.split()[0] == name]
+        assert len(rows) == 1, (name, result.stdout)
+        assert " ".join(f"x{s}" for s in registry.scales_of(name)) in rows[0]
+    agdn = next(line for line in lines if line.split()[:1] == ["agdn"])
+    assert "MIT" in agdn and "Set5 32.43" in agdn
+    assert "upscale fetch MODEL -s N" in result.stdout  # the next step for absent weights
+
+
+def test_the_readme_example_can_be_run_twice(tmp_path):
+    from conftest import REPO
+
+    block = REPO.joinpath("README.md").read_text().split("```sh", 1)[1].split("```", 1)[0]
+    command = next(line for line in block.splitlines() if line.startswith("upscale "))
+    (tmp_path / "examples").mkdir()
+    shutil.copy(REPO / "examples" / "cat.png", tmp_path / "examples" / "cat.png")
+    for attempt in (1, 2):
+        result = run(*command.split()[1:], cwd=tmp_path)
+        assert result.returncode == 0, (attempt, result.stderr)
+    assert sorted(p.name for p in (tmp_path / "examples").iterdir()) == ["cat.png", "cat_x4.png"]
+
+
+def test_help_is_complete_every_option_says_what_it_does():
+    import click
+
+    from upscale.cli import main
+
+    top = run("--help").stdout
+    commands = top.split("Commands:")[1]
+    assert "..." not in commands  # no command description cut short
+    for name, command in main.commands.items():
+        text = run(name, "--help").stdout
+        assert "Exit codes:" in text or name == "models", name
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert param.help, f"upscale {name} {param.opts[0]} has no help"
+    run_help = run("run", "--help").stdout
+    for protocol in ("auto:", "reference:", "whole:", "tiled:"):
+        assert protocol in run_help
+    assert "at least 32" in run_help
+    fetch_help = run("fetch", "--help").stdout
+    assert "--offline" in fetch_help and "Exit codes:" in fetch_help
+
+
+def test_fetch_offline_says_what_is_cached_and_downloads_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("UPSCALE_CACHE_DIR", str(tmp_path))
+    present = run("fetch", "agdn", "--offline")  # shipped inside the package
+    assert present.returncode == 0 and "agdn x4:" in present.stderr
+    missing = run("fetch", "esc-light", "-s", "2", "--offline")
+    assert missing.returncode == 1 and missing.stderr.count("error:") == 1
+    assert "upscale fetch esc-light -s 2" in missing.stderr and list(tmp_path.iterdir()) == []
+    assert run("fetch", "agdn", "--offline", "--force").returncode == 2
