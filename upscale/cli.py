@@ -128,12 +128,15 @@ def _options(protocol: str, precision: str, tile: int | None, overlap: int, devi
         raise UsageProblem(f"--{e.option}: {e.problem}") from None
 
 
-def _load_upscaler(entry, weights, options: EngineOptions, offline=False):
+def _load_upscaler(entry, weights, options: EngineOptions, offline=False, report: Reporter = REPORT):
+    """The model loaded and warmed up (kernels built, said once) before any image is timed."""
     from .engine import Upscaler
     from .weights import WeightsError
 
     try:
-        return Upscaler.load(entry, weights, options, offline=offline)
+        upscaler = Upscaler.load(entry, weights, options, offline=offline)
+        upscaler.architecture.warm_up(upscaler.model, upscaler.device, report.note)
+        return upscaler
     except OptionError as e:
         raise UsageProblem(f"--{e.option}: {e.problem}") from None
     except WeightsError as e:
@@ -301,7 +304,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         protect = tuple(job.source for job in plan.jobs if job.source != STDIO)
         start = time.perf_counter()
         try:
-            upscaler = _load_upscaler(entry, weights, options, offline)
+            upscaler = _load_upscaler(entry, weights, options, offline, report)
             _warn_about_device(upscaler, report)
             base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
                            "precision": upscaler.working_precision, "protocol": options.protocol, "tile": tile}
@@ -471,6 +474,58 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
     table.add_section()
     table.add_row("mean", "", f"{result.psnr:.4f}", f"{result.ssim:.5f}")
     REPORT.table(table)
+
+
+@main.command(short_help="What this machine runs: device, kernels, formats.",
+              epilog="Exit codes: 0 reported (it changes nothing), 2 usage error.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def doctor(as_json):
+    """What `upscale` would use here, without changing anything: versions, devices and the default one with its
+    precision, the AGDN CPU kernels (built or not, where cached), the cache folder, and the image formats this
+    installation reads and writes."""
+    import platform
+
+    import torch
+
+    from .engine import Upscaler, available_devices, pick_device
+    from .files import cache_dir
+    from .imageio import format_support
+    from .models.agdn import kernels
+
+    device = pick_device("auto")
+    probe = Upscaler(registry.resolve(registry.DEFAULT_MODEL, 4), torch.nn.Identity(), device, precision="auto")
+    report = {
+        "upscale": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(), "devices": available_devices(), "default_device": str(device),
+        "default_precision": probe.working_precision, "cpu_kernels": kernels.describe(), "cache": str(cache_dir()),
+        "formats": format_support(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        report["gpu"] = {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+                         "cuda": torch.version.cuda}
+    if as_json:
+        REPORT.record(report)
+        return
+    k = report["cpu_kernels"]
+    lines = [
+        f"upscale {report['upscale']} (Python {report['python']}, torch {report['torch']}, "
+        f"{report['cpu_threads']} CPU threads)",
+        f"devices: {', '.join(report['devices'])}; default {report['default_device']} in "
+        f"{report['default_precision']}" + (f" ({report['gpu']['name']}, {report['gpu']['memory_gb']} GB)"
+                                            if "gpu" in report else ""),
+        f"AGDN CPU kernels: {k['state']}" + (f" ({k['capability']})" if k.get("capability") else "")
+        + (f"; {k['reason']}" if k.get("reason") else ""),
+        *([f"  {k['path']}"] if k.get("path") else []),
+        f"cache: {report['cache']}",
+        "formats:",
+    ]
+    for name, f in report["formats"].items():
+        can = [what for what in ("read", "write") if f.get(what)]
+        extra = f", 16-bit via {f['16-bit']}" if f.get("16-bit") else ""
+        lines.append(f"  {name:<5} {' + '.join(can) or 'unavailable'}: {f['via']}{extra}")
+    for line in lines:
+        REPORT.line(line)
 
 
 @main.command(short_help="List the models and which weights are here.")

@@ -40,6 +40,11 @@ class Reporter:
         """A line on stderr that is always said (how an interrupted run ended)."""
         click.echo(printable(message), err=True)
 
+    def note(self, message: str) -> None:
+        """A line on stderr unless quiet, JSON mode included (stdout holds the records there): a pause's reason."""
+        if not self.quiet:
+            click.echo(printable(message), err=True)
+
     def info(self, message: str) -> None:
         if not (self.quiet or self.as_json):
             click.echo(printable(message), err=True)

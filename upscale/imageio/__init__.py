@@ -68,6 +68,7 @@ from .image import (
     array_planes,
     format_by_magic,
     format_for,
+    format_support,
     pillow_planes,
     quantise,
     unit_floats,
@@ -76,6 +77,6 @@ from .write import save_image
 
 __all__ = [
     "EXTENSIONS", "FORMATS", "PNG_COMPRESS_LEVEL", "READ_EXTENSIONS", "SIXTEEN_BIT_FORMATS", "ImageError", "LoadedImage", "TooLargeError",
-    "array_planes", "encode_image", "format_by_magic", "format_for", "max_pixels", "pillow_planes", "quantise",
+    "array_planes", "encode_image", "format_by_magic", "format_for", "format_support", "max_pixels", "pillow_planes", "quantise",
     "read_image", "save_image", "set_max_pixels", "unit_floats",
 ]

@@ -25,6 +25,26 @@ READ_EXTENSIONS = tuple(f".{name}" for name in (*FORMATS, *READ_ONLY_FORMATS))
 SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
 
 
+def format_support() -> dict[str, dict[str, bool | str]]:
+    """Each format this installation reads and writes (for `upscale doctor`): the formats of the table above,
+    and the ones Pillow can decode here that we do not write yet, with what provides them."""
+    from PIL import Image, features
+
+    Image.init()
+    readable = set(Image.OPEN)
+    support: dict[str, dict[str, bool | str]] = {}
+    for name in dict.fromkeys([*FORMATS.values(), *READ_ONLY_FORMATS.values()]):
+        support[name] = {"read": name in readable, "write": name in EXTENSIONS, "via": "Pillow"}
+    for name in SIXTEEN_BIT_FORMATS:
+        support[name]["16-bit"] = "imagecodecs"
+    if features.check("avif"):
+        support.setdefault("AVIF", {"read": "AVIF" in readable, "write": False, "via": "Pillow's own codec"})
+    for name, package in (("HEIF", "pillow-heif"), ("JXL", "pillow-jxl-plugin")):
+        support.setdefault(name, {"read": name in readable, "write": False,
+                                  "via": package if name in readable else f"needs {package}"})
+    return support
+
+
 
 
 class ImageError(RuntimeError):

@@ -127,6 +127,9 @@ class Architecture:
         family has nothing to say."""
         return None
 
+    def warm_up(self, model: nn.Module, device: torch.device, say) -> None:
+        """One-time work before any image is timed (compiling kernels); `say(line)` announces anything slow."""
+
     def device_warning(self, model: nn.Module, device: torch.device) -> str | None:
         """One line the user should see once when `model` runs on `device` with a faster path unavailable there
         (e.g. a missing compiler); None when there is nothing to say."""

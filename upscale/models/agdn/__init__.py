@@ -55,6 +55,10 @@ class AGDNArchitecture(Architecture):
         twin.load_state_dict(model.state_dict(), strict=True)
         return twin.to(model.fea_conv.weight.device).eval().requires_grad_(False)
 
+    def warm_up(self, model, device, say):
+        if torch.device(device).type == "cpu" and getattr(model, "fast", False) and model.use_kernels:
+            kernels.load(announce=say)
+
     def fast_path_status(self, model, device):
         if torch.device(device).type != "cpu" or not (model.fast and model.use_kernels):
             return None

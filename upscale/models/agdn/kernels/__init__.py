@@ -106,18 +106,25 @@ def _library_path(cxx: str) -> Path:
     return cache_dir() / "kernels" / key.hexdigest()[:16] / "upscale_cpu.so"
 
 
-def _build(cxx: str, target: Path) -> None:
+BUILDING = "building the CPU kernels for this machine (once, ~15 s)"
+
+
+def _build(cxx: str, target: Path, announce) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    if sys.stderr.isatty():  # progress, like the other progress output: only for a person watching
-        print("upscale: building the fused CPU kernels (once, about 10-30 s)...", file=sys.stderr, flush=True)
+    # said whether or not stderr is a terminal: a 15 s silence in a script's log needs its reason
+    if announce is not None:
+        announce(BUILDING)
+    else:
+        print(f"upscale: {BUILDING}", file=sys.stderr, flush=True)
     with atomic_path(target) as tmp:
         done = subprocess.run(_command(cxx, tmp), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"compiler exited {done.returncode}: {done.stderr.strip()[-2000:]}")
 
 
-def load():
-    """The kernels' op namespace (`torch.ops.upscale_cpu`), or None when they are unavailable."""
+def load(announce=None):
+    """The kernels' op namespace (`torch.ops.upscale_cpu`), or None when they are unavailable. A build, when one
+    is needed, is announced through `announce(line)` (default: a line on stderr)."""
     if "ops" in _state:
         return _state["ops"]
     ops, reason = None, None
@@ -133,15 +140,32 @@ def load():
         try:
             target = _library_path(cxx)
             if not target.exists():
-                _build(cxx, target)
+                _build(cxx, target, announce)
             torch.ops.load_library(str(target))
             ops = torch.ops.upscale_cpu
+            _state["path"] = str(target)
         except Exception as exc:  # any failure means the eager path, never a failed upscale
             reason = f"build failed: {exc}"
             print(f"upscale: fused CPU kernels unavailable ({str(exc).splitlines()[0][:200]}); "
                   "using the PyTorch path", file=sys.stderr)
     _state["ops"], _state["reason"] = ops, reason
     return ops
+
+
+def describe() -> dict:
+    """What `upscale doctor` shows, without building anything: whether the kernels are built for this machine,
+    where the library is (or would be) cached, and why not when they cannot be had."""
+    if "ops" in _state:
+        ops = _state["ops"]
+        return {"state": "loaded" if ops is not None else "unavailable", "reason": _state.get("reason"),
+                "capability": ops.capability() if ops is not None else None, "path": _state.get("path")}
+    if _disabled():
+        return {"state": "unavailable", "reason": "disabled by UPSCALE_CPU_KERNELS"}
+    if sys.platform != "linux" or not _has_avx2() or (cxx := _compiler()) is None:
+        return {"state": "unavailable", "reason": "see `load` (no Linux, no AVX2+FMA or no C++ compiler)"}
+    target = _library_path(cxx)
+    return {"state": "built" if target.exists() else "not built yet (built on first use, ~15 s)",
+            "path": str(target), "compiler": cxx}
 
 
 def status() -> str:
