@@ -419,7 +419,7 @@ class UpscaleStages:
 
         result, stats = upscale_image_with_stats(self.upscaler, image)  # what this image actually ran with
         used = {"protocol": stats.protocol, "tile": stats.tile, "precision": stats.precision,
-                "fp32_fallbacks": stats.fp32_fallbacks}
+                "tiles_per_forward": stats.tiles_per_forward, "fp32_fallbacks": stats.fp32_fallbacks}
         warnings = list(stats.notes)
         if image.frames > 1:  # until every frame is supported, never silently
             what = "pages" if image.source_format == "TIFF" else "frames"

@@ -106,6 +106,8 @@ def test_folder_recursive_json_skips_junk_fails_broken_images_and_goes_on(shots,
         assert r["status"] in ("ok", "skipped", "failed")
         assert (r["model"], r["scale"], r["device"], r["precision"]) == ("agdn", 2, "cpu", "fp32")
         assert isinstance(r["seconds"], (int, float))
+        if r["status"] == "ok":  # what the engine did: protocol, tile, tiles per forward call, fallbacks
+            assert r["protocol"] == "reference" and r["tiles_per_forward"] == 1 and r["fp32_fallbacks"] == 0
     assert {n for n, r in by_name.items() if r["status"] == "ok"} == {"a.png", "b.jpg", "c.png"}
     junk = {".DS_Store", "Thumbs.db", "notes.txt", "readme.png"}
     assert {n for n, r in by_name.items() if r["status"] == "skipped"} == junk

@@ -42,7 +42,15 @@ TIFF    RGB/RGBA/L/LA, 8 or 16 bits, uncompressed; ICC; EXIF tags (IFD0, Exif an
         XMP (tag 700); ``Software`` holds the provenance.
 BMP     RGB/L, 8 bits, no metadata; alpha composited over white as for JPEG (Pillow's BMP
         reader, like many others, ignores a BMP alpha channel).
+AVIF    RGB/RGBA, 8 bits, quality 95 (Pillow's own codec); ICC; EXIF; XMP.
+HEIF    (.heic) RGB/RGBA, 8 bits, quality 95 (pillow-heif: libheif); ICC; EXIF; XMP.
+JXL     RGB/RGBA, 8 bits, quality 95 (pillow-jxl-plugin: libjxl); ICC (a standard colour space is
+        stored as a code: reading gives back an equal profile, not the same bytes); EXIF.
 ======  =======================================================================================
+
+HEIF and JPEG XL come from plug-in packages (`plugins()` registers them once); where one is missing (no
+wheel for the platform), reading or writing that format is one error line naming the package to install.
+The higher bit depths of HEIC/AVIF (10/12-bit) and JPEG XL (16-bit) are read and written as 8 bits for now.
 
 Writing (:func:`save_image`) is atomic: the encoded bytes go to a temporary file in the target folder, are
 flushed and fsynced, and the file is moved into place (``os.replace``, or a hard link that cannot clobber

@@ -23,6 +23,7 @@ from .image import (
     _one_line,
     _pillow_planes,
     format_by_magic,
+    plugins,
 )
 from .metadata import _exif_metadata, _pillow_metadata, _xmp_metadata
 
@@ -164,6 +165,7 @@ def _decode(data: bytes, label: str, limit: int | None) -> LoadedImage:
         tiff16 = _decode_tiff16(data, label, limit)
         if tiff16 is not None:
             return tiff16
+    plugins()  # HEIC/HEIF and JPEG XL codecs, registered once
     im = Image.open(io.BytesIO(data))
     _check_pixels(label, *im.size, limit)
     # frames of an animation or pages of a scan; not the extra images some formats carry (a phone JPEG's

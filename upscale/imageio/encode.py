@@ -13,12 +13,14 @@ from PIL import Image
 from .image import (
     EXTENSIONS,
     SIXTEEN_BIT_FORMATS,
+    WRITE_CHOICES,
     ImageError,
     LoadedImage,
     _as_image,
     _compose,
     _one_line,
     format_for,
+    plugins,
     quantise,
 )
 from .metadata import (
@@ -40,10 +42,13 @@ def encode_image(image: Any, fmt: str = "PNG", *, quality: int = 95, provenance:
     :func:`array_planes` reads) or a PIL image. `name` labels error messages."""
     fmt_name = format_for(None, fmt) or (fmt.upper() if fmt and fmt.upper() in EXTENSIONS else None)
     if fmt_name is None:
-        raise ImageError(f"{name}: unknown output format {fmt!r}; use one of png, jpeg, webp, tiff, bmp")
+        raise ImageError(f"{name}: unknown output format {fmt!r}; use one of {WRITE_CHOICES}")
+    if (why := plugins().get(fmt_name)) is not None:
+        raise ImageError(f"{name}: cannot write {fmt_name}: {why}")
     img = _as_image(image)
     h, w = img.rgb.shape[:2]
-    limits = {"WEBP": 16383, "JPEG": 65535, "PNG": 2**31 - 1, "TIFF": 2**31 - 1, "BMP": 2**31 - 1}
+    limits = {"WEBP": 16383, "JPEG": 65535, "PNG": 2**31 - 1, "TIFF": 2**31 - 1, "BMP": 2**31 - 1, "AVIF": 65535,
+              "HEIF": 65535, "JXL": 2**30 - 1}
     if max(h, w) > limits[fmt_name]:
         raise ImageError(f"{name}: {w}x{h} is too large for {fmt_name} (at most {limits[fmt_name]} pixels a side); "
                          "choose png or tiff")
@@ -53,8 +58,8 @@ def encode_image(image: Any, fmt: str = "PNG", *, quality: int = 95, provenance:
     if alpha is not None and fmt_name in ("JPEG", "BMP"):  # no alpha: composite over white
         a = np.clip(alpha, 0.0, 1.0)[..., None]
         rgb, alpha = rgb * a + (1.0 - a), None
-    if fmt_name == "WEBP":
-        grey = False  # WebP is always colour
+    if fmt_name in ("WEBP", "AVIF", "HEIF", "JXL"):
+        grey = False  # written as colour (their Pillow encoders take RGB/RGBA)
     pixels = quantise(_compose(rgb, alpha, grey), bits)
     if pixels.shape[2] == 3 and grey:
         pixels = pixels[..., :1]
@@ -217,7 +222,7 @@ def _encode_other(pixels: np.ndarray, fmt: str, img: LoadedImage, icc, prov, qua
                 exif_bytes = small.tobytes() if small is not None else None
         if xmp and len(xmp) > 65000:
             xmp = _xmp_out(None, prov, size)
-    else:  # WEBP
+    else:  # WEBP, AVIF, HEIF, JXL: lossy at `quality`
         options.update(quality=quality)
     if exif_bytes:
         options["exif"] = exif_bytes

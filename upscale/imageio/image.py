@@ -3,6 +3,7 @@ name and by leading bytes), and conversions between arrays and colour/alpha plan
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import dataclass, field
@@ -14,9 +15,15 @@ from PIL import Image
 
 # The one table of formats: every other list of names or extensions in the project is derived from these.
 #: formats we write, by the names and extensions that select them (--format, -o's extension) -> Pillow's name
-FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF", "bmp": "BMP"}
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF", "bmp": "BMP",
+           "avif": "AVIF", "heic": "HEIF", "heif": "HEIF", "jxl": "JXL"}
 #: the extension each written format gets
-EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "AVIF": ".avif",
+              "HEIF": ".heic", "JXL": ".jxl"}
+#: the names to offer in messages, one per written format
+WRITE_CHOICES = ", ".join(dict.fromkeys(ext.lstrip(".") for ext in EXTENSIONS.values()))
+#: formats whose codec is a plug-in package, and the package (`plugins()` registers them with Pillow)
+PLUGIN_FORMATS = {"HEIF": "pillow-heif", "JXL": "pillow-jxl-plugin"}
 #: formats we read but do not write (GIF: its first frame)
 READ_ONLY_FORMATS = {"gif": "GIF"}
 #: extensions of the files we read, with the dot
@@ -25,23 +32,46 @@ READ_EXTENSIONS = tuple(f".{name}" for name in (*FORMATS, *READ_ONLY_FORMATS))
 SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
 
 
+@functools.cache
+def plugins() -> dict[str, str | None]:
+    """Register the plug-in codecs with Pillow (once); per format, None when available, else why not (one
+    line: a platform without the package's wheel reports the format unavailable, never an import traceback)."""
+    missing: dict[str, str | None] = {}
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        missing["HEIF"] = None
+    except Exception as e:  # noqa: BLE001 - an absent or broken plug-in only disables its format
+        missing["HEIF"] = f"HEIC/HEIF needs pillow-heif (pip install pillow-heif): {_one_line(e)}"
+    try:
+        import pillow_jxl  # noqa: F401 - registers the JXL codec on import
+
+        missing["JXL"] = None
+    except Exception as e:  # noqa: BLE001
+        missing["JXL"] = f"JPEG XL needs pillow-jxl-plugin (pip install pillow-jxl-plugin): {_one_line(e)}"
+    from PIL import features
+
+    missing["AVIF"] = None if features.check("avif") else "this Pillow was built without AVIF"
+    return missing
+
+
 def format_support() -> dict[str, dict[str, bool | str]]:
     """Each format this installation reads and writes (for `upscale doctor`): the formats of the table above,
     and the ones Pillow can decode here that we do not write yet, with what provides them."""
-    from PIL import Image, features
+    from PIL import Image
 
+    unavailable = plugins()
     Image.init()
     readable = set(Image.OPEN)
     support: dict[str, dict[str, bool | str]] = {}
     for name in dict.fromkeys([*FORMATS.values(), *READ_ONLY_FORMATS.values()]):
-        support[name] = {"read": name in readable, "write": name in EXTENSIONS, "via": "Pillow"}
+        ok = unavailable.get(name) is None
+        via = PLUGIN_FORMATS.get(name, "Pillow's own codec" if name == "AVIF" else "Pillow")
+        support[name] = {"read": ok and name in readable, "write": ok and name in EXTENSIONS,
+                         "via": via if ok else unavailable[name]}
     for name in SIXTEEN_BIT_FORMATS:
         support[name]["16-bit"] = "imagecodecs"
-    if features.check("avif"):
-        support.setdefault("AVIF", {"read": "AVIF" in readable, "write": False, "via": "Pillow's own codec"})
-    for name, package in (("HEIF", "pillow-heif"), ("JXL", "pillow-jxl-plugin")):
-        support.setdefault(name, {"read": name in readable, "write": False,
-                                  "via": package if name in readable else f"needs {package}"})
     return support
 
 
@@ -102,10 +132,17 @@ _MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x
           b"GIF89a": "GIF"}
 
 
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
 def format_by_magic(head: bytes) -> str | None:
     """The format an image file's first 12 bytes announce, however broken the rest; None if none of ours."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
+    if head[4:8] == b"ftyp":  # ISO base media: AVIF and HEIF say which by their brand
+        return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIF" if head[8:12] in _HEIF_BRANDS else None
+    if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL \r\n\x87\n"):
+        return "JXL"
     return next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
 
 

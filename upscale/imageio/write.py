@@ -11,7 +11,7 @@ from typing import Any, BinaryIO, Mapping
 
 from ..files import TemporaryFileError, write_atomic
 from .encode import encode_image
-from .image import ImageError, _one_line, format_for
+from .image import WRITE_CHOICES, ImageError, _one_line, format_for
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -48,7 +48,7 @@ def save_image(image: Any, dest: str | os.PathLike | BinaryIO, fmt: str | None =
         label = "<stdout>" if isinstance(dest, str) else str(getattr(dest, "name", "<stream>"))
         fmt_name = format_for(None, fmt) if fmt else "PNG"
         if fmt_name is None:
-            raise ImageError(f"{label}: unknown output format {fmt!r}; use one of png, jpeg, webp, tiff, bmp")
+            raise ImageError(f"{label}: unknown output format {fmt!r}; use one of {WRITE_CHOICES}")
         data = encode_image(image, fmt_name, quality=quality, provenance=provenance, name=label)
         try:
             _write_all(stream, data)
@@ -60,7 +60,7 @@ def save_image(image: Any, dest: str | os.PathLike | BinaryIO, fmt: str | None =
     fmt_name = format_for(dest, fmt)
     if fmt_name is None:
         what = f"format {fmt!r}" if fmt else f"extension {dest.suffix or '(none)'!r}"
-        raise ImageError(f"{dest}: unknown output {what}; use one of png, jpeg, webp, tiff, bmp")
+        raise ImageError(f"{dest}: unknown output {what}; use one of {WRITE_CHOICES}")
     for p in protect:
         if _same_file(Path(p), dest):
             raise ImageError(f"{dest}: refusing to write over the input image")
