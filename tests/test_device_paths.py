@@ -257,3 +257,27 @@ def test_agdn_batched_tiles_equal_one_tile_at_a_time(path):
     batched, stats = up.run(x)
     assert stats.tiles_per_forward == 4 and stats.forward_calls < stats.tiles / 2
     assert (batched - one).abs().max() <= 1e-4 and (batched - one).abs().mean() <= 2e-6
+
+
+def test_asid_reference_out_of_memory_first_takes_fewer_tiles_per_call_and_stays_official():
+    x = photo(150, 170)
+    one = asid_upscaler("reference")
+    one.tile_batch = 1
+    expected, _ = one.run(x)
+    up = asid_upscaler("reference")
+    up.tile_batch = 8
+    raw = up.model.forward_raw
+
+    def limited(t):
+        if t.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return raw(t)
+
+    up.model.forward_raw = limited
+    y, stats = up.run(x)
+    assert stats.protocol == "reference" and stats.tiles_per_forward == 2
+    assert stats.notes == ["out of memory with 8 of its 64-px tiles per call; finished with 2"]
+    assert (y - expected).abs().max() <= load_golden("asid", "asid_x2").tolerance[0]
+    up.model.forward_raw = lambda t: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):  # the tiled fallback runs the network too: nothing fits
+        up.run(x)

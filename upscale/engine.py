@@ -250,12 +250,8 @@ class Upscaler:
         stats = RunStats(protocol=protocol, precision=self.working_precision)
         y = None
         if protocol != "tiled":
-            try:
-                y = self._run_whole(x, protocol, stats)
-            except RuntimeError as e:
-                if not memory.is_out_of_memory(e):
-                    raise
-            if y is None:  # out of memory (outside the except block, so the failed pass's tensors are freed)
+            y = self._run_whole(x, protocol, stats)
+            if y is None:  # out of memory even one tile per call: tiles with local statistics
                 memory.free_cache(self.device)
                 stats.protocol = "tiled"
                 y = self._run_tiled(x, stats, ran_out=f"the whole image ({protocol})")
@@ -263,19 +259,33 @@ class Upscaler:
             y = self._run_tiled(x, stats)
         return y[..., : h * self.scale, : w * self.scale].float(), stats
 
-    def _run_whole(self, x: torch.Tensor, protocol: str, stats: RunStats) -> torch.Tensor:
+    def _run_whole(self, x: torch.Tensor, protocol: str, stats: RunStats) -> torch.Tensor | None:
+        """One pass over the whole image (or the family's official procedure); None when it ran out of memory.
+        A tiled official procedure (ASID's) first retries with fewer of its tiles per call, which keeps its
+        result; only then does the caller fall back to tiles."""
         arch = self.architecture
-        if protocol == "reference":
-            side = arch.reference_tile  # a tiled official procedure (ASID's): its tiles are batched
-            batch = self._tiles_per_forward(side * side) if side else 1
-
-            def fn(t):
-                return arch.reference_forward(self.model, t, batch)
-
+        side = arch.reference_tile if protocol == "reference" else None  # ASID's: its tiles are batched
+        batch = self._tiles_per_forward(side * side) if side else 1
+        first = batch
+        while True:
             stats.tiles_per_forward = batch
-        else:
-            fn = self.model
-        return self._forward(fn, x.to(self.device), stats).cpu()
+
+            def fn(t, batch=batch):
+                return arch.reference_forward(self.model, t, batch) if protocol == "reference" else self.model(t)
+
+            try:
+                y = self._forward(fn, x.to(self.device), stats).cpu()
+                break
+            except RuntimeError as e:
+                if not memory.is_out_of_memory(e):
+                    raise
+            memory.free_cache(self.device)
+            if batch <= 1:
+                return None
+            batch //= 2
+        if batch < first:
+            stats.note(f"out of memory with {first} of its {side}-px tiles per call; finished with {batch}")
+        return y
 
     def _run_tiled(self, x: torch.Tensor, stats: RunStats, ran_out: str | None = None) -> torch.Tensor:
         tile = self.tile or self._auto_tile()
