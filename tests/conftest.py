@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -80,6 +81,15 @@ def upscale_cmd() -> list[str]:
 
 def run(*args, cwd=None):
     return subprocess.run([*upscale_cmd(), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def example_tensor(name: str = "coffee.png") -> torch.Tensor:
+    """An example photograph from `examples/` as a (1, 3, H, W) float32 tensor in [0, 1]."""
+    from PIL import Image
+
+    with Image.open(REPO / "examples" / name) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
 
 
 def photo_crop(dest: Path, box=(0, 0, 24, 24), **save) -> Path:

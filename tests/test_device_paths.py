@@ -2,11 +2,9 @@
 tiles, the float32/TF32 switch, blending on the device or on the host. Each is compared against the plain
 path's output (fp32, one tile per forward). The same tests on a real GPU are in test_cuda.py."""
 
-import numpy as np
 import pytest
 import torch
-from conftest import REPO, golden_case_names, load_golden
-from PIL import Image
+from conftest import example_tensor, golden_case_names, load_golden
 
 from upscale import memory, registry
 from upscale.engine import EngineOptions, Upscaler
@@ -26,9 +24,7 @@ OOM_ERRORS = [
 
 
 def photo(h: int, w: int) -> torch.Tensor:
-    with Image.open(REPO / "examples" / "cat.png") as im:
-        rgb = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255)
-    x = rgb.permute(2, 0, 1)[None]  # 106 x 160: resampled when a test needs more pixels
+    x = example_tensor("cat.png")  # 106 x 160: resampled when a test needs more pixels
     if h > x.shape[-2] or w > x.shape[-1]:
         x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
     return x[..., :h, :w].contiguous()

@@ -1,10 +1,13 @@
 """Tiled inference: quality against the reference protocol, tile-size invariance, seams, precision, sizes."""
 
-import numpy as np
 import pytest
 import torch
-from conftest import REPO, agdn_eval, half_precision_goes_non_finite, load_golden
-from PIL import Image
+from conftest import (
+    agdn_eval,
+    example_tensor,
+    half_precision_goes_non_finite,
+    load_golden,
+)
 
 from upscale import registry
 from upscale.engine import MIN_TILE, EngineOptions, Upscaler
@@ -20,8 +23,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def photo(name="coffee.png", box=None) -> torch.Tensor:
-    im = Image.open(REPO / "examples" / name).convert("RGB")
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    x = example_tensor(name)
     return x if box is None else x[..., box[0] : box[1], box[2] : box[3]]
 
 
