@@ -10,7 +10,7 @@ from upscale.engine import Upscaler
 from upscale.weights import build_model, detect
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-CUDA = torch.device("cuda")
+CUDA = torch.device("cuda", 0)  # an index: the memory cap (set_per_process_memory_fraction) needs one
 
 
 def golden_upscaler(family: str, case: str, **kw) -> tuple[Upscaler, dict]:

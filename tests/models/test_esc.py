@@ -223,12 +223,14 @@ def test_cuda_backends_and_half_precision():
             ref = esc.window_attention(q, k, v, table, 8, "naive")
             for backend in ("sdpa", "flex"):
                 assert (esc.window_attention(q, k, v, table, 8, backend) - ref).abs().max() <= 1e-5, backend
-            for dtype in (torch.float16, torch.bfloat16):
+            # the output itself is rounded to the dtype: outputs reach ~1.4, where a bf16 step is 2**-7 = 7.8e-3
+            # (an H200 measured 0.020 for bf16 with sdpa), an fp16 step 2**-10
+            for dtype, bound in ((torch.float16, 1e-2), (torch.bfloat16, 4e-2)):
                 for backend in ("sdpa", "flex"):
                     model.float().attn_backend = backend
                     half = model.to(dtype)(x.to(dtype)).float()
                     assert half.isfinite().all()
-                    assert (half - outs["naive"]).abs().max() <= 1e-2, (dtype, backend)
+                    assert (half - outs["naive"]).abs().max() <= bound, (dtype, backend)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 

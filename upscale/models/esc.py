@@ -78,8 +78,15 @@ def _flex_score_mod(table: torch.Tensor, window: int) -> Callable:
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex() -> Callable:
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Each precision and each new window count is a recompile of this one function; a batch of odd sizes in
+    # three precisions passes torch's default limit of 8, after which it silently runs the unfused kernel
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+            break
     # dynamic=None (automatic: static first, dynamic after a shape change). dynamic=True turns the window size
     # captured by the score modifier into a symbol, which the CPU code generator of torch 2.13 fails to compile
     return torch.compile(flex_attention)
