@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Callable, overload
 
 import numpy as np
 
@@ -153,16 +153,33 @@ def upscale_image(model: "Upscaler", image: Any) -> Any:
     - PIL image: RGB, RGBA, L, LA, I;16 give the same mode; P and PA give RGB or RGBA (RGBA when the palette
       has transparency); 1 gives L; CMYK, YCbCr, RGBX give RGB. The ICC profile in ``info`` is kept.
     - :class:`~upscale.imageio.LoadedImage` (from :func:`upscale.imageio.read_image`): a LoadedImage with
-      the upscaled pixels and the same metadata, ready for :func:`upscale.imageio.save_image`.
+      the upscaled pixels and the same metadata, ready for :func:`upscale.imageio.save_image`; every frame of
+      an animation or page of a TIFF is upscaled.
     """
     return upscale_image_with_stats(model, image)[0]
 
 
-def upscale_image_with_stats(model: "Upscaler", image: Any) -> tuple[Any, "RunStats"]:
-    """:func:`upscale_image`, and what the engine did (protocol, tiles, precision, fp32 fallbacks, notes)."""
+def upscale_image_with_stats(model: "Upscaler", image: Any,
+                             on_frame: Callable[[int, int], None] | None = None) -> tuple[Any, "RunStats"]:
+    """:func:`upscale_image`, and what the engine did (protocol, tiles, precision, fp32 fallbacks, notes).
+
+    A LoadedImage with several frames (an animation, a multi-page TIFF) has every frame upscaled;
+    `on_frame(done, total)` is called after each (progress on long files), and the stats add up over them."""
     if isinstance(image, LoadedImage) or (dataclasses.is_dataclass(image) and hasattr(image, "rgb")
                                           and hasattr(image, "alpha")):
+        frames = getattr(image, "pages", [])
         rgb, alpha, stats = _planes(model, image.rgb, image.alpha, bool(getattr(image, "grayscale", False)))
+        done = []
+        if on_frame is not None and frames:
+            on_frame(1, 1 + len(frames))
+        for k, frame in enumerate(frames, start=2):
+            f_rgb, f_alpha, f_stats = _planes(model, frame.rgb, frame.alpha, frame.grayscale)
+            done.append(dataclasses.replace(frame, rgb=f_rgb, alpha=f_alpha))
+            stats = stats + f_stats
+            if on_frame is not None:
+                on_frame(k, 1 + len(frames))
+        if frames:
+            return dataclasses.replace(image, rgb=rgb, alpha=alpha, pages=done), stats
         return dataclasses.replace(image, rgb=rgb, alpha=alpha), stats
     if isinstance(image, np.ndarray):
         return _upscale_array(model, image)

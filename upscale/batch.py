@@ -17,6 +17,8 @@ walked folder, and files that are the destination of another input of the same r
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import os
 import sys
@@ -29,7 +31,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from PIL import Image, UnidentifiedImageError
 
-from .imageio import READ_EXTENSIONS, format_by_magic
+from .imageio import KEEP_KIND, READ_EXTENSIONS, format_by_magic
 
 STDIO = Path("-")
 
@@ -107,13 +109,15 @@ def read_list(source: str, stdin_text: Callable[[], str]) -> list[str]:
 
 
 def _dest_name(src: Path, scale: int, suffix: str | None, ext: str | None) -> str:
-    ext = ext or ".png"  # lossless by default whatever the input was; --format picks another
+    # lossless PNG by default, but a GIF stays a GIF and a TIFF a TIFF (its pages); --format picks another
+    ext = ext or KEEP_KIND.get(src.suffix.lower(), ".png")
     return f"{src.stem}{suffix if suffix is not None else f'_x{scale}'}{ext}"
 
 
 def plan_jobs(inputs: Iterable[str], output: str | None, scale: int, *, suffix: str | None = None,
               ext: str | None = None, recursive: bool = False) -> Plan:
-    """Every (source, destination) pair, in input order. `ext` None writes PNG (lossless), whatever the input.
+    """Every (source, destination) pair, in input order. `ext` None writes PNG (lossless), but GIF and
+    TIFF inputs as their own kind (`imageio.KEEP_KIND`).
 
     Without `output` an image's result goes beside it. With an output folder (one that exists, ends with a
     separator, or is needed because there are several inputs) results go into it, mirroring sub-folders of
@@ -406,6 +410,7 @@ class UpscaleStages:
     allow_large: bool = False
     protect: tuple = ()  # paths never written over (the inputs)
     provenance: dict = field(default_factory=dict)  # recorded in each output beside what the image ran with
+    on_frame: Callable[[Job, int, int], None] | None = None  # (job, frames done, frames) on files of several
 
     def read(self, job: Job):
         from .imageio import read_image
@@ -416,30 +421,40 @@ class UpscaleStages:
 
     def compute(self, job: Job, image) -> tuple[Any, dict]:
         from .api import upscale_image_with_stats
+        from .imageio import MULTI_FRAME_FORMATS
 
-        result, stats = upscale_image_with_stats(self.upscaler, image)  # what this image actually ran with
-        used = {"protocol": stats.protocol, "tile": stats.tile, "precision": stats.precision,
-                "tiles_per_forward": stats.tiles_per_forward, "fp32_fallbacks": stats.fp32_fallbacks}
-        warnings = list(stats.notes)
-        if image.frames > 1:  # until every frame is supported, never silently
+        warnings = []
+        out_fmt = self._format(job)
+        if image.frames > 1 and out_fmt not in MULTI_FRAME_FORMATS:  # computed for nothing, and never silently
             what = "pages" if image.source_format == "TIFF" else "frames"
-            warnings.append(f"{image.source_format} with {image.frames} {what}: only the first was upscaled")
+            warnings.append(f"{out_fmt} holds one image: upscaled the first of {image.frames} {what} (write gif, "
+                            "png, webp or tif to keep them all)")
+            image = dataclasses.replace(image, pages=[])
+        on_frame = None if self.on_frame is None else functools.partial(self.on_frame, job)
+        result, stats = upscale_image_with_stats(self.upscaler, image, on_frame)  # what it actually ran with
+        used = {"protocol": stats.protocol, "tile": stats.tile, "precision": stats.precision,
+                "tiles_per_forward": stats.tiles_per_forward, "fp32_fallbacks": stats.fp32_fallbacks,
+                "frames": result.frames}
+        warnings += stats.notes
         if warnings:
             used["warnings"] = warnings
         provenance = {**self.provenance, "protocol": stats.protocol, "tile": stats.tile or "whole image",
                       "precision": stats.precision}
         return (result, provenance), used
 
+    def _format(self, job: Job) -> str | None:
+        from .imageio import format_for
+
+        # stdout takes PNG unless told; a file's format comes from --format or its name (never a silent PNG)
+        return self.fmt or (format_for(job.dest) if job.dest != STDIO else "PNG")
+
     def write(self, job: Job, result) -> None:
-        from .imageio import format_for, save_image
+        from .imageio import save_image
 
         image, provenance = result
-        # stdout takes PNG unless told; a file's format comes from --format or its name (never a silent PNG)
-        out_fmt = self.fmt or (format_for(job.dest) if job.dest != STDIO else "PNG")
         prepare_folder(job)
-        save_image(image, "-" if job.dest == STDIO else job.dest, out_fmt, quality=self.quality,
+        save_image(image, "-" if job.dest == STDIO else job.dest, self._format(job), quality=self.quality,
                    overwrite=self.overwrite, protect=self.protect, provenance=provenance)
 
     def nbytes(self, result) -> int:
-        image = result[0]
-        return sum(a.nbytes for a in (image.rgb, image.alpha) if a is not None)
+        return sum(a.nbytes for frame in result[0].all_frames for a in (frame.rgb, frame.alpha) if a is not None)

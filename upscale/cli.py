@@ -309,9 +309,22 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
             base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
                            "precision": upscaler.working_precision, "protocol": options.protocol, "tile": tile}
 
+            frame_bar: list = []  # a single file's own bar, counting its frames
+
+            def on_frame(job, done, frames):
+                """Progress on files of several frames: the batch's bar names the frame, a single file gets a bar."""
+                if advance is not None:
+                    name = "<stdin>" if job.source == STDIO else job.source.name
+                    advance(description=f"upscaling {name}: frame {done}/{frames}" if done < frames else "upscaling")
+                    return
+                if not frame_bar:
+                    frame_bar.append(bar.enter_context(report.progress(f"upscaling {frames} frames", frames)))
+                if frame_bar[0] is not None:
+                    frame_bar[0](completed=done)
+
             stages = UpscaleStages(upscaler, FORMATS[fmt] if fmt else None, quality, overwrite, allow_large,
                                    protect, {"model": entry.name, "variant": entry.title, "scale": entry.scale,
-                                             "device": str(upscaler.device), "upscale": __version__})
+                                             "device": str(upscaler.device), "upscale": __version__}, on_frame)
 
             if len(plan.jobs) > 1:
                 advance = bar.enter_context(report.progress("upscaling", len(plan.jobs)))

@@ -57,12 +57,12 @@ def test_inputs_sharing_an_output_all_fail_naming_each_other_and_the_rest_runs(t
 
 def test_output_name_decides_the_format_and_an_unwritable_one_is_a_usage_error(tmp_path):
     src = photo_crop(tmp_path / "p.png")
-    gif = run(src, "-s", "2", "-o", tmp_path / "big.gif")
-    assert gif.returncode == 2 and not (tmp_path / "big.gif").exists()
-    assert len(errors(gif.stderr)) == 1 and ".gif" in gif.stderr and ".webp" in gif.stderr
+    pcx = run(src, "-s", "2", "-o", tmp_path / "big.pcx")
+    assert pcx.returncode == 2 and not (tmp_path / "big.pcx").exists()
+    assert len(errors(pcx.stderr)) == 1 and ".pcx" in pcx.stderr and ".webp" in pcx.stderr
     clash = run(src, "-s", "2", "-o", tmp_path / "big.jpg", "--format", "png")
     assert clash.returncode == 2 and not (tmp_path / "big.jpg").exists() and "JPEG" in clash.stderr
-    for name, magic in (("big.WEBP", b"RIFF"), ("big.tiff", b"II*\x00"), ("out.img", b"\x89PNG")):
+    for name, magic in (("big.WEBP", b"RIFF"), ("big.tiff", b"II*\x00"), ("big.gif", b"GIF8"), ("out.img", b"\x89PNG")):
         flags = ["--format", "png"] if name == "out.img" else []
         result = run(src, "-s", "2", "-o", tmp_path / name, *flags)
         assert result.returncode == 0, result.stderr

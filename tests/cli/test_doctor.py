@@ -52,7 +52,7 @@ def test_doctor_says_device_precision_kernels_and_formats():
     assert result.returncode == 0, result.stderr
     text = result.stdout
     for expected in ("devices: cpu", "default cpu in fp32", "AGDN CPU kernels:", "cache:", "PNG   read + write",
-                     "GIF   read"):
+                     "GIF   read + write"):
         assert expected in text, text
     report = json.loads(run("doctor", "--json").stdout)
     assert report["default_device"] == "cpu" and report["default_precision"] == "fp32"

@@ -1,5 +1,5 @@
 """Reading and writing off the happy path: leftovers of killed writes, damaged headers, huge metadata, files with
-several frames, and float arrays on the wrong scale. Through the console script where a user meets them."""
+and float arrays on the wrong scale. Through the console script where a user meets them."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import REPO, photo_crop, run
-from PIL import Image, PngImagePlugin
+from PIL import PngImagePlugin
 
 import upscale
 from upscale.api import upscale_planes
@@ -82,27 +81,6 @@ def test_allow_large_also_lifts_the_text_chunk_limit(tmp_path):
     assert done.returncode == 0, done.stderr
     # the lifted limit stays with that read: Pillow's module-wide limits are as they were
     assert PngImagePlugin.MAX_TEXT_CHUNK == 1024 * 1024
-
-
-def test_only_the_first_frame_is_upscaled_and_that_is_said(tmp_path):
-    with Image.open(CAT) as im:
-        frame = im.convert("RGB").crop((0, 0, 24, 24))
-    frames = [frame, frame.rotate(90), frame.rotate(180)]
-    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
-    frames[0].save(tmp_path / "apng.png", save_all=True, append_images=frames[1:], duration=100)
-    frames[0].save(tmp_path / "scan.tif", save_all=True, append_images=frames[1:])
-    photo_crop(tmp_path / "still.png")
-    frames[0].save(tmp_path / "phone.jpg", "MPO", save_all=True, append_images=frames[1:2])  # a preview image
-    result = run(*(tmp_path / n for n in ("anim.gif", "apng.png", "scan.tif", "still.png", "phone.jpg")), "-s", "2",
-                 "-o", tmp_path / "out", "--json")
-    assert result.returncode == 0, result.stderr
-    recs = {Path(r["input"]).name: r for r in map(json.loads, result.stdout.splitlines()[:-1])}
-    assert recs["anim.gif"]["warnings"] == ["GIF with 3 frames: only the first was upscaled"]
-    assert recs["apng.png"]["warnings"] == ["PNG with 3 frames: only the first was upscaled"]
-    assert recs["scan.tif"]["warnings"] == ["TIFF with 3 pages: only the first was upscaled"]
-    assert "warnings" not in recs["still.png"] and "warnings" not in recs["phone.jpg"]
-    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warned) == 3 and all("only the first" in line for line in warned)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,15 @@ AVIF    RGB/RGBA, 8 bits, quality 95 (Pillow's own codec); ICC; EXIF; XMP.
 HEIF    (.heic) RGB/RGBA, 8 bits, quality 95 (pillow-heif: libheif); ICC; EXIF; XMP.
 JXL     RGB/RGBA, 8 bits, quality 95 (pillow-jxl-plugin: libjxl); ICC (a standard colour space is
         stored as a code: reading gives back an equal profile, not the same bytes); EXIF.
+GIF     a palette per frame (median cut, Floyd-Steinberg dithering), 1-bit transparency (alpha
+        under one half); the source's comment, else the provenance, as a comment.
 ======  =======================================================================================
+
+Several frames: an animated GIF, APNG or animated WebP, or a multi-page TIFF is read whole
+(:attr:`LoadedImage.pages` holds the frames after the first, each as a viewer shows it, with its
+``duration``; ``loop`` on the first) and written as an animation again (GIF, APNG, WebP: 8 bits, each frame
+whole and replacing the last) or as pages (TIFF: each page its own size, depth and metadata). Formats that
+hold one image refuse several frames (the command line keeps the first, and says so).
 
 HEIF and JPEG XL come from plug-in packages (`plugins()` registers them once); where one is missing (no
 wheel for the platform), reading or writing that format is one error line naming the package to install.
@@ -68,6 +76,8 @@ from .encode import PNG_COMPRESS_LEVEL, encode_image
 from .image import (
     EXTENSIONS,
     FORMATS,
+    KEEP_KIND,
+    MULTI_FRAME_FORMATS,
     READ_EXTENSIONS,
     SIXTEEN_BIT_FORMATS,
     ImageError,
@@ -84,7 +94,7 @@ from .image import (
 from .write import save_image
 
 __all__ = [
-    "EXTENSIONS", "FORMATS", "PNG_COMPRESS_LEVEL", "READ_EXTENSIONS", "SIXTEEN_BIT_FORMATS", "ImageError", "LoadedImage", "TooLargeError",
+    "EXTENSIONS", "FORMATS", "KEEP_KIND", "MULTI_FRAME_FORMATS", "PNG_COMPRESS_LEVEL", "READ_EXTENSIONS", "SIXTEEN_BIT_FORMATS", "ImageError", "LoadedImage", "TooLargeError",
     "array_planes", "encode_image", "format_by_magic", "format_for", "format_support", "max_pixels", "pillow_planes", "quantise",
     "read_image", "save_image", "set_max_pixels", "unit_floats",
 ]

@@ -76,10 +76,13 @@ def _pillow_guard(limit: int | None) -> Iterator[None]:
                 Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = saved
 
 
-def _check_pixels(label: str, width: int, height: int, limit: int | None) -> None:
+def _check_pixels(label: str, width: int, height: int, limit: int | None, frames: int = 1) -> None:
+    """Refuse more pixels than `limit`; `height` counts every frame's rows (`frames` of them), since all are
+    held at once."""
     if limit is not None and width * height > limit:
+        size = f"{width}x{height}" if frames == 1 else f"{frames} frames of {width}x{height // frames}"
         raise TooLargeError(
-            f"{label}: {width}x{height} = {width * height:,} pixels is more than the {limit:,}-pixel safety limit "
+            f"{label}: {size} = {width * height:,} pixels is more than the {limit:,}-pixel safety limit "
             "(a possible decompression bomb); allow large images to read it anyway"
         )
 
@@ -161,16 +164,25 @@ def read_image(source: str | os.PathLike | bytes | BinaryIO, *, allow_large: boo
 
 
 def _decode(data: bytes, label: str, limit: int | None) -> LoadedImage:
-    if data[:4] in _TIFF_MAGIC:
-        tiff16 = _decode_tiff16(data, label, limit)
-        if tiff16 is not None:
-            return tiff16
+    tiff16 = _decode_tiff16(data, _tiff_tags(data), label, limit) if data[:4] in _TIFF_MAGIC else None
     plugins()  # HEIC/HEIF and JPEG XL codecs, registered once
-    im = Image.open(io.BytesIO(data))
-    _check_pixels(label, *im.size, limit)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - a 16-bit TIFF layout Pillow cannot open: its first page is what we have
+        if tiff16 is None:
+            raise
+        return tiff16
     # frames of an animation or pages of a scan; not the extra images some formats carry (a phone JPEG's
-    # MPO preview, a PSD's layers): warning about those would be noise
+    # MPO preview, a PSD's layers): those are not what the file shows
     frames = int(getattr(im, "n_frames", 1) or 1) if im.format in _MULTI_FRAME_FORMATS else 1
+    _check_pixels(label, im.size[0], im.size[1] * frames, limit, frames)
+    image = tiff16 if tiff16 is not None else _decode_first(data, im, label)
+    if frames > 1:
+        _read_more_frames(image, im, data, frames, label, limit)
+    return image
+
+
+def _decode_first(data: bytes, im: Image.Image, label: str) -> LoadedImage:
     fmt = im.format or ""
     sixteen = fmt == "PNG" and data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] == 16
     im.load()  # also reads the PNG text chunks after the image data
@@ -184,8 +196,42 @@ def _decode(data: bytes, label: str, limit: int | None) -> LoadedImage:
         if icc_changed:
             meta["icc_profile"] = None
     image = _finish(rgb, alpha, grey, depth, meta, mode, fmt)
-    image.frames = frames
+    image.duration = _duration(im)
+    image.loop = im.info.get("loop") if isinstance(im.info.get("loop"), int) else None
     return image
+
+
+def _duration(im: Image.Image) -> float | None:
+    value = im.info.get("duration")
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else None
+
+
+def _read_more_frames(first: LoadedImage, im: Image.Image, data: bytes, frames: int, label: str,
+                      limit: int | None) -> None:
+    """The frames after the first, as a viewer shows them (Pillow applies each frame's disposal and blending
+    to the canvas), into `first.pages`. An animation's frames share the first frame's metadata and
+    orientation; a TIFF's pages each keep their own (size, mode, bit depth, ICC, EXIF, XMP)."""
+    pages = first.source_format == "TIFF"
+    orientation = first.orientation
+    for k in range(1, frames):
+        try:
+            im.seek(k)
+            if pages:
+                frame = _decode_tiff16(data, im.getexif(), label, limit, index=k) or _decode_first(data, im, label)
+            else:
+                im.load()
+                rgb, alpha, grey, depth, _ = _pillow_planes(im, label)
+                frame = _finish(rgb, alpha, grey, depth, {"orientation": orientation}, im.mode, first.source_format)
+                frame.duration = _duration(im)
+        except ImageError as e:
+            raise ImageError(f"{e} ({'page' if pages else 'frame'} {k + 1} of {frames})") from None
+        except Exception as e:  # noqa: BLE001 - a broken later frame fails the file, in one line
+            raise ImageError(f"{label}: truncated or corrupt {'page' if pages else 'frame'} {k + 1} of {frames} "
+                             f"({_one_line(e)})") from None
+        first.pages.append(frame)
+    if not pages and first.alpha is None and all(f.alpha is None or f.alpha.min() >= 1.0 for f in first.pages):
+        for f in first.pages:  # Pillow composes later GIF frames as RGBA; an opaque animation stays opaque
+            f.alpha = None
 
 
 def _finish(rgb, alpha, grey, depth, meta, mode, fmt) -> LoadedImage:
@@ -193,7 +239,9 @@ def _finish(rgb, alpha, grey, depth, meta, mode, fmt) -> LoadedImage:
     rgb = np.ascontiguousarray(_orient(rgb, orientation), dtype=np.float32)
     if alpha is not None:
         alpha = np.ascontiguousarray(_orient(alpha, orientation), dtype=np.float32)
-    return LoadedImage(rgb=rgb, alpha=alpha, grayscale=grey, bit_depth=depth, mode=mode, source_format=fmt, **meta)
+    image = LoadedImage(rgb=rgb, alpha=alpha, grayscale=grey, bit_depth=depth, mode=mode, source_format=fmt, **meta)
+    image.orientation = orientation
+    return image
 
 
 def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
@@ -241,12 +289,21 @@ def _png16_planes(data: bytes, im: Image.Image) -> tuple[np.ndarray, np.ndarray 
     return a, alpha, False, 16
 
 
-def _decode_tiff16(data: bytes, label: str, limit: int | None) -> LoadedImage | None:
-    """A 16-bit unsigned TIFF decoded by libtiff (imagecodecs); None when the file is not one."""
+def _tiff_tags(data: bytes) -> Image.Exif | None:
+    """The first page's TIFF tags; None when Pillow cannot parse them (then Image.open decides)."""
     tags = Image.Exif()
     try:
         tags.load(data)
     except Exception:  # noqa: BLE001 - not a classic TIFF Pillow can parse: leave it to Image.open
+        return None
+    return tags
+
+
+def _decode_tiff16(data: bytes, tags: Image.Exif | None, label: str, limit: int | None,
+                   index: int = 0) -> LoadedImage | None:
+    """Page `index` (its `tags`) when it is a 16-bit unsigned TIFF page, decoded by libtiff (imagecodecs);
+    None when it is not one."""
+    if tags is None:
         return None
     bits = tags.get(258)
     bits = bits if isinstance(bits, tuple) else (bits,)
@@ -262,7 +319,7 @@ def _decode_tiff16(data: bytes, label: str, limit: int | None) -> LoadedImage | 
         raise ImageError(f"{label}: unsupported image mode: 16-bit {kind} TIFF")
     import imagecodecs
 
-    a = imagecodecs.tiff_decode(data)
+    a = imagecodecs.tiff_decode(data, index)
     samples = int(tags.get(277, 1))
     if a.ndim == 3 and tags.get(284, 1) == 2 and a.shape[0] == samples:  # planar: channels first
         a = np.moveaxis(a, 0, -1)
@@ -291,7 +348,4 @@ def _decode_tiff16(data: bytes, label: str, limit: int | None) -> LoadedImage | 
     xmp = bytes(xmp) if isinstance(xmp, (bytes, bytearray)) and xmp else None
     meta.update(_xmp_metadata(xmp, meta, orient=False))  # the EXIF tag of the TIFF itself rules
     mode = {1: "I;16", 2: "LA;16", 3: "RGB;16", 4: "RGBA;16"}[a.shape[2]]
-    image = _finish(rgb, alpha, grey, 16, meta, mode, "TIFF")
-    with contextlib.suppress(Exception):  # pages, as Pillow counts them (it reads the IFD chain only)
-        image.frames = int(getattr(Image.open(io.BytesIO(data)), "n_frames", 1) or 1)
-    return image
+    return _finish(rgb, alpha, grey, 16, meta, mode, "TIFF")

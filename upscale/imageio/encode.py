@@ -1,4 +1,5 @@
-"""Encoding a `LoadedImage` (or planes) to the bytes of PNG, JPEG, WebP, TIFF or BMP, with their metadata."""
+"""Encoding a `LoadedImage` (or planes) to the bytes of each format we write, with their metadata; an animation's
+frames or a document's pages to one GIF, APNG, animated WebP or multi-page TIFF."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from .image import (
     EXTENSIONS,
+    MULTI_FRAME_FORMATS,
     SIXTEEN_BIT_FORMATS,
     WRITE_CHOICES,
     ImageError,
@@ -46,25 +48,23 @@ def encode_image(image: Any, fmt: str = "PNG", *, quality: int = 95, provenance:
     if (why := plugins().get(fmt_name)) is not None:
         raise ImageError(f"{name}: cannot write {fmt_name}: {why}")
     img = _as_image(image)
-    h, w = img.rgb.shape[:2]
+    frames = getattr(img, "all_frames", [img])
+    if len(frames) > 1 and fmt_name not in MULTI_FRAME_FORMATS:
+        raise ImageError(f"{name}: {fmt_name} holds one image and this one has {len(frames)} frames; write "
+                         f"{', '.join(EXTENSIONS[f].lstrip('.') for f in MULTI_FRAME_FORMATS)}, or keep the first frame")
     limits = {"WEBP": 16383, "JPEG": 65535, "PNG": 2**31 - 1, "TIFF": 2**31 - 1, "BMP": 2**31 - 1, "AVIF": 65535,
-              "HEIF": 65535, "JXL": 2**30 - 1}
-    if max(h, w) > limits[fmt_name]:
-        raise ImageError(f"{name}: {w}x{h} is too large for {fmt_name} (at most {limits[fmt_name]} pixels a side); "
-                         "choose png or tiff")
+              "HEIF": 65535, "JXL": 2**30 - 1, "GIF": 65535}
+    for frame in frames:
+        h, w = frame.rgb.shape[:2]
+        if max(h, w) > limits[fmt_name]:
+            raise ImageError(f"{name}: {w}x{h} is too large for {fmt_name} (at most {limits[fmt_name]} pixels a side); "
+                             "choose png or tiff")
     prov = _provenance(provenance)
-    bits = 16 if (img.bit_depth == 16 and fmt_name in SIXTEEN_BIT_FORMATS) else 8
-    rgb, alpha, grey = img.rgb, img.alpha, img.grayscale
-    if alpha is not None and fmt_name in ("JPEG", "BMP"):  # no alpha: composite over white
-        a = np.clip(alpha, 0.0, 1.0)[..., None]
-        rgb, alpha = rgb * a + (1.0 - a), None
-    if fmt_name in ("WEBP", "AVIF", "HEIF", "JXL"):
-        grey = False  # written as colour (their Pillow encoders take RGB/RGBA)
-    pixels = quantise(_compose(rgb, alpha, grey), bits)
-    if pixels.shape[2] == 3 and grey:
-        pixels = pixels[..., :1]
-    icc = _icc_fits(img.icc_profile, grey)
     try:
+        if len(frames) > 1 or fmt_name == "GIF":
+            return _encode_frames(frames, fmt_name, prov, quality)
+        pixels, bits, grey = _output_pixels(img, fmt_name)
+        icc = _icc_fits(img.icc_profile, grey)
         if fmt_name == "PNG":
             return _encode_png(pixels, bits, img, icc, prov)
         if fmt_name == "TIFF":
@@ -76,6 +76,25 @@ def encode_image(image: Any, fmt: str = "PNG", *, quality: int = 95, provenance:
         raise ImageError(f"{name}: not enough memory to encode the image") from None
     except (OSError, ValueError, RuntimeError, struct.error, KeyError, TypeError) as e:
         raise ImageError(f"{name}: cannot encode as {fmt_name} ({_one_line(e)})") from None
+
+
+def _output_pixels(img: LoadedImage, fmt_name: str, bits: int | None = None,
+                   grey: bool | None = None) -> tuple[np.ndarray, int, bool]:
+    """(H x W x C integer pixels in output channel order, bits, grey) of one image or frame for `fmt_name`;
+    `bits` and `grey` force a depth or colour (the frames of one animation share them)."""
+    if bits is None:
+        bits = 16 if (img.bit_depth == 16 and fmt_name in SIXTEEN_BIT_FORMATS) else 8
+    rgb, alpha = img.rgb, img.alpha
+    grey = img.grayscale if grey is None else grey
+    if alpha is not None and fmt_name in ("JPEG", "BMP"):  # no alpha: composite over white
+        a = np.clip(alpha, 0.0, 1.0)[..., None]
+        rgb, alpha = rgb * a + (1.0 - a), None
+    if fmt_name in ("WEBP", "AVIF", "HEIF", "JXL", "GIF"):
+        grey = False  # written as colour (their Pillow encoders take RGB/RGBA)
+    pixels = quantise(_compose(rgb, alpha, grey), bits)
+    if pixels.shape[2] == 3 and grey:
+        pixels = pixels[..., :1]
+    return pixels, bits, grey
 
 
 def _to_pillow(pixels: np.ndarray) -> Image.Image:
@@ -92,28 +111,36 @@ def _to_pillow(pixels: np.ndarray) -> Image.Image:
 PNG_COMPRESS_LEVEL = 4
 
 
+def _png_options(img: LoadedImage, icc, prov, size: tuple[int, int]) -> dict[str, Any]:
+    """Pillow's PNG save options carrying the metadata (text, XMP, ICC, EXIF) and our compression level."""
+    from PIL.PngImagePlugin import PngInfo
+
+    exif = _exif_out(img.exif, _software_line(prov) if prov else None, size, create=False)
+    exif_bytes = _exif_bytes(exif) if exif is not None else None
+    xmp = _xmp_out(img.xmp, prov, size)
+    info = PngInfo()
+    for k, v in _png_text(img.text, prov).items():
+        info.add_text(k, v)
+    if xmp:
+        info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
+    options: dict[str, Any] = {"pnginfo": info, "compress_level": PNG_COMPRESS_LEVEL}
+    if icc:
+        options["icc_profile"] = icc
+    if exif_bytes:
+        options["exif"] = exif_bytes
+    return options
+
+
 def _encode_png(pixels: np.ndarray, bits: int, img: LoadedImage, icc, prov) -> bytes:
     size = (pixels.shape[1], pixels.shape[0])
+    if bits == 8:
+        buf = io.BytesIO()
+        _to_pillow(pixels).save(buf, format="PNG", **_png_options(img, icc, prov, size))
+        return buf.getvalue()
     exif = _exif_out(img.exif, _software_line(prov) if prov else None, size, create=False)
     exif_bytes = _exif_bytes(exif) if exif is not None else None
     xmp = _xmp_out(img.xmp, prov, size)
     text = _png_text(img.text, prov)
-    if bits == 8:
-        from PIL.PngImagePlugin import PngInfo
-
-        info = PngInfo()
-        for k, v in text.items():
-            info.add_text(k, v)
-        if xmp:
-            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
-        buf = io.BytesIO()
-        options: dict[str, Any] = {"pnginfo": info, "compress_level": PNG_COMPRESS_LEVEL}
-        if icc:
-            options["icc_profile"] = icc
-        if exif_bytes:
-            options["exif"] = exif_bytes
-        _to_pillow(pixels).save(buf, format="PNG", **options)
-        return buf.getvalue()
     import imagecodecs
 
     data = imagecodecs.png_encode(np.ascontiguousarray(pixels if pixels.shape[2] > 1 else pixels[..., 0]),
@@ -149,7 +176,7 @@ def _encode_tiff(pixels: np.ndarray, bits: int, img: LoadedImage, icc, prov) -> 
     tags = _exif_out(img.exif, _software_line(prov) if prov else None, size, create=True)
     if tags is None:
         tags = Image.Exif()
-        tags.endian = "<"
+    tags.endian = "<"  # little-endian whatever the source's EXIF was, as Pillow's writer is: pages join alike
     xmp = _xmp_out(img.xmp, prov, size)
     if bits == 8:
         if xmp:
@@ -231,3 +258,158 @@ def _encode_other(pixels: np.ndarray, fmt: str, img: LoadedImage, icc, prov, qua
     buf = io.BytesIO()
     im.save(buf, format=fmt, **options)
     return buf.getvalue()
+
+
+# -- several frames: an animation (GIF, APNG, WebP) or the pages of a TIFF -------------------------------------------
+
+#: how long a frame shows when its source said nothing (a TIFF's pages written as an animation), in ms
+DEFAULT_FRAME_MS = 100
+
+
+def _encode_frames(frames: list[LoadedImage], fmt: str, prov, quality: int) -> bytes:
+    """Every frame, as the same kind of file. Frames are whole pictures as a viewer shows them (the reader
+    applied the source's disposal and blending), so each is written to replace the canvas: what every frame
+    shows is kept exactly, whatever the source's disposal codes were."""
+    first = frames[0]
+    if fmt == "TIFF":  # pages: each with its own depth and metadata
+        pages = []
+        for page in frames:
+            pixels, bits, grey = _output_pixels(page, fmt)
+            pages.append(_encode_tiff(pixels, bits, page, _icc_fits(page.icc_profile, grey), prov))
+        return _join_tiff_pages(pages)
+    # one mode for the whole animation: colour if any frame is, alpha if any frame has it, 8 bits (Pillow
+    # writes neither a 16-bit APNG nor a deeper GIF or WebP)
+    grey = all(f.grayscale for f in frames) and fmt == "PNG"
+    alpha = any(f.alpha is not None for f in frames)
+    images = []
+    for frame in frames:
+        if alpha and frame.alpha is None:
+            frame = LoadedImage(rgb=frame.rgb, alpha=np.ones(frame.rgb.shape[:2], np.float32),
+                                grayscale=frame.grayscale)
+        pixels, _, _ = _output_pixels(frame, fmt, bits=8, grey=grey)
+        images.append(_gif_frame(pixels) if fmt == "GIF" else _to_pillow(pixels))
+    durations = [f.duration if f.duration is not None else DEFAULT_FRAME_MS for f in frames]
+    size = (frames[0].rgb.shape[1], frames[0].rgb.shape[0])
+    options: dict[str, Any] = {"save_all": len(frames) > 1, "append_images": images[1:]}
+    if len(frames) > 1:
+        options["duration"] = durations
+    icc = _icc_fits(first.icc_profile, grey)
+    if fmt == "GIF":
+        # disposal 2 clears each frame's area before the next, so transparent pixels never show the last frame;
+        # an opaque animation keeps disposal 1 (each whole frame covers the last: nothing to clear)
+        options.update(disposal=2 if alpha else 1, optimize=False)
+        if alpha:
+            options["transparency"] = _GIF_TRANSPARENT
+        if first.loop is not None:
+            options["loop"] = first.loop
+        options["comment"] = (first.text.get("Comment") or (_software_line(prov) if prov else "")).encode()[:255]
+        buf = io.BytesIO()
+        images[0].save(buf, format="GIF", **options)
+        return buf.getvalue()
+    # a source that did not say loops plays once (a GIF without a loop count); APNG and WebP say it explicitly
+    options["loop"] = 1 if first.loop is None else first.loop
+    if fmt == "PNG":
+        from PIL import PngImagePlugin
+
+        options.update(_png_options(first, icc, prov, size), disposal=PngImagePlugin.Disposal.OP_BACKGROUND,
+                       blend=PngImagePlugin.Blend.OP_SOURCE, default_image=False)
+        buf = io.BytesIO()
+        images[0].save(buf, format="PNG", **options)
+        return buf.getvalue()
+    exif = _exif_out(first.exif, _software_line(prov) if prov else None, size, create=True)  # WEBP
+    options.update(quality=quality, exif=_exif_bytes(exif) if exif is not None else b"",
+                   xmp=_xmp_out(first.xmp, prov, size) or b"")
+    if icc:
+        options["icc_profile"] = icc
+    buf = io.BytesIO()
+    images[0].save(buf, format="WEBP", **options)
+    return buf.getvalue()
+
+
+_GIF_TRANSPARENT = 255  # the palette index of transparent pixels (the palette's other 255 are the frame's colours)
+
+
+def _gif_frame(pixels: np.ndarray) -> Image.Image:
+    """One frame as a palette image with its own palette (median cut over the frame's colours, Floyd-Steinberg
+    dithering); pixels under half opacity become the transparent index (GIF has no partial transparency)."""
+    colours = Image.fromarray(np.ascontiguousarray(pixels[..., :3]))
+    if pixels.shape[2] == 3:
+        return colours.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
+    frame = colours.quantize(255, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
+    index = np.asarray(frame).copy()
+    index[pixels[..., 3] < 128] = _GIF_TRANSPARENT
+    palette = frame.getpalette()[: 3 * 255]
+    out = Image.fromarray(index, "P")
+    out.putpalette(palette + [0] * (768 - len(palette)))
+    out.info["transparency"] = _GIF_TRANSPARENT
+    return out
+
+
+# TIFF field types -> bytes per value (1 BYTE, 2 ASCII, 3 SHORT, 4 LONG, 5 RATIONAL, 6 SBYTE, 7 UNDEFINED,
+# 8 SSHORT, 9 SLONG, 10 SRATIONAL, 11 FLOAT, 12 DOUBLE, 13 IFD)
+_TIFF_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+_TIFF_OFFSET_TAGS = {273, 324, 513}  # StripOffsets, TileOffsets, JPEGInterchangeFormat: values point into the file
+_TIFF_IFD_TAGS = {330, 34665, 34853, 40965}  # SubIFDs, Exif, GPS, Interoperability: values point to IFDs
+
+
+def _join_tiff_pages(pages: list[bytes]) -> bytes:
+    """One multi-page TIFF from complete single-page TIFFs (each written by `_encode_tiff`, with its own
+    metadata): each page's content is appended and every offset in it (IFD entries, strips, the Exif and GPS
+    IFDs) moved by where it now starts; each page's IFD then links to the next."""
+    out = bytearray(pages[0])
+    order = "<" if out[:2] == b"II" else ">"
+    link = _last_ifd_link(out, order)
+    for data in pages[1:]:
+        if data[:2] != out[:2]:
+            raise ImageError("pages with different byte orders")
+        if len(out) % 2:
+            out += b"\0"  # IFDs and values start on a word boundary
+        shift = len(out) - 8  # the page's byte at offset o (past its 8-byte header) lands at o + shift
+        body = bytearray(data)
+        first_ifd = struct.unpack_from(order + "I", body, 4)[0]
+        _move_ifd(body, first_ifd, shift, order, set())
+        out += body[8:]
+        struct.pack_into(order + "I", out, link, first_ifd + shift)
+        link = _last_ifd_link(out, order)
+    return bytes(out)
+
+
+def _last_ifd_link(data: bytearray, order: str) -> int:
+    """Where the chain of main IFDs ends: the position of the last one's next-IFD offset (zero)."""
+    offset, link = struct.unpack_from(order + "I", data, 4)[0], 4
+    while offset:
+        count = struct.unpack_from(order + "H", data, offset)[0]
+        link = offset + 2 + 12 * count
+        offset = struct.unpack_from(order + "I", data, link)[0]
+    return link
+
+
+def _move_ifd(body: bytearray, offset: int, shift: int, order: str, seen: set[int]) -> None:
+    """Add `shift` to every file offset in the IFD at `offset` of `body` (positions in `body` stay as they are)
+    and in the IFDs it points to."""
+    if offset in seen or not 8 <= offset < len(body):
+        return
+    seen.add(offset)
+    count = struct.unpack_from(order + "H", body, offset)[0]
+    for i in range(count):
+        entry = offset + 2 + 12 * i
+        tag, kind, n = struct.unpack_from(order + "HHI", body, entry)
+        size = _TIFF_SIZES.get(kind, 1) * n
+        where = entry + 8  # the value itself, or the offset of the values when they do not fit in 4 bytes
+        if size > 4:
+            values_at = struct.unpack_from(order + "I", body, where)[0]
+            struct.pack_into(order + "I", body, where, values_at + shift)
+            where = values_at
+        if tag in _TIFF_OFFSET_TAGS | _TIFF_IFD_TAGS and kind in (3, 4, 13):
+            fmt = order + ("H" if kind == 3 else "I")
+            step = 2 if kind == 3 else 4
+            for j in range(n):
+                old = struct.unpack_from(fmt, body, where + j * step)[0]
+                if tag in _TIFF_IFD_TAGS:
+                    _move_ifd(body, old, shift, order, seen)
+                struct.pack_into(fmt, body, where + j * step, old + shift)
+    link = offset + 2 + 12 * count
+    following = struct.unpack_from(order + "I", body, link)[0]
+    if following:
+        _move_ifd(body, following, shift, order, seen)
+        struct.pack_into(order + "I", body, link, following + shift)

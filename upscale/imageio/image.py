@@ -16,18 +16,21 @@ from PIL import Image
 # The one table of formats: every other list of names or extensions in the project is derived from these.
 #: formats we write, by the names and extensions that select them (--format, -o's extension) -> Pillow's name
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF", "bmp": "BMP",
-           "avif": "AVIF", "heic": "HEIF", "heif": "HEIF", "jxl": "JXL"}
+           "avif": "AVIF", "heic": "HEIF", "heif": "HEIF", "jxl": "JXL", "gif": "GIF"}
 #: the extension each written format gets
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "AVIF": ".avif",
-              "HEIF": ".heic", "JXL": ".jxl"}
+              "HEIF": ".heic", "JXL": ".jxl", "GIF": ".gif"}
+#: formats that hold several frames (GIF, APNG, WebP: an animation) or pages (TIFF); the others get the first
+MULTI_FRAME_FORMATS = ("GIF", "PNG", "WEBP", "TIFF")
+#: inputs written as their own kind by default (others become PNG, lossless): a TIFF's pages have no home in a
+#: PNG, and a GIF stays a GIF (an animation re-quantised, a palette per frame)
+KEEP_KIND = {".gif": ".gif", ".tif": ".tif", ".tiff": ".tif"}
 #: the names to offer in messages, one per written format
 WRITE_CHOICES = ", ".join(dict.fromkeys(ext.lstrip(".") for ext in EXTENSIONS.values()))
 #: formats whose codec is a plug-in package, and the package (`plugins()` registers them with Pillow)
 PLUGIN_FORMATS = {"HEIF": "pillow-heif", "JXL": "pillow-jxl-plugin"}
-#: formats we read but do not write (GIF: its first frame)
-READ_ONLY_FORMATS = {"gif": "GIF"}
 #: extensions of the files we read, with the dot
-READ_EXTENSIONS = tuple(f".{name}" for name in (*FORMATS, *READ_ONLY_FORMATS))
+READ_EXTENSIONS = tuple(f".{name}" for name in FORMATS)
 #: formats written with 16 bits per sample when the image has them
 SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
 
@@ -65,7 +68,7 @@ def format_support() -> dict[str, dict[str, bool | str]]:
     Image.init()
     readable = set(Image.OPEN)
     support: dict[str, dict[str, bool | str]] = {}
-    for name in dict.fromkeys([*FORMATS.values(), *READ_ONLY_FORMATS.values()]):
+    for name in dict.fromkeys(FORMATS.values()):
         ok = unavailable.get(name) is None
         via = PLUGIN_FORMATS.get(name, "Pillow's own codec" if name == "AVIF" else "Pillow")
         support[name] = {"read": ok and name in readable, "write": ok and name in EXTENSIONS,
@@ -114,7 +117,21 @@ class LoadedImage:
     xmp: bytes | None = None
     text: dict[str, str] = field(default_factory=dict)
     source_format: str | None = None
-    frames: int = 1  # frames of an animation or pages of a document; only the first is read
+    duration: float | None = None  # how long this frame shows, in ms (an animation's frames)
+    loop: int | None = None  # how many times an animation plays (0: for ever; None: not said)
+    #: the frames of an animation or the pages of a document after this, the first (each its own LoadedImage:
+    #: pixels as a viewer shows that frame, its duration; a TIFF page its own metadata too)
+    pages: list[LoadedImage] = field(default_factory=list)
+    orientation: int = field(default=1, repr=False)  # the EXIF orientation the pixels were turned by
+
+    @property
+    def frames(self) -> int:
+        """Frames (or pages) in all."""
+        return 1 + len(self.pages)
+
+    @property
+    def all_frames(self) -> list[LoadedImage]:
+        return [self, *self.pages]
 
     @property
     def size(self) -> tuple[int, int]:

@@ -32,11 +32,12 @@ def _pillow_metadata(im: Image.Image) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - corrupt EXIF never stops an image from being read
         exif = Image.Exif()
     meta = _exif_metadata(exif)
-    icc = im.info.get("icc_profile")
+    if im.format == "TIFF":  # this page's own tags: Pillow's `info` keeps a profile or XMP of a page it read before
+        tags = getattr(im, "tag_v2", {})
+        icc, xmp = tags.get(34675), tags.get(700)
+    else:
+        icc, xmp = im.info.get("icc_profile"), im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
     meta["icc_profile"] = bytes(icc) if icc else None
-    xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
-    if not xmp and im.format == "TIFF":  # older Pillow does not copy tag 700 into info
-        xmp = getattr(im, "tag_v2", {}).get(700)
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
     # XMP's tiff:Orientation counts only for PNG, as in Pillow (Pillow's TIFF loader has already turned the
