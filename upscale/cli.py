@@ -535,7 +535,8 @@ def doctor(as_json):
     ]
     for name, f in report["formats"].items():
         can = [what for what in ("read", "write") if f.get(what)]
-        extra = f", 16-bit via {f['16-bit']}" if f.get("16-bit") else ""
+        extra = (f"; reads {f['deep_read']}" if f.get("deep_read") else "") + \
+                (f"; writes {f['deep']}" if f.get("deep") else "; writes 8-bit" if f.get("write") else "")
         lines.append(f"  {name:<5} {' + '.join(can) or 'unavailable'}: {f['via']}{extra}")
     for line in lines:
         REPORT.line(line)

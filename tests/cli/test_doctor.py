@@ -56,6 +56,7 @@ def test_doctor_says_device_precision_kernels_and_formats():
         assert expected in text, text
     report = json.loads(run("doctor", "--json").stdout)
     assert report["default_device"] == "cpu" and report["default_precision"] == "fp32"
-    assert report["formats"]["PNG"] == {"read": True, "write": True, "via": "Pillow", "16-bit": "imagecodecs"}
+    assert report["formats"]["PNG"] == {"read": True, "write": True, "via": "Pillow", "deep": "16-bit (imagecodecs)"}
+    assert report["formats"]["HEIF"]["deep"] == "10-bit (pillow-heif)" and report["formats"]["AVIF"]["deep_read"]
     assert report["cpu_kernels"]["state"] in ("built", "loaded", "unavailable", "not built yet (built on first "
                                                                                 "use, ~15 s)")

@@ -98,3 +98,102 @@ def test_magic_numbers_of_the_new_formats():
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="PNG")
     assert format_by_magic(buf.getvalue()[:12]) == "PNG"
+
+
+# -- more than 8 bits: 10/12-bit HEIC and AVIF, 16-bit JPEG XL ----------------------------------------------------
+
+def gradient(bits: int, alpha: bool = False) -> np.ndarray:
+    """A smooth 48 x 40 colour ramp with more levels than 8 bits hold, as unsigned integers of `bits` bits."""
+    y, x = np.mgrid[0:48, 0:40].astype(np.float64)
+    ramp = (40 * y + x) / 1919  # 1920 levels in raster order
+    planes = [ramp, 1 - ramp, (x + y) / 86] + ([1 - x / 78] if alpha else [])
+    return np.round(np.stack(planes, 2) * (2**bits - 1)).astype(np.uint16)
+
+
+def deep_file(fmt: str, bits: int, alpha: bool = False) -> bytes:
+    """A file of `fmt` at `bits` per sample, made by a codec library that writes that depth."""
+    a = gradient(bits, alpha)
+    if fmt == "HEIF":
+        import pillow_heif
+
+        scaled = (a.astype(np.uint32) << (16 - bits)).astype(np.uint16)  # pillow-heif takes 16-bit samples
+        heif = pillow_heif.from_bytes(mode="RGBA;16" if alpha else "RGB;16", size=(40, 48), data=scaled.tobytes())
+        buf = io.BytesIO()
+        heif.save(buf, quality=-1)  # lossless
+        return buf.getvalue()
+    import imagecodecs
+
+    if fmt == "AVIF":
+        return imagecodecs.avif_encode(a, level=100, bitspersample=bits)
+    return imagecodecs.jpegxl_encode(a, lossless=True)
+
+
+def levels(image) -> int:
+    return len(np.unique(np.round(image.rgb[..., 0] * 65535)))
+
+
+@pytest.mark.parametrize("fmt,bits", [("HEIF", 10), ("AVIF", 10), ("AVIF", 12), ("JXL", 16)])
+@pytest.mark.parametrize("alpha", [False, True], ids=["rgb", "rgba"])
+def test_deep_files_are_read_at_their_depth(fmt, bits, alpha):
+    if not available(fmt):
+        pytest.skip(f"{fmt} codec not installed here")
+    image = read_image(deep_file(fmt, bits, alpha))
+    assert image.bit_depth == 16 and image.mode == ("RGBA;16" if alpha else "RGB;16") and image.size == (40, 48)
+    assert levels(image) > 256  # 8 bits hold 256 levels; the ramp has 1920 (10 bits keep 1024 of them)
+    exact = gradient(bits, alpha).astype(np.float32) / (2**bits - 1)
+    assert np.abs(image.rgb - exact[..., :3]).max() < 0.02  # HEIC's colour conversion rounds a little
+    if alpha:
+        assert np.abs(image.alpha - exact[..., 3]).max() < 0.01
+
+
+def deep_image(icc: bytes | None = None, alpha: bool = False):
+    from upscale.imageio import LoadedImage
+
+    a = gradient(16, alpha).astype(np.float32) / 65535
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "EOS R5"
+    return LoadedImage(rgb=a[..., :3], alpha=a[..., 3] if alpha else None, bit_depth=16, exif=exif.tobytes(),
+                       icc_profile=icc, xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.'
+                                           b'org/1999/02/22-rdf-syntax-ns#"/></x:xmpmeta>')
+
+
+@pytest.mark.parametrize("fmt,stored", [("HEIF", 10), ("JXL", 16), ("AVIF", 8)])
+@pytest.mark.parametrize("alpha", [False, True], ids=["rgb", "rgba"])
+def test_deep_images_are_written_deep_with_their_metadata(tmp_path, fmt, stored, alpha):
+    if not available(fmt):
+        pytest.skip(f"{fmt} codec not installed here")
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    out = save_image(deep_image(icc, alpha), tmp_path / f"deep{NEW[fmt]}", quality=95, provenance={"model": "agdn"})
+    data = out.read_bytes()
+    if fmt == "HEIF":
+        import pillow_heif
+
+        assert pillow_heif.open_heif(data, convert_hdr_to_8bit=False).info["bit_depth"] == 10
+    back = read_image(out)
+    assert back.bit_depth == (16 if stored > 8 else 8) and back.has_alpha == alpha
+    if stored > 8:
+        assert levels(back) > 256
+    exif = Image.Exif()
+    exif.load(back.exif)
+    assert exif.get(0x010F) == "Canon" and exif.get(0x0110) == "EOS R5"
+    assert back.icc_profile is not None and back.xmp is not None and b"upscale" in back.xmp
+
+
+def test_a_jpeg_xl_with_a_profile_other_than_srgb_keeps_the_profile_at_8_bits(tmp_path):
+    if not available("JXL"):
+        pytest.skip("JXL codec not installed here")
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # any profile that is not sRGB
+    adobe_like = ImageCms.ImageCmsProfile(ImageCms.createProfile("XYZ")).tobytes()
+    for icc in (lab, adobe_like):
+        out = save_image(deep_image(icc), tmp_path / "p.jxl", overwrite=True)
+        assert read_image(out).bit_depth == 8  # libjxl through imagecodecs would write sRGB: colour comes first
+
+
+def test_a_10_bit_heic_through_the_command_line_gives_a_16_bit_png(tmp_path):
+    if not available("HEIF"):
+        pytest.skip("HEIF codec not installed here")
+    (tmp_path / "phone.heic").write_bytes(deep_file("HEIF", 10))
+    result = run(tmp_path / "phone.heic", "-s", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    out = read_image(tmp_path / "phone_x2.png")
+    assert out.bit_depth == 16 and out.size == (80, 96) and levels(out) > 256

@@ -42,10 +42,16 @@ TIFF    RGB/RGBA/L/LA, 8 or 16 bits, uncompressed; ICC; EXIF tags (IFD0, Exif an
         XMP (tag 700); ``Software`` holds the provenance.
 BMP     RGB/L, 8 bits, no metadata; alpha composited over white as for JPEG (Pillow's BMP
         reader, like many others, ignores a BMP alpha channel).
-AVIF    RGB/RGBA, 8 bits, quality 95 (Pillow's own codec); ICC; EXIF; XMP.
-HEIF    (.heic) RGB/RGBA, 8 bits, quality 95 (pillow-heif: libheif); ICC; EXIF; XMP.
+AVIF    RGB/RGBA, 8 bits, quality 95 (Pillow's own codec); ICC; EXIF; XMP. 10/12-bit files are
+        read at their depth (libavif through imagecodecs) but written with 8 bits: Pillow's codec writes
+        8, and imagecodecs' libavif writes 10 or 12 but no metadata.
+HEIF    (.heic) RGB/RGBA, 8 bits, or 10 when the image has more than 8 (pillow-heif: libheif, x265),
+        quality 95; ICC; EXIF; XMP. 10/12-bit files are read at their depth.
 JXL     RGB/RGBA, 8 bits, quality 95 (pillow-jxl-plugin: libjxl); ICC (a standard colour space is
-        stored as a code: reading gives back an equal profile, not the same bytes); EXIF.
+        stored as a code: reading gives back an equal profile, not the same bytes); EXIF; XMP. An image
+        of more than 8 bits is written with 16 (libjxl through imagecodecs, in a container we write with
+        the EXIF and XMP boxes), unless it has an ICC profile other than sRGB: that encoder writes sRGB,
+        so the profile wins and 8 bits are written. Files of more than 8 bits are read at 16.
 GIF     a palette per frame (median cut, Floyd-Steinberg dithering), 1-bit transparency (alpha
         under one half); the source's comment, else the provenance, as a comment.
 ======  =======================================================================================
@@ -58,7 +64,7 @@ hold one image refuse several frames (the command line keeps the first, and says
 
 HEIF and JPEG XL come from plug-in packages (`plugins()` registers them once); where one is missing (no
 wheel for the platform), reading or writing that format is one error line naming the package to install.
-The higher bit depths of HEIC/AVIF (10/12-bit) and JPEG XL (16-bit) are read and written as 8 bits for now.
+Deeper than 8 bits, every format is one LoadedImage of ``bit_depth=16`` (10 and 12 bits scaled to 16).
 
 Writing (:func:`save_image`) is atomic: the encoded bytes go to a temporary file in the target folder, are
 flushed and fsynced, and the file is moved into place (``os.replace``, or a hard link that cannot clobber

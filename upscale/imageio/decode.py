@@ -188,8 +188,11 @@ def _decode_first(data: bytes, im: Image.Image, label: str) -> LoadedImage:
     im.load()  # also reads the PNG text chunks after the image data
     meta = _pillow_metadata(im)
     mode = im.mode
-    if sixteen:
-        rgb, alpha, grey, depth = _png16_planes(data, im)
+    if fmt == "JXL" and not meta.get("xmp"):  # pillow-jxl-plugin reads the EXIF box only
+        meta["xmp"] = _jxl_box(data, b"xml ")
+    deep = _deep_planes(data, fmt, im.size) if fmt in ("HEIF", "AVIF", "JXL") else None
+    if sixteen or deep is not None:
+        rgb, alpha, grey, depth = deep or _png16_planes(data, im)
         mode = ("LA;16" if alpha is not None else "I;16") if grey else ("RGBA;16" if alpha is not None else "RGB;16")
     else:
         rgb, alpha, grey, depth, icc_changed = _pillow_planes(im, label)
@@ -199,6 +202,61 @@ def _decode_first(data: bytes, im: Image.Image, label: str) -> LoadedImage:
     image.duration = _duration(im)
     image.loop = im.info.get("loop") if isinstance(im.info.get("loop"), int) else None
     return image
+
+
+def _deep_planes(data: bytes, fmt: str, size: tuple[int, int]):
+    """(rgb, alpha, grey, 16) of a HEIC or AVIF of 10 or 12 bits or a JPEG XL of more than 8, from decoders that
+    keep the depth (Pillow's codecs give 8 bits); None for an 8-bit file, or when that decoder disagrees with
+    Pillow's on the size (then Pillow's 8 bits are what we have)."""
+    try:
+        if fmt == "HEIF":
+            import pillow_heif
+
+            heif = pillow_heif.open_heif(data, convert_hdr_to_8bit=False)
+            if heif.info.get("bit_depth", 8) <= 8:
+                return None
+            a, full = np.asarray(heif), 65535.0  # pillow-heif scales 10 and 12 bits up to 16
+        elif fmt == "AVIF":
+            bits = _avif_bits(data)
+            if bits <= 8:
+                return None
+            import imagecodecs
+
+            a, full = imagecodecs.avif_decode(data), float(2**bits - 1)  # libavif: samples as stored
+        else:
+            import imagecodecs
+
+            a, full = imagecodecs.jpegxl_decode(data), 65535.0  # libjxl: uint16 for more than 8 bits
+            if a.dtype != np.uint16:
+                return None
+    except Exception:  # noqa: BLE001 - a decoder missing or refusing: Pillow's 8 bits
+        return None
+    if a.dtype != np.uint16 or a.shape[:2] != (size[1], size[0]):
+        return None
+    f = np.clip(a.astype(np.float32) / full, 0.0, 1.0)
+    if f.ndim == 2 or f.shape[2] <= 2:
+        grey = f if f.ndim == 2 else f[..., 0]
+        return _grey_to_rgb(grey), (f[..., 1] if f.ndim == 3 and f.shape[2] == 2 else None), True, 16
+    return f[..., :3], (f[..., 3] if f.shape[2] == 4 else None), False, 16
+
+
+def _jxl_box(data: bytes, kind: bytes) -> bytes | None:
+    """The content of a JPEG XL container's first box of `kind`; None in a bare codestream or without one."""
+    at = 0
+    while data[:4] == b"\0\0\0\x0c" and at + 8 <= len(data):
+        size = int.from_bytes(data[at : at + 4], "big")
+        if data[at + 4 : at + 8] == kind:
+            return data[at + 8 : at + size] or None
+        if size < 8:
+            return None
+        at += size
+    return None
+
+
+def _avif_bits(data: bytes) -> int:
+    """Bits per sample an AVIF declares (its `pixi` property); 8 when it says nothing."""
+    at = data.find(b"pixi", 0, 1 << 16)  # in the meta box, at the start of the file
+    return data[at + 9] if at >= 0 and len(data) > at + 9 and data[at + 8] >= 1 else 8
 
 
 def _duration(im: Image.Image) -> float | None:

@@ -83,7 +83,8 @@ def _output_pixels(img: LoadedImage, fmt_name: str, bits: int | None = None,
     """(H x W x C integer pixels in output channel order, bits, grey) of one image or frame for `fmt_name`;
     `bits` and `grey` force a depth or colour (the frames of one animation share them)."""
     if bits is None:
-        bits = 16 if (img.bit_depth == 16 and fmt_name in SIXTEEN_BIT_FORMATS) else 8
+        deep = fmt_name in SIXTEEN_BIT_FORMATS or fmt_name == "HEIF" or (fmt_name == "JXL" and _srgb(img.icc_profile))
+        bits = 16 if img.bit_depth == 16 and deep else 8
     rgb, alpha = img.rgb, img.alpha
     grey = img.grayscale if grey is None else grey
     if alpha is not None and fmt_name in ("JPEG", "BMP"):  # no alpha: composite over white
@@ -225,17 +226,18 @@ def _tiff16(pixels: np.ndarray, tags: Image.Exif, icc: bytes | None, xmp: bytes 
 
 def _encode_other(pixels: np.ndarray, fmt: str, img: LoadedImage, icc, prov, quality: int) -> bytes:
     size = (pixels.shape[1], pixels.shape[0])
-    im = _to_pillow(pixels)
     options: dict[str, Any] = {}
     if fmt == "BMP":
         buf = io.BytesIO()
-        im.save(buf, format="BMP")
+        _to_pillow(pixels).save(buf, format="BMP")
         return buf.getvalue()
     if icc:
         options["icc_profile"] = icc
     exif = _exif_out(img.exif, _software_line(prov) if prov else None, size, create=True)
     exif_bytes = _exif_bytes(exif) if exif is not None else None
     xmp = _xmp_out(img.xmp, prov, size)
+    if pixels.dtype == np.uint16:  # HEIF at 10 bits, JPEG XL at 16
+        return _encode_deep(pixels, fmt, icc, exif_bytes, xmp, quality)
     if fmt == "JPEG":
         options.update(quality=quality, subsampling=0)
         comment = img.text.get("Comment") or (_software_line(prov) if prov is not None else None)
@@ -256,8 +258,60 @@ def _encode_other(pixels: np.ndarray, fmt: str, img: LoadedImage, icc, prov, qua
     if xmp:
         options["xmp"] = xmp
     buf = io.BytesIO()
-    im.save(buf, format=fmt, **options)
+    _to_pillow(pixels).save(buf, format=fmt, **options)
     return buf.getvalue()
+
+
+def _srgb(icc: bytes | None) -> bool:
+    """No profile (sRGB assumed) or an sRGB one: what a JPEG XL written without a profile says."""
+    if not icc:
+        return True
+    try:
+        from PIL import ImageCms
+
+        return ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).strip().startswith("sRGB")
+    except Exception:  # noqa: BLE001 - an unreadable profile is kept as it is, through the 8-bit writer
+        return False
+
+
+def _encode_deep(pixels: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None, xmp: bytes | None,
+                 quality: int) -> bytes:
+    """16-bit RGB(A) pixels as a 10-bit HEIC (pillow-heif: libheif and x265) or a 16-bit JPEG XL (libjxl through
+    imagecodecs, in a JPEG XL container that we write with the EXIF and XMP boxes; its colour space is sRGB,
+    so only images without a profile or with an sRGB one come here)."""
+    h, w, channels = pixels.shape
+    data = np.ascontiguousarray(pixels)
+    if fmt == "HEIF":
+        import pillow_heif
+
+        heif = pillow_heif.from_bytes(mode="RGBA;16" if channels == 4 else "RGB;16", size=(w, h), data=data.tobytes())
+        if icc:
+            heif.info["icc_profile"] = icc
+        buf = io.BytesIO()
+        heif.save(buf, quality=quality, exif=exif, xmp=xmp)
+        return buf.getvalue()
+    import imagecodecs
+
+    def box(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(body)) + kind + body
+
+    metadata = []
+    if exif:  # the box holds the offset of the TIFF header (0), then the TIFF data
+        metadata.append(box(b"Exif", b"\0\0\0\0" + exif.removeprefix(b"Exif\x00\x00")))
+    if xmp:
+        metadata.append(box(b"xml ", xmp))
+    stream = imagecodecs.jpegxl_encode(data, level=quality, usecontainer=False)
+    if stream[:2] == b"\xff\x0a":  # a bare codestream: into a container of ours
+        return b"".join([box(b"JXL ", b"\r\n\x87\n"), box(b"ftyp", b"jxl \0\0\0\0jxl "), *metadata,
+                         box(b"jxlc", stream)])
+    # libjxl wrote a container itself (16-bit alpha needs its level box): ours go before the codestream's boxes
+    at = 0
+    while at + 8 <= len(stream) and stream[at + 4 : at + 8] not in (b"jxlc", b"jxlp"):
+        size = struct.unpack_from(">I", stream, at)[0]
+        if size < 8:
+            raise ImageError("unexpected JPEG XL container from the encoder")
+        at += size
+    return stream[:at] + b"".join(metadata) + stream[at:]
 
 
 # -- several frames: an animation (GIF, APNG, WebP) or the pages of a TIFF -------------------------------------------

@@ -33,6 +33,10 @@ PLUGIN_FORMATS = {"HEIF": "pillow-heif", "JXL": "pillow-jxl-plugin"}
 READ_EXTENSIONS = tuple(f".{name}" for name in FORMATS)
 #: formats written with 16 bits per sample when the image has them
 SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
+#: formats written with more than 8 bits per sample when the image has them, and how (AVIF stays 8 bits: Pillow's
+#: codec writes 8, and libavif through imagecodecs writes 10 or 12 but no metadata)
+DEEP_FORMATS = {"PNG": "16-bit (imagecodecs)", "TIFF": "16-bit", "HEIF": "10-bit (pillow-heif)",
+                "JXL": "16-bit (imagecodecs; 8-bit when an ICC profile other than sRGB must be kept)"}
 
 
 @functools.cache
@@ -73,8 +77,12 @@ def format_support() -> dict[str, dict[str, bool | str]]:
         via = PLUGIN_FORMATS.get(name, "Pillow's own codec" if name == "AVIF" else "Pillow")
         support[name] = {"read": ok and name in readable, "write": ok and name in EXTENSIONS,
                          "via": via if ok else unavailable[name]}
-    for name in SIXTEEN_BIT_FORMATS:
-        support[name]["16-bit"] = "imagecodecs"
+    for name, how in DEEP_FORMATS.items():
+        if name in support:
+            support[name]["deep"] = how
+    for name in ("HEIF", "AVIF", "JXL"):  # read at their full depth where the file has more than 8 bits
+        if name in support:
+            support[name]["deep_read"] = "10/12-bit" if name != "JXL" else "16-bit"
     return support
 
 
