@@ -271,6 +271,24 @@ class Stages(Protocol):
 WRITE_BEHIND_BYTES = 256 * 2**20
 
 
+def verdict(job: Job, *, overwrite: bool, skip_existing: bool | None) -> Outcome | None:
+    """The outcome of a job that is decided before its input is read (planned conflict or skip, an output that
+    exists), or None when it has to run. `run_jobs` asks just before each job; a cluster's driver asks while
+    dispatching (`cluster.py`), so that both decide alike."""
+    if job.conflict:
+        return Outcome(job, "failed", job.conflict)
+    if job.skip:
+        return Outcome(job, "skipped", job.skip)
+    if job.dest != STDIO and job.source != STDIO and job.dest.exists() and _key(job.dest) == _key(job.source):
+        return Outcome(job, "failed", f"{job.dest}: refusing to write over the input image")
+    if job.dest != STDIO and job.dest.exists() and not overwrite:
+        skip = skip_existing if skip_existing is not None else job.from_folder
+        if skip:
+            return Outcome(job, "skipped", "output exists")
+        return Outcome(job, "failed", f"{job.dest}: already exists (use --overwrite to replace it)")
+    return None
+
+
 @dataclass
 class _Pending:
     job: Job
@@ -307,20 +325,6 @@ def run_jobs(jobs: list[Job], stages: Stages, *, overwrite: bool, skip_existing:
     def write(job: Job, result: Any) -> float:
         stages.write(job, result)
         return time.perf_counter()  # when it was done, for the job's seconds
-
-    def verdict(job: Job) -> Outcome | None:
-        if job.conflict:
-            return Outcome(job, "failed", job.conflict)
-        if job.skip:
-            return Outcome(job, "skipped", job.skip)
-        if job.dest != STDIO and job.source != STDIO and job.dest.exists() and _key(job.dest) == _key(job.source):
-            return Outcome(job, "failed", f"{job.dest}: refusing to write over the input image")
-        if job.dest != STDIO and job.dest.exists() and not overwrite:
-            skip = skip_existing if skip_existing is not None else job.from_folder
-            if skip:
-                return Outcome(job, "skipped", "output exists")
-            return Outcome(job, "failed", f"{job.dest}: already exists (use --overwrite to replace it)")
-        return None
 
     def report(block: bool, until: int = 0) -> None:
         """Report the finished entries at the front; with `block`, wait until at most `until` remain."""
@@ -359,7 +363,7 @@ def run_jobs(jobs: list[Job], stages: Stages, *, overwrite: bool, skip_existing:
                 report(block=True)
             start = time.perf_counter()
             ahead = reads.pop(i, None)
-            decided = verdict(job)
+            decided = verdict(job, overwrite=overwrite, skip_existing=skip_existing)
             if decided is not None:
                 pending.append(_Pending(job, start, outcome=decided))
                 report(block=False)
