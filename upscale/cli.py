@@ -233,8 +233,16 @@ def main():
 @click.option("--dry-run", is_flag=True, help="Print what would be done, touch nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout, then a summary object.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run the batch on a Ray cluster: local (a private one on this machine), auto (RAY_ADDRESS or "
+              "the running `ray start --head`), or HOST:PORT. Inputs and outputs must be on storage every node "
+              "shares. Needs the ray extra.")
+@click.option("--workers", type=click.IntRange(1), default=None, metavar="N",
+              help="With --ray: workers (each loads the model once). Default: one per GPU of the cluster, else "
+              "one per node.")
 def run(inputs, output, from_list, recursive, model, scale, weights, device, offline, fmt, quality, suffix,
-        overwrite, skip_existing, protocol, tile, overlap, precision, allow_large, dry_run, as_json, quiet):
+        overwrite, skip_existing, protocol, tile, overlap, precision, allow_large, dry_run, as_json, quiet,
+        ray_address, workers):
     """Upscale INPUT images: files, folders, globs, or - for image bytes on stdin."""
     # stdout carries data only: the image (-o -), the plan (--dry-run) or JSON lines (--json: one object per
     # input, folder files that are not images included as "skipped", then a summary object). Everything
@@ -248,9 +256,20 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         raise UsageProblem("--overwrite and --skip-existing contradict each other")
     if as_json and output == "-" and not dry_run:
         raise UsageProblem("--json and -o - both need stdout; write the image to a file or drop --json")
-    report = Reporter(quiet=quiet, as_json=as_json)
+    if workers is not None and ray_address is None:
+        raise UsageProblem("--workers is for a Ray cluster: give --ray local, auto or HOST:PORT")
+    if ray_address is not None and not dry_run:
+        from .cluster import ClusterError, require_ray
+
+        try:
+            require_ray()
+        except ClusterError as e:
+            raise UsageProblem(str(e)) from None
+    # on a cluster Ray writes its own messages to sys.stdout: the records keep the real stdout
+    report = Reporter(quiet=quiet, as_json=as_json, stdout=sys.stdout if ray_address else None)
     outcomes: list = []
     interrupted = False
+    cluster = None  # a --ray run's figures
     bar = contextlib.ExitStack()  # closes the progress bar, however the run ends
     advance = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM ends a run as Ctrl-C does
@@ -274,6 +293,8 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         options = _options(protocol, precision, tile, overlap, device)
         ext = EXTENSIONS[FORMATS[fmt]] if fmt else None
         plan = plan_jobs(names, output, entry.scale, suffix=suffix, ext=ext, recursive=recursive)
+        if ray_address is not None and (output == "-" or any(STDIO in (job.source, job.dest) for job in plan.jobs)):
+            raise UsageProblem("--ray reads and writes files on shared storage: stdin and stdout (-) cannot be used")
         if output == "-" and len(plan.jobs) != 1:
             raise UsageProblem(f"-o - (stdout) takes exactly one input, got {len(plan.jobs)}")
         if output and output != "-" and len(plan.jobs) > 1 and Path(output).is_file():
@@ -304,27 +325,32 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         protect = tuple(job.source for job in plan.jobs if job.source != STDIO)
         start = time.perf_counter()
         try:
-            upscaler = _load_upscaler(entry, weights, options, offline, report)
-            _warn_about_device(upscaler, report)
-            base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
-                           "precision": upscaler.working_precision, "protocol": options.protocol, "tile": tile}
+            if ray_address is None:
+                upscaler = _load_upscaler(entry, weights, options, offline, report)
+                _warn_about_device(upscaler, report)
+                base_record = {"model": entry.name, "scale": entry.scale, "device": str(upscaler.device),
+                               "precision": upscaler.working_precision, "protocol": options.protocol, "tile": tile}
 
-            frame_bar: list = []  # a single file's own bar, counting its frames
+                frame_bar: list = []  # a single file's own bar, counting its frames
 
-            def on_frame(job, done, frames):
-                """Progress on files of several frames: the batch's bar names the frame, a single file gets a bar."""
-                if advance is not None:
-                    name = "<stdin>" if job.source == STDIO else job.source.name
-                    advance(description=f"upscaling {name}: frame {done}/{frames}" if done < frames else "upscaling")
-                    return
-                if not frame_bar:
-                    frame_bar.append(bar.enter_context(report.progress(f"upscaling {frames} frames", frames)))
-                if frame_bar[0] is not None:
-                    frame_bar[0](completed=done)
+                def on_frame(job, done, frames):
+                    """Progress on files of several frames: the batch's bar names the frame, a single file gets a
+                    bar."""
+                    if advance is not None:
+                        name = "<stdin>" if job.source == STDIO else job.source.name
+                        advance(description=f"upscaling {name}: frame {done}/{frames}" if done < frames else "upscaling")
+                        return
+                    if not frame_bar:
+                        frame_bar.append(bar.enter_context(report.progress(f"upscaling {frames} frames", frames)))
+                    if frame_bar[0] is not None:
+                        frame_bar[0](completed=done)
 
-            stages = UpscaleStages(upscaler, FORMATS[fmt] if fmt else None, quality, overwrite, allow_large,
-                                   protect, {"model": entry.name, "variant": entry.title, "scale": entry.scale,
-                                             "device": str(upscaler.device), "upscale": __version__}, on_frame)
+                stages = UpscaleStages(upscaler, FORMATS[fmt] if fmt else None, quality, overwrite, allow_large,
+                                       protect, {"model": entry.name, "variant": entry.title, "scale": entry.scale,
+                                                 "device": str(upscaler.device), "upscale": __version__}, on_frame)
+            else:  # each worker loads the model: its records say their device and precision (none: no worker ran it)
+                base_record = {"model": entry.name, "scale": entry.scale, "device": None, "precision": None,
+                               "protocol": options.protocol, "tile": tile}
 
             if len(plan.jobs) > 1:
                 advance = bar.enter_context(report.progress("upscaling", len(plan.jobs)))
@@ -357,9 +383,14 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
                     report.record({"input": str(folder), "output": None, "status": "failed",
                                    "error": printable(_no_images(folder, recursive)), **base_record, "seconds": 0.0})
                 report.error(_no_images(folder, recursive))
-            outcomes = run_jobs(plan.jobs, stages, overwrite=overwrite, skip_existing=skip_existing,
-                                on_outcome=on_outcome,
-                                errors=(ImageError, OSError, ValueError, RuntimeError, MemoryError))
+            if ray_address is None:
+                outcomes = run_jobs(plan.jobs, stages, overwrite=overwrite, skip_existing=skip_existing,
+                                    on_outcome=on_outcome,
+                                    errors=(ImageError, OSError, ValueError, RuntimeError, MemoryError))
+            else:
+                cluster = _run_on_cluster(plan.jobs, ray_address, workers, entry, weights, options, offline, fmt,
+                                          quality, overwrite, skip_existing, allow_large, output, on_outcome, report)
+                outcomes, interrupted = cluster.outcomes, cluster.interrupted
         except KeyboardInterrupt as e:  # while loading the model or upscaling: report below
             interrupted, outcomes = True, getattr(e, "outcomes", outcomes)
     except KeyboardInterrupt:  # while reading the list or planning
@@ -374,6 +405,13 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
                "total": len(plan.jobs) + len(plan.empty_folders),
                "not_started": len(plan.jobs) - len(outcomes), "interrupted": interrupted,
                "seconds": round(time.perf_counter() - start, 3)}
+    if cluster is not None:  # throughput while the dataset ran (the cluster's start excluded, actors' included)
+        seconds = cluster.seconds
+        summary.update({"workers": cluster.workers, "cluster_seconds": round(seconds, 3),
+                        "images_per_s": round(counts["ok"] / seconds, 3) if seconds else None,
+                        "output_mp_per_s": round(cluster.output_pixels / 1e6 / seconds, 3) if seconds else None})
+        if cluster.error:
+            report.error(cluster.error)
     if as_json:
         report.record(summary)
     if interrupted:
@@ -385,8 +423,31 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         why = f" ({'; '.join(reasons)})" if len(reasons) == 1 else ""
         report.info(f"{counts['ok']} upscaled, {counts['skipped']} skipped{why}, {counts['failed']} failed, "
                     f"{len(plan.not_images)} not images")
+    if cluster is not None and cluster.seconds:
+        report.info(f"{summary['images_per_s']:.2f} images/s, {summary['output_mp_per_s']:.2f} output MP/s on "
+                    f"{cluster.workers} Ray worker(s)")
+    if cluster is not None and cluster.error:
+        sys.exit(1)
     if counts["failed"]:
         sys.exit(1)
+
+
+def _run_on_cluster(jobs, address, workers, entry, weights, options, offline, fmt, quality, overwrite, skip_existing,
+                    allow_large, output, on_outcome, report: Reporter):
+    """`upscale run --ray`: the same jobs on a Ray cluster (upscale/cluster.py); usage errors exit 2."""
+    from .cluster import ClusterError, WorkerSettings, run_on_cluster
+
+    # the provenance keys in the order a local run writes them, so that outputs are the same bytes
+    provenance = {"model": entry.name, "variant": entry.title, "scale": entry.scale, "device": None,
+                  "upscale": __version__}
+    settings = WorkerSettings(entry, os.path.abspath(weights) if weights else None, options, offline,
+                              FORMATS[fmt] if fmt else None, quality, overwrite, allow_large, provenance, os.getcwd())
+    try:
+        return run_on_cluster(jobs, settings, address=address, workers=workers, overwrite=overwrite,
+                              skip_existing=skip_existing, output_folder=output, on_outcome=on_outcome,
+                              note=report.note)
+    except ClusterError as e:
+        raise UsageProblem(str(e)) from None
 
 
 def _raise_interrupt(signum, frame):

@@ -26,8 +26,9 @@ def printable(text: str) -> str:
 class Reporter:
     """The quiet/JSON rules in one place: `error` always, `warning` unless quiet, `info` unless quiet or JSON."""
 
-    def __init__(self, quiet: bool = False, as_json: bool = False):
+    def __init__(self, quiet: bool = False, as_json: bool = False, stdout=None):
         self.quiet, self.as_json = quiet, as_json
+        self.stdout = stdout  # where data goes; None: sys.stdout when written (a cluster run points that elsewhere)
 
     def error(self, message: str) -> None:
         click.echo(f"error: {printable(message)}", err=True)
@@ -51,11 +52,11 @@ class Reporter:
 
     def record(self, obj: dict[str, Any]) -> None:
         """One JSON object on its own line of stdout."""
-        click.echo(json.dumps(obj))
+        click.echo(json.dumps(obj), file=self.stdout)
 
     def line(self, text: str) -> None:
         """A line of data on stdout (a dry run's plan)."""
-        click.echo(printable(text))
+        click.echo(printable(text), file=self.stdout)
 
     @contextmanager
     def progress(self, label: str, total: int | None) -> Iterator[Callable[..., None] | None]:
