@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -71,6 +72,9 @@ class ClusterError(RuntimeError):
 
 def require_ray():
     """The `ray` module with Ray Data, or ClusterError naming the install command."""
+    # never start a cluster behind our back (Ray's calls start one when none is connected, e.g. in our result
+    # thread after the run ended)
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         import ray
         import ray.data  # noqa: F401
@@ -288,6 +292,9 @@ def _connect(ray, address: str) -> None:
         raise ClusterError(f"--ray {address}: Ray Client addresses are not supported (the driver must see the "
                            "shared storage); run upscale on a node of the cluster with --ray auto")
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    # ray.init installs its own SIGTERM handlers (exit, or abort with a stack dump); the command's own stop the
+    # run gracefully (SIGTERM as Ctrl-C), so they are put back
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if address == "local":
             # only small records travel through the object store: a small one starts faster and leaves the RAM
@@ -298,6 +305,10 @@ def _connect(ray, address: str) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (start one with `ray start --head`, or give --ray local)" if address == "auto" else ""
         raise ClusterError(f"--ray {address}: cannot connect to a Ray cluster{hint}: {first}") from None
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _pool(ray, workers: int | None) -> tuple[int, dict]:
