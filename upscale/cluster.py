@@ -434,7 +434,10 @@ def _stream(ray, todo: list[Job], records: list[str], settings: WorkerSettings, 
                 item = rows.get(timeout=0.2)
             except queue.Empty:
                 if stopping:
-                    busy, finished = ray.get(ledger.state.remote(), timeout=30)
+                    try:
+                        busy, finished = ray.get(ledger.state.remote(), timeout=30)
+                    except Exception:  # noqa: BLE001 - the ledger cannot answer: nothing more to wait for
+                        break
                     if busy == 0:
                         quiet_since = quiet_since or time.monotonic()
                         # every image started is written; wait (a little) for the records of the last ones
