@@ -37,8 +37,10 @@ Lustre, CephFS, GPFS, ...); relative paths are taken from the driver's working f
 enter when they see it. Object-store URLs (s3://, gs://) are not supported.
 
 Why Ray Data rather than hand-made actors: it already feeds a pool of actors with back-pressure, restarts them
-and retries their work, and runs the same on one box and on a cluster; what it would cost is measured by
-`scripts/bench_ray.py` (a few ms per block, a block holding up to 16 images).
+and retries their work, and runs the same on one box and on a cluster. Its cost is a fixed start (the cluster,
+then each actor importing torch and loading the model: 10-17 s more than a local batch on a busy 2-core VM) and
+some scheduling per block (tens of ms on that VM), which blocks of up to 16 images spread;
+`scripts/bench-ray` measures both.
 """
 
 from __future__ import annotations
