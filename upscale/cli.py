@@ -239,7 +239,7 @@ def main():
               "shares. Needs the ray extra.")
 @click.option("--workers", type=click.IntRange(1), default=None, metavar="N",
               help="With --ray: workers (each loads the model once). Default: one per GPU of the cluster, else "
-              "one per CPU (one thread each).")
+              "one per node.")
 def run(inputs, output, from_list, recursive, model, scale, weights, device, offline, fmt, quality, suffix,
         overwrite, skip_existing, protocol, tile, overlap, precision, allow_large, dry_run, as_json, quiet,
         ray_address, workers):

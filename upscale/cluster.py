@@ -315,10 +315,10 @@ def _connect(ray, address: str) -> None:
 
 def _pool(ray, workers: int | None) -> tuple[int, dict]:
     """How many actors, and what each asks of Ray: a GPU each where the cluster has GPUs (one actor per GPU by
-    default), else an equal share of the CPUs (one actor per CPU by default: measured on 2 cores with AGDN x4
-    on 256x256 images, two one-thread actors did an image every 497 ms, one two-thread actor every 609 ms and
-    the local batch every 525 ms: one thread per image keeps every core busy, with no waiting between the
-    threads of one image; `--workers` may ask for fewer, larger ones)."""
+    default), else an equal share of the CPUs (one actor per node by default, running on all its cores: on 2
+    cores, two one-thread actors against one two-thread actor measured 497 against 609 ms per image in one run
+    and 569 against 536 in another, no clear gain for a model and an image's working memory per core;
+    `--workers` may ask for more, smaller ones)."""
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
     if gpus:
@@ -330,7 +330,7 @@ def _pool(ray, workers: int | None) -> tuple[int, dict]:
                  if node.get("Alive") and node["Resources"].get("CPU", 0) > 0]
     if not node_cpus:
         raise ClusterError("the Ray cluster has no CPU to run on")
-    count = workers or max(1, int(sum(node_cpus)))
+    count = workers or len(node_cpus)
     cpus = sum(node_cpus)
     share = min(cpus // count, min(node_cpus)) if count <= cpus else cpus / count
     return count, {"num_cpus": max(share, 0.01)}
