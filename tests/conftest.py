@@ -83,6 +83,28 @@ def run(*args, cwd=None):
     return subprocess.run([*upscale_cmd(), *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
+def interrupt_once_written(args, out: Path, signum: int, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the console script with `args`, send `signum` as soon as a first output appears in `out` (a name not
+    starting with a dot: not a temporary), and return how it ended."""
+    import time
+
+    proc = subprocess.Popen([*upscale_cmd(), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no output appeared"
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def example_tensor(name: str = "coffee.png") -> torch.Tensor:
     """An example photograph from `examples/` as a (1, 3, H, W) float32 tensor in [0, 1]."""
     from PIL import Image

@@ -11,13 +11,12 @@ import shlex
 import signal
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import imagecodecs
 import numpy as np
 import pytest
-from conftest import REPO, run, upscale_cmd
+from conftest import REPO, interrupt_once_written, run, upscale_cmd
 from PIL import Image, ImageOps
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
@@ -349,21 +348,9 @@ def test_interrupt_mid_batch_leaves_only_complete_files(tmp_path, signum):
     for i in range(6):  # large enough (about 0.3 s each) that the batch is still running when signalled
         crop(CAT if i % 2 else COFFEE, (i * 10, 0, i * 10 + 96, 96), folder / f"{i}.png")
     out = tmp_path / "out"
-    proc = subprocess.Popen([*upscale_cmd(), str(folder), "-o", str(out), "-s", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no output appeared"
-            time.sleep(0.02)
-        proc.send_signal(signum)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stderr
+    ended = interrupt_once_written([folder, "-o", out, "-s", "2"], out, signum)
+    stdout, stderr = ended.stdout, ended.stderr
+    assert ended.returncode == 130, stderr
     assert stdout == ""
     names = {p.name for p in out.iterdir()}
     assert names and not any(n.startswith(".") or n.endswith(".part") for n in names), names

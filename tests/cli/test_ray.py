@@ -12,13 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import imagecodecs
 import numpy as np
 import pytest
-from conftest import run, upscale_cmd
+from conftest import interrupt_once_written, run, upscale_cmd
 from PIL import Image
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'; the test extra has it)")
@@ -193,21 +192,10 @@ def test_a_killed_worker_is_restarted_and_every_image_is_done(tmp_path, cluster)
 def test_an_interrupted_run_exits_130_and_a_rerun_does_exactly_the_rest(tmp_path, cluster):
     folder = many_images(tmp_path / "in", 16)
     out = tmp_path / "out"
-    command = [*upscale_cmd(), str(folder), "-o", str(out), "-s", "2", "--ray", cluster, "--workers", "2"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not outputs(out):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no output appeared"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stderr
+    ended = interrupt_once_written([folder, "-o", out, "-s", "2", "--ray", cluster, "--workers", "2"], out,
+                                   signal.SIGINT)
+    stdout, stderr = ended.stdout, ended.stderr
+    assert ended.returncode == 130, stderr
     assert stdout == ""
     done = outputs(out)
     assert 0 < len(done) < 16, "the run ended before the signal"
