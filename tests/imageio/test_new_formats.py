@@ -157,7 +157,7 @@ def deep_image(icc: bytes | None = None, alpha: bool = False):
                                            b'org/1999/02/22-rdf-syntax-ns#"/></x:xmpmeta>')
 
 
-@pytest.mark.parametrize("fmt,stored", [("HEIF", 10), ("JXL", 16), ("AVIF", 8)])
+@pytest.mark.parametrize("fmt,stored", [("HEIF", 10), ("JXL", 16), ("AVIF", 10)])
 @pytest.mark.parametrize("alpha", [False, True], ids=["rgb", "rgba"])
 def test_deep_images_are_written_deep_with_their_metadata(tmp_path, fmt, stored, alpha):
     if not available(fmt):
@@ -169,6 +169,10 @@ def test_deep_images_are_written_deep_with_their_metadata(tmp_path, fmt, stored,
         import pillow_heif
 
         assert pillow_heif.open_heif(data, convert_hdr_to_8bit=False).info["bit_depth"] == 10
+    if fmt == "AVIF":  # the metadata we add to libavif's file are where other readers look: Pillow's own codec
+        with Image.open(out) as im:
+            im.load()
+            assert {"exif", "xmp", "icc_profile"} <= set(im.info) and im.size == (40, 48)
     back = read_image(out)
     assert back.bit_depth == (16 if stored > 8 else 8) and back.has_alpha == alpha
     if stored > 8:

@@ -42,9 +42,9 @@ TIFF    RGB/RGBA/L/LA, 8 or 16 bits, uncompressed; ICC; EXIF tags (IFD0, Exif an
         XMP (tag 700); ``Software`` holds the provenance.
 BMP     RGB/L, 8 bits, no metadata; alpha composited over white as for JPEG (Pillow's BMP
         reader, like many others, ignores a BMP alpha channel).
-AVIF    RGB/RGBA, 8 bits, quality 95 (Pillow's own codec); ICC; EXIF; XMP. 10/12-bit files are
-        read at their depth (libavif through imagecodecs) but written with 8 bits: Pillow's codec writes
-        8, and imagecodecs' libavif writes 10 or 12 but no metadata.
+AVIF    RGB/RGBA, 8 bits, quality 95 (Pillow's own codec); ICC; EXIF; XMP. An image of more than 8
+        bits is written with 10 (libavif through imagecodecs, which writes no metadata: the ICC profile,
+        EXIF and XMP items are added to its file here); 10/12-bit files are read at their depth.
 HEIF    (.heic) RGB/RGBA, 8 bits, or 10 when the image has more than 8 (pillow-heif: libheif, x265),
         quality 95; ICC; EXIF; XMP. 10/12-bit files are read at their depth.
 JXL     RGB/RGBA, 8 bits, quality 95 (pillow-jxl-plugin: libjxl); ICC (a standard colour space is

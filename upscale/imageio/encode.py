@@ -83,7 +83,8 @@ def _output_pixels(img: LoadedImage, fmt_name: str, bits: int | None = None,
     """(H x W x C integer pixels in output channel order, bits, grey) of one image or frame for `fmt_name`;
     `bits` and `grey` force a depth or colour (the frames of one animation share them)."""
     if bits is None:
-        deep = fmt_name in SIXTEEN_BIT_FORMATS or fmt_name == "HEIF" or (fmt_name == "JXL" and _srgb(img.icc_profile))
+        deep = (fmt_name in SIXTEEN_BIT_FORMATS or fmt_name in ("HEIF", "AVIF")
+                or (fmt_name == "JXL" and _srgb(img.icc_profile)))
         bits = 16 if img.bit_depth == 16 and deep else 8
     rgb, alpha = img.rgb, img.alpha
     grey = img.grayscale if grey is None else grey
@@ -276,11 +277,18 @@ def _srgb(icc: bytes | None) -> bool:
 
 def _encode_deep(pixels: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None, xmp: bytes | None,
                  quality: int) -> bytes:
-    """16-bit RGB(A) pixels as a 10-bit HEIC (pillow-heif: libheif and x265) or a 16-bit JPEG XL (libjxl through
-    imagecodecs, in a JPEG XL container that we write with the EXIF and XMP boxes; its colour space is sRGB,
-    so only images without a profile or with an sRGB one come here)."""
+    """16-bit RGB(A) pixels as a 10-bit AVIF (libavif through imagecodecs, the metadata added here), a 10-bit
+    HEIC (pillow-heif: libheif and x265) or a 16-bit JPEG XL (libjxl through imagecodecs, in a JPEG XL container
+    that we write with the EXIF and XMP boxes; its colour space is sRGB, so only images without a profile or
+    with an sRGB one come here)."""
     h, w, channels = pixels.shape
     data = np.ascontiguousarray(pixels)
+    if fmt == "AVIF":  # libavif through imagecodecs writes the depth; the metadata are added here
+        import imagecodecs
+
+        ten = (data.astype(np.uint32) * 1023 + 32767) // 65535  # 16 bits to 10, rounded
+        return _avif_with_metadata(imagecodecs.avif_encode(ten.astype(np.uint16), level=quality, bitspersample=10),
+                                   icc, exif, xmp)
     if fmt == "HEIF":
         import pillow_heif
 
@@ -312,6 +320,150 @@ def _encode_deep(pixels: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | 
             raise ImageError("unexpected JPEG XL container from the encoder")
         at += size
     return stream[:at] + b"".join(metadata) + stream[at:]
+
+
+def _box(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(body)) + kind + body
+
+
+def _children(data: bytes, start: int, end: int) -> list[tuple[bytes, bytes]]:
+    """The ISO-BMFF boxes between `start` and `end`, as (type, whole box); 64-bit and to-the-end sizes refused."""
+    out = []
+    while start + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, start)
+        if size < 8 or start + size > end:
+            raise ImageError(f"unexpected {kind!r} box from the AVIF encoder")
+        out.append((kind, data[start : start + size]))
+        start += size
+    return out
+
+
+def _avif_with_metadata(data: bytes, icc: bytes | None, exif: bytes | None, xmp: bytes | None) -> bytes:
+    """An AVIF from libavif with an ICC profile (a `colr` property of type `prof` on the primary item) and EXIF
+    and XMP items (each described by `infe`, located by `iloc`, and linked to the primary item by a `cdsc`
+    reference), their bytes in an `mdat` box at the end. Every offset into the file moves by what the `meta`
+    box grows. Only the layout libavif writes is handled: a `meta` box before the image data, `iloc` with no
+    base offsets."""
+    top = _children(data, 0, len(data))
+    kinds = [kind for kind, _ in top]
+    if b"meta" not in kinds or not (icc or exif or xmp):
+        return data
+    at = kinds.index(b"meta")
+    meta = top[at][1]
+    head, children = meta[8:12], dict(_children(meta, 12, len(meta)))
+    primary = struct.unpack_from(">H", children[b"pitm"], 12)[0] if children[b"pitm"][8] == 0 else \
+        struct.unpack_from(">I", children[b"pitm"], 12)[0]
+    items = _iloc_items(children[b"iloc"])
+    new_id = max([primary, *(item[0] for item in items)]) + 1
+    payloads = []  # (item id, item type, content type, bytes)
+    if exif:  # the item holds the offset of the TIFF header (0), then the TIFF data
+        payloads.append((new_id, b"Exif", b"", b"\0\0\0\0" + exif.removeprefix(b"Exif\x00\x00")))
+    if xmp:
+        payloads.append((new_id + len(payloads), b"mime", b"application/rdf+xml", xmp))
+    # iinf: the new items' entries (infe version 2)
+    iinf = children[b"iinf"]
+    version = iinf[8]
+    count_size = 2 if version == 0 else 4
+    count = int.from_bytes(iinf[12 : 12 + count_size], "big") + len(payloads)
+    entries = iinf[12 + count_size :] + b"".join(
+        _box(b"infe", b"\x02\0\0\0" + struct.pack(">HH", item, 0) + kind + b"\0" + (content + b"\0" if content else b""))
+        for item, kind, content, _ in payloads)
+    children[b"iinf"] = _box(b"iinf", iinf[8:12] + count.to_bytes(count_size, "big") + entries)
+    # iref: each metadata item describes (cdsc) the primary item
+    if payloads:
+        old = children.get(b"iref", _box(b"iref", b"\0\0\0\0"))
+        if old[8] != 0:
+            return data  # 32-bit item ids: a layout libavif does not write
+        refs = b"".join(_box(b"cdsc", struct.pack(">HHH", item, 1, primary)) for item, *_ in payloads)
+        children[b"iref"] = _box(b"iref", old[8:] + refs)
+    # iprp: the ICC profile as a property of the primary item
+    if icc:
+        iprp = dict(_children(children[b"iprp"], 8, len(children[b"iprp"])))
+        ipco, ipma = iprp[b"ipco"], iprp[b"ipma"]
+        index = len(_children(ipco, 8, len(ipco))) + 1
+        wide = ipma[11] & 1  # 15-bit property indices
+        if ipma[8] != 0 or (index > 127 and not wide):
+            return data
+        ipco = _box(b"ipco", ipco[8:] + _box(b"colr", b"prof" + icc))
+        entry_count = struct.unpack_from(">I", ipma, 12)[0]
+        body, pos, found = bytearray(ipma[8:16]), 16, False
+        for _ in range(entry_count):
+            item, n = struct.unpack_from(">HB", ipma, pos)
+            size = 3 + n * (2 if wide else 1)
+            entry = bytearray(ipma[pos : pos + size])
+            if item == primary:
+                entry[2] = n + 1
+                entry += struct.pack(">H", index) if wide else bytes([index])
+                found = True
+            body += entry
+            pos += size
+        if not found:
+            return data
+        children[b"iprp"] = _box(b"iprp", ipco + _box(b"ipma", bytes(body)))
+
+    def build(shift: int, extra_at: int) -> bytes:
+        entries = [(item, method, [(offset + shift if method == 0 else offset, length) for offset, length in extents])
+                   for item, method, extents in items]
+        position = extra_at
+        for item, _, _, payload in payloads:
+            entries.append((item, 0, [(position, len(payload))]))
+            position += len(payload)
+        children[b"iloc"] = _iloc(children[b"iloc"], entries)
+        return _box(b"meta", head + b"".join(children.values()))
+
+    before = sum(len(box) for _, box in top[:at])
+    after = b"".join(box for _, box in top[at + 1 :])
+    grown = len(build(0, 0)) - len(meta)
+    extra_at = before + len(meta) + grown + len(after) + 8  # the appended mdat's content
+    new_meta = build(grown, extra_at)
+    tail = _box(b"mdat", b"".join(payload for *_, payload in payloads)) if payloads else b""
+    return data[:before] + new_meta + after + tail
+
+
+def _iloc_items(iloc: bytes) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """(item id, construction method, [(offset, length)]) of each item of an `iloc` box without base offsets."""
+    version = iloc[8]
+    offset_size, length_size = iloc[12] >> 4, iloc[12] & 15
+    base_size, index_size = iloc[13] >> 4, (iloc[13] & 15) if version in (1, 2) else 0
+    if base_size or index_size or offset_size not in (4, 8) or length_size not in (4, 8) or version > 2:
+        raise ImageError("unexpected iloc layout from the AVIF encoder")
+    pos = 14
+    count = struct.unpack_from(">H" if version < 2 else ">I", iloc, pos)[0]
+    pos += 2 if version < 2 else 4
+    items = []
+    for _ in range(count):
+        item = struct.unpack_from(">H" if version < 2 else ">I", iloc, pos)[0]
+        pos += 2 if version < 2 else 4
+        method = 0
+        if version in (1, 2):
+            method = struct.unpack_from(">H", iloc, pos)[0] & 15
+            pos += 2
+        pos += 2  # data reference index
+        extents = []
+        for _ in range(struct.unpack_from(">H", iloc, pos)[0]):
+            offset = int.from_bytes(iloc[pos + 2 : pos + 2 + offset_size], "big")
+            length = int.from_bytes(iloc[pos + 2 + offset_size : pos + 2 + offset_size + length_size], "big")
+            extents.append((offset, length))
+            pos += offset_size + length_size
+        pos += 2
+        items.append((item, method, extents))
+    return items
+
+
+def _iloc(old: bytes, items: list[tuple[int, int, list[tuple[int, int]]]]) -> bytes:
+    """An `iloc` box like `old` (its version and field sizes) holding `items`."""
+    version = old[8]
+    offset_size, length_size = old[12] >> 4, old[12] & 15
+    wide = version == 2
+    body = bytearray(old[8:14]) + struct.pack(">I" if wide else ">H", len(items))
+    for item, method, extents in items:
+        body += struct.pack(">I" if wide else ">H", item)
+        if version in (1, 2):
+            body += struct.pack(">H", method)
+        body += struct.pack(">HH", 0, len(extents))
+        for offset, length in extents:
+            body += offset.to_bytes(offset_size, "big") + length.to_bytes(length_size, "big")
+    return _box(b"iloc", bytes(body))
 
 
 # -- several frames: an animation (GIF, APNG, WebP) or the pages of a TIFF -------------------------------------------

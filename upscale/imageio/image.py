@@ -33,9 +33,9 @@ PLUGIN_FORMATS = {"HEIF": "pillow-heif", "JXL": "pillow-jxl-plugin"}
 READ_EXTENSIONS = tuple(f".{name}" for name in FORMATS)
 #: formats written with 16 bits per sample when the image has them
 SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
-#: formats written with more than 8 bits per sample when the image has them, and how (AVIF stays 8 bits: Pillow's
-#: codec writes 8, and libavif through imagecodecs writes 10 or 12 but no metadata)
+#: formats written with more than 8 bits per sample when the image has them, and how
 DEEP_FORMATS = {"PNG": "16-bit (imagecodecs)", "TIFF": "16-bit", "HEIF": "10-bit (pillow-heif)",
+                "AVIF": "10-bit (imagecodecs: libavif; the metadata added by upscale)",
                 "JXL": "16-bit (imagecodecs; 8-bit when an ICC profile other than sRGB must be kept)"}
 
 
