@@ -229,3 +229,16 @@ def test_a_broken_later_frame_fails_that_file_in_one_line_and_the_batch_goes_on(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "cut.gif" in errors[0], result.stderr
     assert (tmp_path / "out" / "good_x2.gif").exists() and not (tmp_path / "out" / "cut_x2.gif").exists()
+
+
+def test_an_avif_sequence_is_read_whole_and_becomes_an_apng_by_default(tmp_path):
+    frames = photo_frames()
+    buf = io.BytesIO()
+    frames[0].save(buf, "AVIF", save_all=True, append_images=frames[1:], duration=DURATIONS, quality=90)
+    image = read_image(buf.getvalue())
+    assert image.frames == 3 and [f.duration for f in image.all_frames] == DURATIONS
+    (tmp_path / "seq.avif").write_bytes(buf.getvalue())
+    result = run(tmp_path / "seq.avif", "-s", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["frames"] == 3
+    assert read_image(tmp_path / "seq_x2.png").frames == 3

@@ -87,7 +87,7 @@ def _check_pixels(label: str, width: int, height: int, limit: int | None, frames
         )
 
 
-_MULTI_FRAME_FORMATS = ("GIF", "PNG", "WEBP", "TIFF")
+_MULTI_FRAME_FORMATS = ("GIF", "PNG", "WEBP", "TIFF", "AVIF")  # AVIF: an image sequence
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
 
