@@ -316,8 +316,8 @@ def _connect(ray, address: str) -> None:
 def _pool(ray, workers: int | None) -> tuple[int, dict]:
     """How many actors, and what each asks of Ray: a GPU each where the cluster has GPUs (one actor per GPU by
     default), else an equal share of the CPUs (one actor per node by default, running on all its cores: on 2
-    cores, two one-thread actors against one two-thread actor measured 497 against 609 ms per image in one run
-    and 569 against 536 in another, no clear gain for a model and an image's working memory per core;
+    cores, two one-thread actors against one two-thread actor measured 420 against 470, 497 against 609 and 569
+    against 536 ms per image in three runs, no clear gain for a model and an image's working memory per core;
     `--workers` may ask for more, smaller ones)."""
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
