@@ -434,6 +434,8 @@ class UpscaleStages:
             warnings.append(f"{out_fmt} holds one image: upscaled the first of {image.frames} {what} (write gif, "
                             "png, webp or tif to keep them all)")
             image = dataclasses.replace(image, pages=[])
+        if image.frames > 1:
+            self._check_frames_fit(job, image)
         on_frame = None if self.on_frame is None else functools.partial(self.on_frame, job)
         result, stats = upscale_image_with_stats(self.upscaler, image, on_frame)  # what it actually ran with
         used = {"protocol": stats.protocol, "tile": stats.tile, "precision": stats.precision,
@@ -445,6 +447,22 @@ class UpscaleStages:
         provenance = {**self.provenance, "protocol": stats.protocol, "tile": stats.tile or "whole image",
                       "precision": stats.precision}
         return (result, provenance), used
+
+    def _check_frames_fit(self, job: Job, image) -> None:
+        """Every upscaled frame is held until the file is written: refuse, in one line, a file whose frames
+        would need more than half the memory free now, rather than be killed for it halfway through a batch."""
+        from .imageio import ImageError
+        from .memory import available_ram
+
+        scale = self.upscaler.scale
+        need = sum(f.rgb.shape[0] * f.rgb.shape[1] * (16 if f.alpha is not None else 12) for f in image.all_frames)
+        need *= scale * scale
+        free = available_ram()
+        if need > free // 2:
+            name = "<stdin>" if job.source == STDIO else str(job.source)
+            raise ImageError(f"{name}: its {image.frames} frames at x{scale} need {need / 2**30:.1f} GB held at once, "
+                             f"more than half the memory free here ({free / 2**30:.1f} GB); split the file, or write a "
+                             "format that holds one image to upscale the first frame alone")
 
     def _format(self, job: Job) -> str | None:
         from .imageio import format_for

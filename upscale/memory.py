@@ -53,14 +53,17 @@ def budget(device: torch.device) -> int:
     if device.type == "mps":
         return int(torch.mps.recommended_max_memory() * 0.5) if hasattr(torch.mps, "recommended_max_memory") \
             else 2 << 30
-    available = 4 << 30
+    return int(min(available_ram() * 0.25, 768 << 20))
+
+
+def available_ram() -> int:
+    """Bytes of RAM the system can give without swapping (MemAvailable); 4 GiB where it does not say."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        available = int(info["MemAvailable"].split()[0]) * 1024
+        return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        pass
-    return int(min(available * 0.25, 768 << 20))
+        return 4 << 30
 
 
 def free_cache(device: torch.device) -> None:

@@ -153,6 +153,18 @@ def test_all_frames_count_against_the_pixel_limit():
         upscale.imageio.set_max_pixels(None)
 
 
+def test_a_tiff_whose_later_pages_are_larger_counts_them_all_against_the_limit():
+    small, large = Image.new("RGB", (8, 8)), Image.new("RGB", (64, 64))
+    buf = io.BytesIO()
+    small.save(buf, "TIFF", save_all=True, append_images=[large, large])
+    upscale.imageio.set_max_pixels(64 * 64 * 2)  # each page fits, the three together do not
+    try:
+        with pytest.raises(TooLargeError, match="scan.tif: 3 pages hold more than the 8,192-pixel safety limit"):
+            read_image(buf.getvalue(), name="scan.tif")
+    finally:
+        upscale.imageio.set_max_pixels(None)
+
+
 def test_a_format_of_one_image_refuses_several_frames_in_one_line():
     image = read_image(animation("PNG", photo_frames()))
     with pytest.raises(ImageError, match="JPEG holds one image and this one has 3 frames"):
@@ -242,3 +254,18 @@ def test_an_avif_sequence_is_read_whole_and_becomes_an_apng_by_default(tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[0])["frames"] == 3
     assert read_image(tmp_path / "seq_x2.png").frames == 3
+
+
+def test_frames_that_would_not_fit_in_memory_fail_that_file_in_one_line(tmp_path, monkeypatch, agdn2):
+    from upscale import batch, memory
+
+    image = read_image(animation("GIF", photo_frames()))
+    stages = batch.UpscaleStages(agdn2)
+    job = batch.Job(Path("anim.gif"), tmp_path / "anim_x2.gif")
+    need = 3 * 32 * 24 * 12 * 4  # 3 frames, 12 bytes a pixel (RGB float32), x2
+    monkeypatch.setattr(memory, "available_ram", lambda: 2 * need - 2)
+    with pytest.raises(ImageError, match=r"^anim.gif: its 3 frames at x2 need 0.0 GB held at once, more than half"):
+        stages.compute(job, image)
+    monkeypatch.setattr(memory, "available_ram", lambda: 2 * need)
+    result, used = stages.compute(job, image)
+    assert used["frames"] == 3

@@ -271,9 +271,15 @@ def _read_more_frames(first: LoadedImage, im: Image.Image, data: bytes, frames: 
     orientation; a TIFF's pages each keep their own (size, mode, bit depth, ICC, EXIF, XMP)."""
     pages = first.source_format == "TIFF"
     orientation = first.orientation
+    total = first.size[0] * first.size[1]
     for k in range(1, frames):
         try:
             im.seek(k)
+            total += im.size[0] * im.size[1]  # a TIFF's pages may each be larger than the first
+            if limit is not None and total > limit:
+                raise TooLargeError(f"{label}: {frames} {'pages' if pages else 'frames'} hold more than the "
+                                    f"{limit:,}-pixel safety limit (a possible decompression bomb); allow large "
+                                    "images to read it anyway")
             if pages:
                 frame = _decode_tiff16(data, im.getexif(), label, limit, index=k) or _decode_first(data, im, label)
             else:
@@ -281,8 +287,10 @@ def _read_more_frames(first: LoadedImage, im: Image.Image, data: bytes, frames: 
                 rgb, alpha, grey, depth, _ = _pillow_planes(im, label)
                 frame = _finish(rgb, alpha, grey, depth, {"orientation": orientation}, im.mode, first.source_format)
                 frame.duration = _duration(im)
-        except ImageError as e:
-            raise ImageError(f"{e} ({'page' if pages else 'frame'} {k + 1} of {frames})") from None
+        except TooLargeError:
+            raise
+        except ImageError as e:  # the same kind of error (a pixel limit keeps its remedy), naming the frame
+            raise type(e)(f"{e} ({'page' if pages else 'frame'} {k + 1} of {frames})") from None
         except Exception as e:  # noqa: BLE001 - a broken later frame fails the file, in one line
             raise ImageError(f"{label}: truncated or corrupt {'page' if pages else 'frame'} {k + 1} of {frames} "
                              f"({_one_line(e)})") from None
