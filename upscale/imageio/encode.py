@@ -504,8 +504,8 @@ def _encode_frames(frames: list[LoadedImage], fmt: str, prov, quality: int) -> b
         # disposal 2 clears each frame's area before the next, so transparent pixels never show the last frame;
         # an opaque animation keeps disposal 1 (each whole frame covers the last: nothing to clear)
         options.update(disposal=2 if alpha else 1, optimize=False)
-        if alpha:
-            options["transparency"] = _GIF_TRANSPARENT
+        if alpha:  # the background a frame is cleared to is the transparent index: what browsers clear to too
+            options.update(transparency=_GIF_TRANSPARENT, background=_GIF_TRANSPARENT)
         if first.loop is not None:
             options["loop"] = first.loop
         options["comment"] = (first.text.get("Comment") or (_software_line(prov) if prov else "")).encode()[:255]
