@@ -346,8 +346,7 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
                         frame_bar[0](completed=done)
 
                 stages = UpscaleStages(upscaler, FORMATS[fmt] if fmt else None, quality, overwrite, allow_large,
-                                       protect, {"model": entry.name, "variant": entry.title, "scale": entry.scale,
-                                                 "device": str(upscaler.device), "upscale": __version__}, on_frame)
+                                       protect, _provenance(entry, str(upscaler.device)), on_frame)
             else:  # each worker loads the model: its records say their device and precision (none: no worker ran it)
                 base_record = {"model": entry.name, "scale": entry.scale, "device": None, "precision": None,
                                "protocol": options.protocol, "tile": tile}
@@ -432,16 +431,21 @@ def run(inputs, output, from_list, recursive, model, scale, weights, device, off
         sys.exit(1)
 
 
+def _provenance(entry, device: str | None) -> dict:
+    """What each output records of how it was made (beside what the image ran with), in one key order for local
+    and Ray runs, so that their outputs are the same bytes; a Ray worker fills in its device."""
+    return {"model": entry.name, "variant": entry.title, "scale": entry.scale, "device": device,
+            "upscale": __version__}
+
+
 def _run_on_cluster(jobs, address, workers, entry, weights, options, offline, fmt, quality, overwrite, skip_existing,
                     allow_large, output, on_outcome, report: Reporter):
     """`upscale run --ray`: the same jobs on a Ray cluster (upscale/cluster.py); usage errors exit 2."""
     from .cluster import ClusterError, WorkerSettings, run_on_cluster
 
-    # the provenance keys in the order a local run writes them, so that outputs are the same bytes
-    provenance = {"model": entry.name, "variant": entry.title, "scale": entry.scale, "device": None,
-                  "upscale": __version__}
     settings = WorkerSettings(entry, os.path.abspath(weights) if weights else None, options, offline,
-                              FORMATS[fmt] if fmt else None, quality, overwrite, allow_large, provenance, os.getcwd())
+                              FORMATS[fmt] if fmt else None, quality, overwrite, allow_large,
+                              _provenance(entry, None), os.getcwd())
     try:
         return run_on_cluster(jobs, settings, address=address, workers=workers, overwrite=overwrite,
                               skip_existing=skip_existing, output_folder=output, on_outcome=on_outcome,
