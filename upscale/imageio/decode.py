@@ -185,12 +185,13 @@ def _decode(data: bytes, label: str, limit: int | None) -> LoadedImage:
 def _decode_first(data: bytes, im: Image.Image, label: str) -> LoadedImage:
     fmt = im.format or ""
     sixteen = fmt == "PNG" and data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] == 16
-    im.load()  # also reads the PNG text chunks after the image data
+    deep = _deep_planes(data, fmt, im.size) if fmt in ("HEIF", "AVIF", "JXL") else None
+    if deep is None:  # a deep file's pixels come from its own decoder, its metadata with Image.open
+        im.load()  # also reads the PNG text chunks after the image data
     meta = _pillow_metadata(im)
     mode = im.mode
     if fmt == "JXL" and not meta.get("xmp"):  # pillow-jxl-plugin reads the EXIF box only
         meta["xmp"] = _jxl_box(data, b"xml ")
-    deep = _deep_planes(data, fmt, im.size) if fmt in ("HEIF", "AVIF", "JXL") else None
     if sixteen or deep is not None:
         rgb, alpha, grey, depth = deep or _png16_planes(data, im)
         mode = ("LA;16" if alpha is not None else "I;16") if grey else ("RGBA;16" if alpha is not None else "RGB;16")
