@@ -300,18 +300,15 @@ def _encode_deep(pixels: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | 
         return buf.getvalue()
     import imagecodecs
 
-    def box(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", 8 + len(body)) + kind + body
-
     metadata = []
     if exif:  # the box holds the offset of the TIFF header (0), then the TIFF data
-        metadata.append(box(b"Exif", b"\0\0\0\0" + exif.removeprefix(b"Exif\x00\x00")))
+        metadata.append(_box(b"Exif", b"\0\0\0\0" + exif.removeprefix(b"Exif\x00\x00")))
     if xmp:
-        metadata.append(box(b"xml ", xmp))
+        metadata.append(_box(b"xml ", xmp))
     stream = imagecodecs.jpegxl_encode(data, level=quality, usecontainer=False)
     if stream[:2] == b"\xff\x0a":  # a bare codestream: into a container of ours
-        return b"".join([box(b"JXL ", b"\r\n\x87\n"), box(b"ftyp", b"jxl \0\0\0\0jxl "), *metadata,
-                         box(b"jxlc", stream)])
+        return b"".join([_box(b"JXL ", b"\r\n\x87\n"), _box(b"ftyp", b"jxl \0\0\0\0jxl "), *metadata,
+                         _box(b"jxlc", stream)])
     # libjxl wrote a container itself (16-bit alpha needs its level box): ours go before the codestream's boxes
     at = 0
     while at + 8 <= len(stream) and stream[at + 4 : at + 8] not in (b"jxlc", b"jxlp"):
