@@ -166,7 +166,7 @@ def cpu_kernels():
     console-script subprocesses, which then find them in the cache instead of each compiling them again).
     Modules that need them say so with `pytestmark = pytest.mark.usefixtures("cpu_kernels")`; the others
     (the registry, metrics, image I/O, ESC, ASID) start without a compile."""
-    from upscale.models.agdn import kernels
+    from upscale.models import kernels
 
     return kernels.load()
 

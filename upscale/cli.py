@@ -568,7 +568,7 @@ def doctor(as_json):
     from .engine import Upscaler, available_devices, pick_device
     from .files import cache_dir
     from .imageio import format_support
-    from .models.agdn import kernels
+    from .models import kernels
 
     device = pick_device("auto")
     probe = Upscaler(registry.resolve(registry.DEFAULT_MODEL, 4), torch.nn.Identity(), device, precision="auto")

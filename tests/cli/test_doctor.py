@@ -11,7 +11,7 @@ from conftest import run
 from upscale import registry
 from upscale.cli import _load_upscaler
 from upscale.engine import EngineOptions
-from upscale.models.agdn import kernels
+from upscale.models import kernels
 from upscale.reporter import Reporter
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")

@@ -17,8 +17,7 @@ from conftest import (
 from PIL import Image
 
 from upscale import registry
-from upscale.models import get_architecture
-from upscale.models.agdn import kernels
+from upscale.models import get_architecture, kernels
 from upscale.models.agdn.network import tlc_origins
 from upscale.models.base import Placement
 from upscale.weights import load_model, resolve_weights

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (`upscale/models/agdn/kernels`) against eager PyTorch, op by op, and their fallback.
+"""The fused CPU kernels (`upscale/models/kernels`) against eager PyTorch, op by op, and their fallback.
 
 The model-level checks (golden fixtures, fast path on the kernels vs the straight path) are in test_agdn.py.
 """
@@ -221,14 +221,14 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_disabled_kernels_fall_back_to_the_eager_path():
-    done = _run("from upscale.models.agdn import kernels; print(kernels.load() is None, kernels.status())",
+    done = _run("from upscale.models import kernels; print(kernels.load() is None, kernels.status())",
                 UPSCALE_CPU_KERNELS="0")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("True PyTorch ops (disabled by UPSCALE_CPU_KERNELS)")
 
 
 def test_a_cpu_without_avx2_takes_the_eager_path_without_building(tmp_path):
-    code = ("import numpy as np; from upscale.models.agdn import kernels; kernels._has_avx2 = lambda: False;"
+    code = ("import numpy as np; from upscale.models import kernels; kernels._has_avx2 = lambda: False;"
             "from upscale.api import load_model, upscale_image; m = load_model('agdn', 2);"
             "out = upscale_image(m, (np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8));"
             "print(kernels.load() is None, kernels.status(), out.shape)")
@@ -262,7 +262,7 @@ def test_the_avx2_build_matches_the_eager_path_too():
 
 def test_a_failed_build_falls_back_with_one_line(tmp_path):
     """A compiler that fails: one stderr line, the eager path, the same output, nothing cached."""
-    code = ("import torch; from upscale.models.agdn import kernels; from upscale.api import load_model, upscale_image;"
+    code = ("import torch; from upscale.models import kernels; from upscale.api import load_model, upscale_image;"
             "import numpy as np; m = load_model('agdn', 2); img = (np.random.default_rng(0).random((20, 24, 3))"
             " * 255).astype(np.uint8); out = upscale_image(m, img); print(kernels.status()); print(out.shape)")
     done = _run(code, CXX="/bin/false", UPSCALE_CACHE_DIR=str(tmp_path), PATH="/nonexistent")

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .. import kernels
 from ..base import KB, MB, Architecture, MemoryEstimate, TilingSpec
-from . import kernels
 from .model import AGDN
 from .network import MVSA_STRIDE, StraightAGDN
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..base import Placement
-from . import kernels
 from .fast import _fast_forward, _Workspace
 from .fused import _kernel_forward
 from .network import StraightAGDN, per_placement

@@ -11,8 +11,8 @@
 // convs a sweep with the taps in registers (`dw_sweep`), both written once over the native vector (`Simd`);
 // builds for neither take BLAS's sgemm and the generic loops. Reductions over pixels are summed in an order
 // fixed by the layout, never by the threads: the output is the same bits on every run and thread count.
-// Built on first use by upscale/models/agdn/kernels/__init__.py; every op has an eager equivalent in
-// upscale/models/agdn/fast.py (the fast path without kernels), and tests/test_kernels.py compares them.
+// Built on first use by upscale/models/kernels/__init__.py; every op has an eager equivalent in
+// upscale/models/agdn/fast.py (the fast path without kernels), and tests/models/test_kernels.py compares them.
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY AVX512
@@ -139,7 +139,7 @@ struct Simd {
 // float64 over [-12, 12] (half an ulp of the result; PyTorch's own float32 GELU: 1.2e-6), relative error
 // 7.9e-7 where |GELU| > 1e-3. GELU is a large part of the depthwise kernels: this form (six one-table permutes,
 // five FMAs, three ops for the index) took 15 cycles a vector on Zen 4 where degree 4 on 32 intervals (five
-// two-table permutes, 2.5-3 cycles each there) took 22-24. tests/test_kernels.py checks the accuracy.
+// two-table permutes, 2.5-3 cycles each there) took 22-24. tests/models/test_kernels.py checks the accuracy.
 constexpr float kGeluStep = 0.375f;
 alignas(64) constexpr float kGeluTail[6][16] = {
     {5.00000000e-01f, 3.53830248e-01f, 2.26627350e-01f, 1.30294517e-01f, 6.68072030e-02f, 3.03963590e-02f, 1.22244712e-02f, 4.33244789e-03f, 1.34989817e-03f, 3.69078713e-04f, 8.84174660e-05f, 1.85368226e-05f, 3.39770349e-06f, 5.44051034e-07f, 7.60516770e-08f, 9.27580590e-09f},

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ....files import atomic_path, cache_dir
+from ...files import atomic_path, cache_dir
 
 __all__ = ["load", "status"]
 
