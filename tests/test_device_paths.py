@@ -2,6 +2,8 @@
 tiles, the float32/TF32 switch, blending on the device or on the host. Each is compared against the plain
 path's output (fp32, one tile per forward). The same tests on a real GPU are in test_cuda.py."""
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import example_tensor, golden_case_names, load_golden
@@ -183,7 +185,7 @@ def test_esc_says_once_when_flex_attention_cannot_run_for_want_of_triton(monkeyp
     model = build_model(registry.resolve("esc", 2)).eval()
     arch = esc.ARCHITECTURE
     assert arch.device_warning(model, torch.device("cpu")) is None  # sdpa is the CPU's choice anyway
-    monkeypatch.setattr(esc.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert "needs Triton" in arch.device_warning(model, torch.device("cuda"))
     assert esc.resolve_backend("auto", torch.device("cuda")) == "sdpa"
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import assert_matches_golden, detected, golden_case_names, load_golden
 
 from upscale import registry
-from upscale.models import esc
-from upscale.models.esc import ARCHITECTURE
+from upscale.models import esc, kernels
+from upscale.models.esc import ARCHITECTURE, fast
 
 VARIANTS = ("esc-light", "esc", "esc-dflip", "esc-fp", "esc-xl", "esc-real")
 
@@ -28,6 +28,8 @@ SPEC_PARAMS = {
 SPEC_TENSORS = {"esc-light": 244, "esc": 402, "esc-dflip": 402, "esc-xl": 719, "esc-fp": 455, "esc-real": 909}
 
 ENTRIES = [e for e in registry.all_entries() if e.family == "esc"]
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # ESC's CPU path runs on them
 
 
 def build(variant: str, scale: int, **overrides) -> torch.nn.Module:
@@ -332,3 +334,67 @@ def test_detect_rejects_other_state_dicts():
     assert detected(missing) is None
     odd = dict(sd, **{"to_img.weight": torch.empty(15, 64, 3, 3), "to_img.bias": torch.empty(15)})
     assert detected(odd) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CPU path on the fused kernels (fast.py) against the straight modules
+
+
+def _straight(model):
+    return esc.straight_twin(model)
+
+
+needs_kernels = pytest.mark.skipif(kernels.load() is None, reason=f"fused CPU kernels unavailable: {kernels.status()}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant,scale,n,h,w", [
+    ("esc-light", 4, 1, 64, 64), ("esc-light", 2, 2, 37, 70), ("esc", 3, 1, 33, 31), ("esc-fp", 4, 1, 45, 32),
+    ("esc-fp", 2, 2, 16, 9), ("esc-real", 4, 1, 20, 36), ("esc-xl", 2, 1, 50, 13), ("esc-light", 4, 1, 1, 5),
+])
+def test_fast_path_matches_the_straight_modules(variant, scale, n, h, w, monkeypatch):
+    # sizes below, at and across the window (padding inside the attention), batches, every network class
+    model = perturbed(build(variant, scale), seed=h + w)
+    x = images(n, h, w, seed=n * h)
+    calls = []
+    real = fast.fast_forward
+    monkeypatch.setattr(fast, "fast_forward", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = model(x)
+        want = _straight(model)(x)
+    assert calls == [1], "the fast path did not run"
+    diff = (got - want).abs()
+    assert diff.max() <= 5e-5 and diff.mean() <= 1e-6, f"max {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+@needs_kernels
+def test_fast_path_gives_the_same_bits_at_any_thread_count():
+    model = perturbed(build("esc-light", 2), seed=3)
+    x = images(1, 70, 45, seed=4)
+    before = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            runs = []
+            for threads in (2, 1, 3, 2):
+                torch.set_num_threads(threads)
+                runs.append(model(x))
+    finally:
+        torch.set_num_threads(before)
+    for i, y in enumerate(runs[1:]):
+        assert torch.equal(y, runs[0]), f"run {i + 1}: {int((y != runs[0]).sum())} values differ"
+
+
+def test_straight_modules_run_where_the_fast_path_does_not_apply(monkeypatch):
+    model = perturbed(build("esc-light", 2), seed=5)
+    x = images(1, 24, 24)
+    monkeypatch.setattr(fast, "fast_forward", lambda *a: pytest.fail("fast path taken"))
+    with torch.no_grad():
+        _straight(model)(x)  # fast = False
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    model(x)  # autograd records: the straight modules
+    monkeypatch.setenv("UPSCALE_CPU_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_state", {})
+    with torch.no_grad():
+        model(x)  # no kernels
+    assert model.fast_path and not _straight(model).fast_path

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 
-from upscale.models.agdn import fast, fused, kernels, network
+from upscale.models import kernels
+from upscale.models.agdn import fast, fused, network
 from upscale.models.base import Placement
 
 ops = kernels.load()
@@ -54,6 +55,8 @@ def test_dwconv_bias_residual_gelu(n, h, w, c, stride, reflect):
         ops.dwconv3x3(x, n, h, w, fused._taps(weight), bias, stride, reflect, res, act, 0, out)
         want = ref + res
         _close(out, F.gelu(want) if act else want, what=f"act {act}")
+    ops.dwconv3x3(x, n, h, w, fused._taps(weight), bias, stride, reflect, res, 2, 0, out)  # ESC's ConvFFN
+    _close(out, F.gelu(ref) + res, what="GELU, then the residual")
     ops.dwconv3x3(x, n, h, w, fused._taps(weight), None, stride, reflect, None, 0, 0, out)
     _close(out, ref - bias, what="no bias")
 
@@ -445,3 +448,40 @@ def test_the_forward_gives_the_same_bits_on_every_run_and_thread_count(agdn_x4):
         torch.set_num_threads(before)
     for i, y in enumerate(runs):
         assert torch.equal(y, first), f"run {i}: {int((y != first).sum())} values differ"
+
+
+# -- ESC's kernels ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window,heads,windows", [(16, 2, 3), (32, 4, 4), (48, 12, 1), (32, 3, 2)])
+def test_window_attention_matches_softmax_with_the_relative_bias(window, heads, windows):
+    from upscale.models.esc import network as esc
+
+    g = torch.Generator().manual_seed(window + heads)
+    L = window * window
+    q, k, v = (torch.randn(windows, heads, L, 16, generator=g) for _ in range(3))
+    table = torch.randn(heads, (2 * window - 1) ** 2, generator=g)
+    want = esc.window_attention(q, k, v, table, window, "naive")
+    out = torch.full((windows * heads, L, 16), float("nan"))
+    ops.window_attention(q.reshape(-1, L, 16), k.reshape(-1, L, 16).transpose(1, 2).contiguous(),
+                         v.reshape(-1, L, 16), table, window, 0.25, out)
+    _close(out.view_as(want), want, rel=5e-6, what="attention")  # sums over up to 2304 keys
+
+
+@pytest.mark.parametrize("n,c,h,w,size", [
+    (1, 16, 40, 37, 13), (2, 16, 9, 5, 13), (1, 48, 20, 24, 13), (1, 32, 3, 70, 7), (1, 16, 1, 1, 13),
+    (1, 16, 12, 12, 3),
+])
+def test_sym_conv_equals_the_dense_conv_of_a_symmetric_kernel(n, c, h, w, size):
+    from upscale.models.esc import fast as esc_fast
+    from upscale.models.esc.network import d4_symmetrize
+
+    g = torch.Generator().manual_seed(c * h + w)
+    kernel = d4_symmetrize(torch.randn(c, c, size, size, generator=g) / size)
+    x = torch.randn(n, c, h, w, generator=g)
+    want = F.conv2d(x, kernel, padding=size // 2)
+    wide = torch.randn(n * h * w, c + 8, generator=g)
+    wide[:, 3 : 3 + c] = _rows(x)  # a column slice of a wider map, as the model passes it
+    out = torch.full((n * h * w, c), float("nan"))
+    ops.sym_conv(wide[:, 3 : 3 + c], n, h, w, c, size, esc_fast.orbit_weight(kernel), out)
+    _close(out, _rows(want), rel=4e-6, what="sym_conv")

@@ -1,6 +1,6 @@
 """The contract between a model family and the rest of `upscale`.
 
-Every family module (`agdn/`, `esc.py`, `asid.py`) exports one `ARCHITECTURE` object, a subclass of
+Every family module (`agdn/`, `esc/`, `asid.py`) exports one `ARCHITECTURE` object, a subclass of
 `Architecture`. The registry, the weights pipeline and the engine talk to a family only through it, so they
 never need an `if family == ...` branch.
 
@@ -141,3 +141,19 @@ class Architecture:
         The hyper-parameters are named as in `weights.toml`; the registry, not the family, matches them to a
         zoo entry (`registry.match`)."""
         return None
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` in this thread."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def plain_inference(module: nn.Module, x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether `module(x)` is plain inference, which a family's fast path may take: a 4-D batch of one of
+    `dtypes`, no autocast, nothing that autograd records (those run the straight modules)."""
+    if x.dim() != 4 or x.dtype not in dtypes or autocast_on(x.device.type):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))

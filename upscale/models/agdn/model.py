@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..base import Placement
+from ..base import Placement, plain_inference
 from .fast import _fast_forward, _Workspace
 from .fused import _kernel_forward
 from .network import StraightAGDN, per_placement
@@ -35,11 +35,7 @@ class AGDN(StraightAGDN):
     def uses_fast_path(self, x: torch.Tensor, fast: bool | None = None) -> bool:
         """Whether `forward` takes the fast path for this input: on unless disabled, and only for float32 /
         float64 inference (nothing that autograd records, no autocast: those run the straight path)."""
-        if not (self.fast if fast is None else fast) or x.dim() != 4:
-            return False
-        if x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
-            return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        return bool(self.fast if fast is None else fast) and plain_inference(self, x, (torch.float32, torch.float64))
 
     def forward(self, x, placement: Placement | None = None, fast: bool | None = None):
         """As `StraightAGDN.forward`; `fast`: None follows `self.fast` (default True); False forces the straight
@@ -63,13 +59,6 @@ class AGDN(StraightAGDN):
         for i in range(1, self.num_block + 1):
             getattr(self, f"B{i}").ea.restormer_attn.gathered_windows = gathered
         return super().forward(x, placement)
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _clear_fast_cache(module, incompatible_keys) -> None:

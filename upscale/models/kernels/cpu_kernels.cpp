@@ -51,7 +51,9 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kMaxChannels = 1024;
 
-enum Act : int64_t { kNone = 0, kGelu = 1 };
+// kGeluRes (mode 0, with a residual): out = GELU(conv + bias) + residual (ESC's ConvFFN), where kGelu is
+// GELU(conv + bias + residual)
+enum Act : int64_t { kNone = 0, kGelu = 1, kGeluRes = 2 };
 
 // The native vector of the build for the register-blocked kernels written once for both ISAs: its width, the
 // most column vectors a GEMM tile of 4 pixels keeps in registers (32 registers with AVX-512: 4 x 6 sums and 6
@@ -74,6 +76,9 @@ struct Simd {
   static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static ALWAYS_INLINE V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
   static ALWAYS_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static ALWAYS_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static ALWAYS_INLINE float hmax(V a) { return _mm512_reduce_max_ps(a); }
+  static ALWAYS_INLINE float hsum(V a) { return _mm512_reduce_add_ps(a); }
   static ALWAYS_INLINE V clamp(V x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, set1(lo)), set1(hi)); }
   static ALWAYS_INLINE V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static ALWAYS_INLINE V times_pow2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral
@@ -108,6 +113,17 @@ struct Simd {
   static ALWAYS_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static ALWAYS_INLINE V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
   static ALWAYS_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static ALWAYS_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static ALWAYS_INLINE float hmax(V a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static ALWAYS_INLINE float hsum(V a) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+  }
   static ALWAYS_INLINE V clamp(V x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, set1(lo)), set1(hi)); }
   static ALWAYS_INLINE V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // p * 2^n, n integral and within the exponent range of normal floats: n goes into the exponent bits
@@ -452,8 +468,12 @@ ALWAYS_INLINE void dw_pixels(const DwArgs& a, const float* const src[3], int64_t
       const Vec bv = b ? load(b + c, n) : Vec(0.0f);
       for (int u = 0; u < U; ++u) {
         Vec s = acc[u] + bv;
-        if (res) s = s + load(res + (p0 + u) * ldr + c, n);
-        if (act == kGelu) s = gelu(s);
+        if (act == kGeluRes) {
+          s = gelu(s) + load(res + (p0 + u) * ldr + c, n);
+        } else {
+          if (res) s = s + load(res + (p0 + u) * ldr + c, n);
+          if (act == kGelu) s = gelu(s);
+        }
         store(s, op + (p0 + u) * ldo + c, n);
       }
     }
@@ -584,6 +604,10 @@ void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
           if (a.act == kGelu)
             dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, ln, [&](int64_t x, V v) __attribute__((always_inline)) {
               ln.store(out + x * ldo, gelu(Simd::add(Simd::add(v, bias), ln.load(res + x * ldr))));
+            });
+          else if (a.act == kGeluRes)
+            dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, ln, [&](int64_t x, V v) __attribute__((always_inline)) {
+              ln.store(out + x * ldo, Simd::add(gelu(Simd::add(v, bias)), ln.load(res + x * ldr)));
             });
           else
             dw_sweep(rows, a.ldx, W, x0, x1, a.reflect, a.wp, a.ldw, c, ln, [&](int64_t x, V v) __attribute__((always_inline)) {
@@ -818,6 +842,7 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   const float* res = opt_ptr(residual);
   if (res) check_map(*residual, "residual");
   if (side_c) check_map(*side_out, "side_out");
+  TORCH_CHECK(act != kGeluRes || (res && mode == 0), "act GELU-then-residual needs a residual, mode 0");
   DwArgs base{nullptr, weight.const_data_ptr<float>(), opt_ptr(bias), res, out.data_ptr<float>(),
               nullptr, opt_ptr(side_bias), side_c ? side_out->data_ptr<float>() : nullptr, nullptr,
               H, W, H, W, C, C / 2, side_c, Cm, weight.size(1), res ? residual->stride(0) : 0, out.stride(0), Cm,
@@ -890,6 +915,7 @@ void dwconv3x3(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   const float* res = opt_ptr(residual);
   if (res) check_map(*residual, "residual");
   const int64_t ldr = res ? residual->stride(0) : 0;
+  TORCH_CHECK(act != kGeluRes || (res && mode == 0), "act GELU-then-residual needs a residual, mode 0");
   const float* b = opt_ptr(bias);
   const float* xp = x.const_data_ptr<float>();
   const float* wp = weight.const_data_ptr<float>();
@@ -1970,6 +1996,177 @@ void pixel_shuffle(const Tensor& x, int64_t images, int64_t H, int64_t W, int64_
   });
 }
 
+// ESC's window self-attention (§3.5 of shared/arch/esc.md) for heads of 16 channels: per window and head,
+// out = softmax(q kᵀ · scale + B) v over its L = W² tokens, B[i, j] read from the relative-position table at
+// (r_j - r_i + W - 1) * (2W - 1) + (c_j - c_i + W - 1). PyTorch's CPU attention streams a dense (L x L) bias per
+// head from memory; here a query's bias over 16 keys of one key row is 16 consecutive table entries (the table,
+// 16 KB a head for W = 32, stays in L1). A task is R queries of one window and head: their scores over all L keys
+// (R x L floats, in L2), then a float32 softmax (max subtracted), then P v with the value rows streamed once for
+// the R queries. Tasks are independent: the output does not depend on the thread count.
+// q, v, out: (G, L, 16); kt: (G, 16, L) (k transposed); table: (heads, (2W-1)²); window g uses head g % heads.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr int kAttnRows = Simd::kW == 16 ? 8 : 4;  // accumulators in registers: R x (16 / kW) for P v
+
+void attn_rows(const float* q, const float* kt, const float* v, const float* tab, int64_t L, int64_t W, float scale,
+               int64_t i0, float* S, float* out) {
+  using S_ = Simd;
+  using V = S_::V;
+  constexpr int R = kAttnRows, kW = S_::kW, D = 16, NV = D / kW;
+  const int64_t span = 2 * W - 1;
+  V mx[R];
+  for (int r = 0; r < R; ++r) mx[r] = S_::set1(-INFINITY);
+  const float* bias_row[R];  // the table entry of key (row 0, column 0) for each query
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = i0 + r, ri = i / W, ci = i % W;
+    bias_row[r] = tab + (W - 1 - ri) * span + (W - 1 - ci);
+  }
+  const V sc = S_::set1(scale);
+  for (int64_t j0 = 0; j0 < L; j0 += kW) {
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = S_::zero();
+    for (int c = 0; c < D; ++c) {
+      V kv = S_::load(kt + c * L + j0);
+      pin(kv);
+      for (int r = 0; r < R; ++r) acc[r] = S_::fmadd(S_::set1(q[(i0 + r) * D + c]), kv, acc[r]);
+    }
+    const int64_t off = (j0 / W) * span + j0 % W;  // key row r_j, first column c_j of the chunk
+    for (int r = 0; r < R; ++r) {
+      const V s = S_::fmadd(acc[r], sc, S_::load(bias_row[r] + off));
+      S_::store(S + r * L + j0, s);
+      mx[r] = S_::max(mx[r], s);
+    }
+  }
+  float inv[R];
+  for (int r = 0; r < R; ++r) {
+    const V m = S_::set1(S_::hmax(mx[r]));
+    V sum = S_::zero();
+    float* row = S + r * L;
+    for (int64_t j0 = 0; j0 < L; j0 += kW) {
+      const V e = exp_fast(S_::sub(S_::load(row + j0), m));
+      S_::store(row + j0, e);
+      sum = S_::add(sum, e);
+    }
+    inv[r] = 1.0f / S_::hsum(sum);
+  }
+  V o[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NV; ++n) o[r][n] = S_::zero();
+  for (int64_t j = 0; j < L; ++j) {
+    V vj[NV];
+    for (int n = 0; n < NV; ++n) {
+      vj[n] = S_::load(v + j * D + n * kW);
+      pin(vj[n]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const V p = S_::set1(S[r * L + j]);
+      for (int n = 0; n < NV; ++n) o[r][n] = S_::fmadd(p, vj[n], o[r][n]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NV; ++n) S_::store(out + (i0 + r) * D + n * kW, S_::mul(o[r][n], S_::set1(inv[r])));
+}
+#endif
+
+void window_attention(const Tensor& q, const Tensor& kt, const Tensor& v, const Tensor& table, int64_t window,
+                      double scale, Tensor out) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const int64_t G = q.size(0), L = q.size(1), W = window, heads = table.size(0);
+  for (const Tensor* t : {&q, &kt, &v, &table, static_cast<const Tensor*>(&out)})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, "window_attention: contiguous float32");
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == 16 && L == W * W && W % 16 == 0, "q: (G, W², 16), W a multiple of 16");
+  TORCH_CHECK(v.sizes() == q.sizes() && out.sizes() == q.sizes(), "v, out: the shape of q");
+  TORCH_CHECK(kt.dim() == 3 && kt.size(0) == G && kt.size(1) == 16 && kt.size(2) == L, "kt: (G, 16, W²)");
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == (2 * W - 1) * (2 * W - 1) && G % heads == 0,
+              "table: (heads, (2W-1)²), heads dividing G");
+  const float *qp = q.const_data_ptr<float>(), *kp = kt.const_data_ptr<float>(), *vp = v.const_data_ptr<float>();
+  const float* tp = table.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t blocks = L / kAttnRows, tab = table.size(1);
+  const float sc = static_cast<float>(scale);
+  parallel_rows(G * blocks, [&] {
+    auto scores = std::make_shared<std::vector<float>>(kAttnRows * L);
+    return [&, scores](int64_t t) {
+      const int64_t g = t / blocks, i0 = (t % blocks) * kAttnRows;
+      attn_rows(qp + g * L * 16, kp + g * 16 * L, vp + g * L * 16, tp + (g % heads) * tab, L, W, sc, i0,
+                scores->data(), op + g * L * 16);
+    };
+  });
+#else
+  TORCH_CHECK(false, "window_attention needs the AVX2 or AVX-512 build");
+#endif
+}
+
+// A dense k x k conv (zero padding k/2, stride 1) whose kernel is D4-symmetric in space, as ESC's shared large
+// kernel is (§3.3): w[o, c, r + dy, r + dx] depends on the orbit {|dy|, |dx|} only. The taps of an orbit share
+// one weight, so their inputs are summed first, z[p, orbit, c], and the conv is one GEMM of z with the
+// (orbits * C, O) weight: for 13 x 13, 28 orbits instead of 169 taps, 6x fewer multiply-adds. Per output row:
+// u_a = x[y + a] + x[y - a] (a = 0..r, zero-padded rows), then per block of pixels z from u_a at columns x +- b,
+// then the GEMM. x: (images*H*W, >= C) map; weight: (orbits * C, Cm), orbit (a, b), a <= b, in the order
+// (0,0), (0,1) .. (0,r), (1,1) .. (r,r); out: (images*H*W, O) map, O <= Cm.
+void sym_conv(const Tensor& x, int64_t images, int64_t H, int64_t W, int64_t C, int64_t ksize, const Tensor& weight,
+              Tensor out) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using S_ = Simd;
+  constexpr int kW = S_::kW;
+  check_map(x, "x");
+  check_map(out, "out");
+  const int64_t r = ksize / 2, orbits = (r + 1) * (r + 2) / 2, K = orbits * C, Cm = weight.size(1);
+  TORCH_CHECK(ksize % 2 == 1 && C % kW == 0 && C <= x.size(1), "sym_conv: odd kernel, C a multiple of the vector");
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == K && Cm % 16 == 0 &&
+              out.size(1) <= Cm, "weight: (orbits * C, Cm)");
+  TORCH_CHECK(x.size(0) == images * H * W && out.size(0) == images * H * W, "pixel count mismatch");
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = weight.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldo = out.stride(0), O = out.size(1), PW = W + 2 * r;
+  constexpr int64_t kBlk = 16;  // pixels per GEMM block: their z (16 x 448 floats for 13 x 13, C = 16) stays in L1
+  parallel_rows(images * H, [&] {
+    auto u = std::make_shared<std::vector<float>>((r + 1) * PW * C, 0.0f);  // zero columns stay zero
+    auto z = std::make_shared<std::vector<float>>(kBlk * K);
+    return [&, u, z](int64_t row) {
+      const int64_t img = row / H, y = row % H;
+      const float* base = xp + img * H * W * ldx;
+      for (int64_t a = 0; a <= r; ++a) {
+        float* ua = u->data() + (a * PW + r) * C;
+        const bool up = y - a >= 0, down = y + a < H;
+        for (int64_t px = 0; px < W; ++px)
+          for (int64_t c = 0; c < C; c += kW) {
+            S_::V v = S_::zero();
+            if (down) v = S_::load(base + ((y + a) * W + px) * ldx + c);
+            if (a > 0 && up) v = S_::add(v, S_::load(base + ((y - a) * W + px) * ldx + c));
+            S_::store(ua + px * C + c, v);
+          }
+      }
+      for (int64_t x0 = 0; x0 < W; x0 += kBlk) {
+        const int64_t n = std::min(kBlk, W - x0);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t px = x0 + i + r;  // column in the padded u rows
+          float* zp = z->data() + i * K;
+          for (int64_t a = 0, o = 0; a <= r; ++a) {
+            const float* ua = u->data() + a * PW * C;
+            for (int64_t b = a; b <= r; ++b, ++o) {
+              const float* ub = u->data() + b * PW * C;
+              for (int64_t c = 0; c < C; c += kW) {
+                S_::V v = S_::load(ua + (px + b) * C + c);  // (dy, dx) = (+-a, +b)
+                if (b > 0) v = S_::add(v, S_::load(ua + (px - b) * C + c));
+                if (b > a) {  // the transposed taps (+-b, +-a)
+                  v = S_::add(v, S_::load(ub + (px + a) * C + c));
+                  if (a > 0) v = S_::add(v, S_::load(ub + (px - a) * C + c));
+                }
+                S_::store(zp + o * C + c, v);
+              }
+            }
+          }
+        }
+        gemm_block(z->data(), K, n, wp, Cm, K, op + (row * W + x0) * ldo, ldo, O, false);
+      }
+    };
+  });
+#else
+  TORCH_CHECK(false, "sym_conv needs the AVX2 or AVX-512 build");
+#endif
+}
+
 // Which vector code this build runs: AVX512 (own GEMM, depthwise sweep and GELU), AVX2 or DEFAULT (ATen's
 // vector types, BLAS's sgemm)
 std::string capability() {
@@ -2008,4 +2205,6 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "Tensor? residual=None) -> ()", cell_apply);
   m.def("mvsa_coarse", mvsa_coarse);
   m.def("pixel_shuffle", pixel_shuffle);
+  m.def("window_attention", window_attention);
+  m.def("sym_conv", sym_conv);
 }
