@@ -162,10 +162,10 @@ def _test_threads():
 
 @pytest.fixture(scope="session")
 def cpu_kernels():
-    """Build (or find) AGDN's fused CPU kernels once, before the tests that run AGDN (in this process or in
+    """Build (or find) the fused CPU kernels once, before the tests that run a model on the CPU (in this process or in
     console-script subprocesses, which then find them in the cache instead of each compiling them again).
     Modules that need them say so with `pytestmark = pytest.mark.usefixtures("cpu_kernels")`; the others
-    (the registry, metrics, image I/O, ESC, ASID) start without a compile."""
+    (the registry, metrics, image I/O) start without a compile."""
     from upscale.models import kernels
 
     return kernels.load()

@@ -11,11 +11,18 @@ import torch.nn.functional as F
 from conftest import assert_matches_golden, detected, golden_case_names, load_golden
 
 from upscale import registry
-from upscale.models import get_architecture
-from upscale.models.asid import ARCHITECTURE, ASID, ASIDArchitecture
+from upscale.models import get_architecture, kernels
+from upscale.models.asid import (
+    ARCHITECTURE,
+    ASID,
+    ASIDArchitecture,
+    fast,
+    straight_twin,
+)
 from upscale.tiling import grid_origins, plan_tiles, tiled_forward
 
 CASES = golden_case_names("asid")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # ASID's CPU path runs on them
 OFFICIAL_CLASS_TO_VARIANT = {"ASID": "asid", "ASIDd8": "asid-d8"}
 
 PARAMS = {
@@ -230,3 +237,69 @@ def test_batch_matches_single_images():
         singles = torch.cat([model(x[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batched, singles, rtol=0, atol=1e-5)
     assert not torch.allclose(batched[0], batched[1])  # really different images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CPU path on the fused kernels (asid/fast.py) against the straight modules
+
+needs_kernels = pytest.mark.skipif(kernels.load() is None, reason=f"fused CPU kernels unavailable: {kernels.status()}")
+
+
+def _perturbed(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant,scale,n,h,w", [
+    ("asid", 4, 3, 64, 64), ("asid", 2, 1, 37, 50), ("asid-d8", 3, 2, 16, 24), ("asid", 3, 1, 9, 9),
+    ("asid-d8", 4, 1, 64, 40), ("asid", 2, 2, 25, 72),
+])
+def test_fast_path_matches_the_straight_modules(variant, scale, n, h, w, monkeypatch):
+    # tiles of the official size, odd sizes (zero padding to the 8 px windows), the smallest raw size, batches
+    model = _perturbed(ARCHITECTURE.build(variant, scale, registry.resolve(variant, scale).hparams), h * w)
+    x = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(n + h)) * 2 - 1
+    calls = []
+    real = fast.forward_raw
+    monkeypatch.setattr(fast, "forward_raw", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = model.forward_raw(x)
+        want = straight_twin(model).forward_raw(x)
+    assert calls == [1], "the fast path did not run"
+    diff = (got - want).abs()
+    assert diff.max() <= 2e-5 and diff.mean() <= 5e-7, f"max {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+@needs_kernels
+def test_fast_path_gives_the_same_bits_at_any_thread_count():
+    model = _perturbed(ARCHITECTURE.build("asid", 2, registry.resolve("asid", 2).hparams), 1)
+    x = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            runs = []
+            for threads in (2, 1, 3, 2):
+                torch.set_num_threads(threads)
+                runs.append(model(x))
+    finally:
+        torch.set_num_threads(before)
+    for i, y in enumerate(runs[1:]):
+        assert torch.equal(y, runs[0]), f"run {i + 1}: {int((y != runs[0]).sum())} values differ"
+
+
+def test_straight_modules_run_where_the_fast_path_does_not_apply(monkeypatch):
+    model = ARCHITECTURE.build("asid", 2, registry.resolve("asid", 2).hparams)
+    x = torch.rand(1, 3, 24, 24)
+    monkeypatch.setattr(fast, "forward_raw", lambda *a: pytest.fail("fast path taken"))
+    with torch.no_grad():
+        straight_twin(model)(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    model(x)  # autograd records
+    monkeypatch.setenv("UPSCALE_CPU_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_state", {})
+    with torch.no_grad():
+        model(x)

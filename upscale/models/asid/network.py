@@ -1,4 +1,6 @@
-"""ASID and ASID-d8: Efficient Attention-Sharing Information Distillation Transformer (Park, Soh, Cho, AAAI 2025).
+"""The straight ASID network, module by module in the official operation order (the reference; `fast.py` is the
+CPU path). ASID and ASID-d8: Efficient Attention-Sharing Information Distillation Transformer (Park, Soh, Cho,
+AAAI 2025).
 
 Written from the spec in `shared/arch/asid.md` (which follows the official code, saturnian77/ASID, built on
 Omni-SR). One class, `ASID`, covers both published variants: "asid" has 3 groups, "asid-d8" has 8. The
@@ -34,16 +36,11 @@ Small inputs (documented behaviour, not official; sizes where the official code 
 
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tiling import tiled_forward
-from .base import KB, MB, Architecture, MemoryEstimate, TilingSpec
-from .layers import LayerNorm2d
+from ..layers import LayerNorm2d
 
 #: window size of the spatial attention (hard-coded 8 in the official SLA/SGA) and the padding multiple
 WINDOW = 8
@@ -425,18 +422,25 @@ class ASID(nn.Module):
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
         """The official network: (N, 3, H, W) in [-1, 1] -> (N, 3, sH, sW) in the [-1, 1] domain, unclamped."""
         h, w = x.shape[-2:]
+        f0 = self.input(self.pad_raw(x))
+        y, maps = self.block0(f0)
+        for k in range(1, self.groups):
+            y = getattr(self, f"block{k}")(y, maps)
+        return self.tail(y, f0, h, w)
+
+    def pad_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw network's input rule: both sides >= RAW_MIN_SIDE, zero-padded bottom/right to the window."""
+        h, w = x.shape[-2:]
         if min(h, w) < RAW_MIN_SIDE:
             raise ValueError(
                 f"the raw ASID network needs both sides >= {RAW_MIN_SIDE} (got {h}x{w}); "
                 "use forward(), which pads small inputs"
             )
-        x = F.pad(x, (0, (-w) % WINDOW, 0, (-h) % WINDOW))  # zeros, bottom/right
-        f0 = self.input(x)
-        y, maps = self.block0(f0)
-        for k in range(1, self.groups):
-            y = getattr(self, f"block{k}")(y, maps)
-        y = self.output(y) + f0
-        y = self.up(y)
+        return F.pad(x, (0, (-w) % WINDOW, 0, (-h) % WINDOW))  # zeros, bottom/right
+
+    def tail(self, y: torch.Tensor, f0: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """From the last group's output `y` and the shallow features `f0` to the (cropped) raw output."""
+        y = self.up(self.output(y) + f0)
         return y[..., : h * self.scale, : w * self.scale]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -454,91 +458,3 @@ def pad_to_min_side(x: torch.Tensor, min_side: int) -> torch.Tensor:
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
     return x
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the family object
-
-
-class ASIDArchitecture(Architecture):
-    family = "asid"
-    variants = ("asid", "asid-d8")
-    min_size = RAW_MIN_SIDE  # smaller inputs also work through model(x), which replicate-pads them itself
-    reference_tile = TILE
-
-    def tiling_spec(self, model: nn.Module) -> TilingSpec:
-        # blocks of the training size on the official tiler's grid (stride 40, anchored at (0, 0)) blended
-        # smoothly; stride and padding are multiples of the 8 px attention windows
-        return TilingSpec("blocks", block=TILE, block_overlap=TILE_OVERLAP, pad_multiple=WINDOW)
-
-    def memory_estimate(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> MemoryEstimate:
-        # measured on the CPU (tests/test_memory.py), x4, 128x96 -> 256x192: ASID 6.7 KB per pixel in fp32,
-        # 4.8 KB under bf16 autocast; ASID-d8 7.2 / 4.7 KB; about 30 MB at 64x64
-        return MemoryEstimate(32 * MB, (9 if dtype == torch.float32 else 7) * KB)
-
-    def build(self, variant: str, scale: int, hparams: Mapping[str, Any]) -> ASID:
-        if variant not in self.variants:
-            raise ValueError(f"unknown ASID variant {variant!r}; known: {', '.join(self.variants)}")
-        if scale not in (2, 3, 4):
-            raise ValueError(f"ASID has x2, x3 and x4 models, not x{scale}")
-        if "groups" not in hparams:
-            raise ValueError("ASID needs its number of groups (hparams 'groups', listed per variant in weights.toml)")
-        model = ASID(
-            scale=scale,
-            groups=int(hparams["groups"]),
-            num_feat=int(hparams.get("num_feat", 48)),
-            window_size=int(hparams.get("window_size", WINDOW)),
-        )
-        return model.eval()
-
-    def reference_forward(self, model: nn.Module, lr: torch.Tensor, tiles_per_forward: int = 1) -> torch.Tensor:
-        """The official test procedure (tester_Matlab.py, patch_test=True) on a [0, 1] batch.
-
-        x = (lr - 0.5) / 0.5; square tiles of min(64, h, w) on the official grid with 24 px overlap, each run
-        through the raw network; plain average in [-1, 1]; then (y + 1) / 2. Unlike the official script the
-        result is not clipped to [0, 1]. For min(h, w) <= 24, where the official procedure is undefined, see the
-        module docstring (an axis <= 24 px is one full-length tile; sides < 9 are replicate-padded).
-        The official script runs one tile per forward; `tiles_per_forward` stacks that many tiles into one
-        batch (a 1080p image is 1,296 tiles: one per call is launch-bound on a GPU). The average is formed in
-        the same order either way.
-        """
-        scale = model.scale
-        h, w = lr.shape[-2:]
-        x = pad_to_min_side(lr, RAW_MIN_SIDE)  # no-op unless a side is < 9
-        ph, pw = x.shape[-2:]
-        if min(ph, pw) >= PROTOCOL_MIN_SIDE:
-            tile: int | tuple[int, int] = min(TILE, ph, pw)  # official: square
-        else:
-            tile = tuple(side if side < PROTOCOL_MIN_SIDE else min(TILE, side) for side in (ph, pw))
-        with torch.no_grad():
-            y = tiled_forward(model.forward_raw, (x - 0.5) / 0.5, scale, tile, TILE_OVERLAP, tiles_per_forward)
-        return (y[..., : h * scale, : w * scale] + 1) / 2
-
-    def describe(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:
-        required = (
-            "input.weight",
-            "output.weight",
-            "up.0.weight",
-            "block0.residual_layer.0.SLA1.attn.to_qkv.weight",
-            "block0.res_end.weight",
-            "block0.esa.conv1.weight",
-        )
-        if any(key not in state_dict for key in required):
-            return None
-        groups = 1
-        while f"block{groups}.res_end.weight" in state_dict:
-            if f"block{groups}.residual_layer.SLA1.attn.to_v.weight" not in state_dict:
-                return None
-            groups += 1
-        up = state_dict["up.0.weight"]
-        if up.dim() != 4 or up.shape[0] % 3:
-            return None
-        scale = math.isqrt(up.shape[0] // 3)
-        if 3 * scale * scale != up.shape[0]:
-            return None
-        return scale, {"groups": groups, "num_feat": state_dict["input.weight"].shape[0]}
-
-
-ARCHITECTURE = ASIDArchitecture()
-
-__all__ = ["ARCHITECTURE", "ASID", "ASIDArchitecture", "LayerNorm2d", "pad_to_min_side"]

@@ -1,0 +1,304 @@
+"""ASID's CPU path on the fused kernels (`..kernels`), float32: the function of `network.py`, rearranged for speed.
+
+The straight modules run NCHW maps through oneDNN, and ASID slices channels at every distillation step: most of
+its convs then read strided maps (a 1x1 conv on a channel slice ran at 8 GMAC/s, a depthwise 3x3 at 3), and each
+8x8 grouping is a permuted copy. Here the groups run on channels-last maps, (pixels, channels) matrices, the
+kernels' layout, where a channel slice is a view the kernels read in place:
+- every 1x1 conv is a GEMM; a 1x1 over concatenated parts (the distillation's pw1..pw3) is one GEMM per part
+  into the same output, so nothing is concatenated;
+- each gated FFN (1x1 -> depthwise 3x3 -> GELU(first half) * second half) and each channel attention's qkv
+  (1x1 -> depthwise 3x3) is one `pw_dwconv` pass (the 1x1's output rows never reach memory);
+- a local block's squeeze-excitation gate scales the rows of its last 1x1's weight (per image) instead of the map;
+- the 8x8 window and grid attentions (64 tokens) group tokens from the channels-last map and multiply batched.
+The shallow conv, ESA's small strided branch and the upsampler stay the network's modules. Sums are formed in
+another order than the straight modules, so outputs differ by float rounding (the golden tests bound it).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .network import WINDOW
+
+GELU = 1
+
+
+def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv or linear weight (out, in[, 1, 1]) as the kernels' GEMM operand: (in, out padded to 16)."""
+    w = weight.detach().reshape(weight.shape[0], -1).t()
+    return F.pad(w, (0, -w.shape[1] % 16)).contiguous()
+
+
+def _depthwise_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, 3, 3) -> the kernels' tap-major (9, C + 16), zero beyond C."""
+    return F.pad(weight.detach().reshape(weight.shape[0], 9).t(), (0, 16)).contiguous()
+
+
+class _Weights:
+    """Rearranged weights, made on first use and kept until a parameter of the model changes."""
+
+    def __init__(self):
+        self.items: dict = {}
+
+    def __call__(self, module: nn.Module, tag: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (id(module), tag)
+        if key not in self.items:
+            self.items[key] = make()
+        return self.items[key]
+
+
+def _weights(model: nn.Module) -> _Weights:
+    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    cached = getattr(model, "_fast_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, _Weights())
+        model._fast_cache = cached
+    return cached[1]
+
+
+class _Map:
+    """The shape of the maps of one forward: n images of h x w pixels (multiples of the 8 px windows)."""
+
+    def __init__(self, ops, weights: _Weights, n: int, h: int, w: int):
+        self.ops, self.weights, self.n, self.h, self.w = ops, weights, n, h, w
+        self.pixels = n * h * w
+
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's and each column's window index, the cells of the cell kernels."""
+        if not hasattr(self, "_segments"):
+            self._segments = (torch.arange(self.h) // WINDOW, torch.arange(self.w) // WINDOW)
+        return self._segments
+
+    def empty(self, channels: int) -> torch.Tensor:
+        return torch.empty(self.pixels, channels)
+
+    def gemm(self, x: torch.Tensor, conv: nn.Module, out: torch.Tensor | None = None, tag: str = "",
+             columns: slice | None = None) -> torch.Tensor:
+        """out (+)= x @ conv's weight (input channels `columns` of it), without the bias; a new map when out is
+        None."""
+        def make():
+            w = conv.weight.detach().reshape(conv.weight.shape[0], -1)
+            return _gemm_weight(w if columns is None else w[:, columns])
+
+        weight = self.weights(conv, f"gemm{tag}", make)
+        accumulate = out is not None
+        if out is None:
+            out = self.empty(conv.weight.shape[0])
+        self.ops.gemm(x, weight, out, accumulate)
+        return out
+
+
+def _layer_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+# -- grouping tokens of a channels-last map (network._group_tokens, _ChannelAttention._split) ----------------------
+
+
+def _windows(x: torch.Tensor, m: _Map, grid: bool) -> torch.Tensor:
+    """(pixels, C) -> (n * h/8 * w/8, 64, C): window (i, j) holds pixels (8i + u, 8j + v); grid (i, j) holds
+    pixels (u * h/8 + i, v * w/8 + j); tokens row-major over (u, v)."""
+    nh, nw, c = m.h // WINDOW, m.w // WINDOW, x.shape[1]
+    if grid:
+        t = x.view(m.n, WINDOW, nh, WINDOW, nw, c).permute(0, 2, 4, 1, 3, 5)
+    else:
+        t = x.view(m.n, nh, WINDOW, nw, WINDOW, c).permute(0, 1, 3, 2, 4, 5)
+    return t.reshape(-1, WINDOW * WINDOW, c)
+
+
+def _unwindows(t: torch.Tensor, m: _Map, grid: bool) -> torch.Tensor:
+    nh, nw, c = m.h // WINDOW, m.w // WINDOW, t.shape[-1]
+    t = t.view(m.n, nh, nw, WINDOW, WINDOW, c)
+    x = t.permute(0, 3, 1, 4, 2, 5) if grid else t.permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, c)
+
+
+def _offsets(x: torch.Tensor, m: _Map) -> torch.Tensor:
+    """(pixels, C) -> (n * 64, windows, C): the channel attention's grid mode, one group per offset (u, v) in the
+    8x8 window, its tokens the windows (i, j) row-major."""
+    nh, nw, c = m.h // WINDOW, m.w // WINDOW, x.shape[1]
+    t = x.view(m.n, nh, WINDOW, nw, WINDOW, c).permute(0, 2, 4, 1, 3, 5)
+    return t.reshape(-1, nh * nw, c)
+
+
+def _unoffsets(t: torch.Tensor, m: _Map) -> torch.Tensor:
+    nh, nw, c = m.h // WINDOW, m.w // WINDOW, t.shape[-1]
+    return t.view(m.n, WINDOW, WINDOW, nh, nw, c).permute(0, 3, 1, 4, 2, 5).reshape(-1, c)
+
+
+# -- the pieces --------------------------------------------------------------------------------------------------
+
+
+def _gated_ffn(m: _Map, gfn: nn.Module, x: torch.Tensor, acc: torch.Tensor) -> None:
+    """acc += project_out(GELU(h1) * h2), [h1, h2] = dwconv(project_in(x)): one pw_dwconv pass and a GEMM."""
+    w_in = m.weights(gfn, "in", lambda: _gemm_weight(gfn.project_in.weight))
+    w_dw = m.weights(gfn, "dw", lambda: _depthwise_weight(gfn.dwconv.weight))
+    gated = m.empty(x.shape[1])
+    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_in, 0, w_dw, None, False, None, 0, 1, gated)
+    m.gemm(gated, gfn.project_out, acc)
+
+
+def _local_block(m: _Map, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x + 1x1(SE(GELU(dw3x3(GELU(1x1(x)))))), a new map."""
+    conv_a, _, dw, _, se, conv_b = block.net.fn
+    d = x.shape[1]
+    t = m.gemm(x, conv_a)
+    m.ops.bias_act(t, conv_a.bias, GELU, t)
+    u = torch.empty_like(t)
+    m.ops.dwconv3x3(t, m.n, m.h, m.w, m.weights(dw, "dw", lambda: _depthwise_weight(dw.weight)), dw.bias, 1, False,
+                    None, GELU, 0, u)
+    gate = se.gate  # mean -> linear -> SiLU -> linear -> sigmoid, per image
+    g = torch.sigmoid(F.linear(F.silu(F.linear(u.view(m.n, -1, d).mean(1), gate[1].weight)), gate[3].weight))
+    out = m.empty(d)
+    out.copy_(x)
+    w_b = m.weights(conv_b, "t", lambda: conv_b.weight.detach().reshape(d, d).t().contiguous())
+    rows = m.h * m.w
+    for i in range(m.n):  # (u * g) @ W = u @ (g-scaled rows of W)
+        w_i = F.pad(w_b * g[i][:, None], (0, -d % 16)).contiguous()
+        m.ops.gemm(u[i * rows : (i + 1) * rows], w_i, out[i * rows : (i + 1) * rows], True)
+    return out.add_(conv_b.bias)
+
+
+def _spatial_attention(m: _Map, block: nn.Module, x: torch.Tensor, attn: torch.Tensor | None):
+    """The SLA/SGA block: x + to_out(attn @ v) over 8x8 windows or grids, then + the gated FFN; a new map, and
+    the attention map (computed by group 0, given to the others)."""
+    d = x.shape[1]
+    z = _layer_norm(x, block.norm)
+    out = m.empty(d)
+    out.copy_(x)
+    if block.compute:
+        qkv = _windows(m.gemm(z, block.attn.to_qkv), m, block.grid)
+        bias = m.weights(block.attn, "bias",
+                         lambda: block.attn.rel_pos_bias(block.attn.rel_pos_indices).squeeze(-1).detach())
+        q = qkv[..., :d] * block.attn.scale
+        attn = torch.baddbmm(bias.expand(qkv.shape[0], -1, -1), q, qkv[..., d : 2 * d].transpose(1, 2))
+        attn = attn.softmax(dim=-1)
+        y = torch.bmm(attn, qkv[..., 2 * d :])
+    else:
+        y = torch.bmm(attn, _windows(m.gemm(z, block.attn.to_v), m, block.grid))
+    m.gemm(_unwindows(y, m, block.grid), block.attn.to_out[0], out)
+    _gated_ffn(m, block.gfn, _layer_norm(out, block.cnorm), out)
+    return out, attn
+
+
+def _window_channel_attention(m: _Map, ca: nn.Module, qkv: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """The window mode on AGDN's cell kernels, the 8x8 windows as cells: per window the (C x C) product and the
+    channels' squared norms in one pass over the map, then per window M = (project_out @ softmax(...))ᵀ, then
+    acc + v @ M in one pass (nothing grouped, nothing copied); a new map."""
+    c = qkv.shape[1] // 3
+    ny, nx = m.h // WINDOW, m.w // WINDOW
+    rows, cols = m.segments()
+    gram = torch.empty(m.n, ny, nx, c, c)
+    sq = torch.empty(m.n, ny, nx, 2 * c)
+    m.ops.cell_gram(qkv, m.n, m.h, m.w, c, rows, cols, ny, nx, gram, sq, 1)
+    inv = sq.sqrt_().clamp_(min=1e-12).reciprocal_()  # F.normalize's division, applied to the product
+    gram.mul_(inv[..., :c, None] * ca.temperature).mul_(inv[..., None, c:])
+    attn = gram.softmax(dim=-1)
+    mats = torch.matmul(ca.project_out.weight.reshape(c, c), attn).transpose(-2, -1)
+    mats = F.pad(mats, (0, -c % 16)).contiguous()
+    out = m.empty(c)
+    m.ops.cell_apply(qkv[:, 2 * c :], acc, mats, m.n, m.h, m.w, rows, cols, ny, nx, out)
+    return out
+
+
+def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """acc + project_out of the (C x C) attention inside windows (or across them, grid mode): a new map, or
+    acc itself, updated."""
+    c = x.shape[1]
+    w_qkv = m.weights(ca, "qkv", lambda: _gemm_weight(ca.qkv.weight))
+    w_dw = m.weights(ca, "dw", lambda: _depthwise_weight(ca.qkv_dwconv.weight))
+    qkv = m.empty(3 * c)
+    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, 0, 0, qkv)
+    if not ca.grid:
+        return _window_channel_attention(m, ca, qkv, acc)
+    g = _offsets(qkv, m)  # (groups, tokens, 3C)
+    # q and k L2-normalised along the tokens (F.normalize: divided by max(norm, 1e-12)) only scale the rows and
+    # columns of q kᵀ: scaling the (C x C) product is cheaper than normalising the tokens (a reduction across
+    # the token axis, slow in PyTorch)
+    qk = g[..., : 2 * c]
+    inv = (qk * qk).sum(dim=1).sqrt_().clamp_(min=1e-12).reciprocal_()  # (groups, 2C)
+    gram = torch.bmm(g[..., :c].transpose(1, 2), g[..., c : 2 * c])
+    gram.mul_(inv[:, :c, None] * ca.temperature).mul_(inv[:, None, c:])
+    attn = gram.softmax(dim=-1)  # (groups, C, C)
+    y = torch.bmm(g[..., 2 * c :], attn.transpose(1, 2))  # (tokens, C) = (attn @ v)ᵀ
+    m.gemm(_unoffsets(y, m), ca.project_out, acc)
+    return acc
+
+
+def _channel_transformer(m: _Map, bc: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = _channel_attention(m, bc.cttn1, _layer_norm(x, bc.canorm1), x)
+    _gated_ffn(m, bc.gfn1, _layer_norm(x, bc.cnorm1), x)
+    x = _channel_attention(m, bc.cttn2, _layer_norm(x, bc.canorm2), x)
+    _gated_ffn(m, bc.gfn2, _layer_norm(x, bc.cnorm2), x)
+    return x
+
+
+def _joined_gemm(m: _Map, conv: nn.Conv2d, parts: list[torch.Tensor]) -> torch.Tensor:
+    """conv(cat(parts, channels)) + bias as one GEMM per part into the same output."""
+    out, start = None, 0
+    for i, part in enumerate(parts):
+        width = part.shape[1]
+        out = m.gemm(part, conv, out, tag=f"{start}", columns=slice(start, start + width))
+        start += width
+    return out.add_(conv.bias)
+
+
+def _idsa(m: _Map, block: nn.Module, x: torch.Tensor, shared):
+    c = block.split
+    maps: list[torch.Tensor] = []
+
+    def attend(i: int, t: torch.Tensor) -> torch.Tensor:
+        for k, name in enumerate((f"SLA{i}", f"SGA{i}")):
+            t, a = _spatial_attention(m, getattr(block, name), t, None if shared is None else shared[2 * i - 2 + k])
+            maps.append(a)
+        return t
+
+    x = _local_block(m, block.LB1, x)
+    x = _joined_gemm(m, block.pw1, [attend(1, x[:, c:]), x[:, :c]])
+    x1 = x[:, :c]
+    t = _local_block(m, block.LB2, x[:, c:])
+    x = _joined_gemm(m, block.pw2, [attend(2, t[:, c:]), t[:, :c]])
+    x2 = x[:, :c]
+    t = _local_block(m, block.LB3, x[:, c:])
+    x = _joined_gemm(m, block.pw3, [x1, x2, attend(3, t[:, c:]), t[:, :c]])
+    return _channel_transformer(m, block.BlockC, x), tuple(maps)
+
+
+def _esa(m: _Map, esa: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(conv4(up(conv3(maxpool(conv2(conv1(x))))) + conv_f(conv1(x)))), in place."""
+    c1_ = m.gemm(x, esa.conv1).add_(esa.conv1.bias)
+    f = c1_.shape[1]
+    small = esa.conv3(F.max_pool2d(esa.conv2(c1_.view(m.n, m.h, m.w, f).permute(0, 3, 1, 2)), 7, 3))
+    up = F.interpolate(small, size=(m.h, m.w), mode="bilinear", align_corners=False)
+    s = up.permute(0, 2, 3, 1).reshape(-1, f).contiguous()
+    m.gemm(c1_, esa.conv_f, s)
+    s.add_(esa.conv_f.bias)
+    gate = m.gemm(s, esa.conv4).add_(esa.conv4.bias).sigmoid_()
+    return x.mul_(gate)
+
+
+def _group(m: _Map, group: nn.Module, x: torch.Tensor, shared):
+    block = group.residual_layer[0] if group.compute else group.residual_layer
+    t, maps = _idsa(m, block, x, shared)
+    r = m.empty(x.shape[1])
+    r.copy_(x)
+    m.gemm(t, group.res_end, r)
+    r.add_(group.res_end.bias)
+    return _esa(m, group.esa, r), maps
+
+
+def forward_raw(model: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
+    """`model.forward_raw(x)` on the kernels `ops` (float32, CPU, no autograd)."""
+    h, w = x.shape[-2:]
+    f0 = model.input(model.pad_raw(x))
+    n, c, hp, wp = f0.shape
+    m = _Map(ops, _weights(model), n, hp, wp)
+    y = f0.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
+    y, maps = _group(m, model.block0, y, None)
+    for k in range(1, model.groups):
+        y, _ = _group(m, getattr(model, f"block{k}"), y, maps)
+    return model.tail(y.view(n, hp, wp, c).permute(0, 3, 1, 2), f0, h, w)
