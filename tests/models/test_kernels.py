@@ -485,3 +485,32 @@ def test_sym_conv_equals_the_dense_conv_of_a_symmetric_kernel(n, c, h, w, size):
     out = torch.full((n * h * w, c), float("nan"))
     ops.sym_conv(wide[:, 3 : 3 + c], n, h, w, c, size, esc_fast.orbit_weight(kernel), out)
     _close(out, _rows(want), rel=4e-6, what="sym_conv")
+
+
+# -- ASID's kernels --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid", [False, True])
+@pytest.mark.parametrize("n,h,w,d", [(1, 16, 24, 36), (2, 8, 8, 24), (1, 40, 16, 12), (1, 8, 32, 48), (1, 16, 16, 5)])
+def test_token_attention_matches_grouped_softmax(grid, n, h, w, d):
+    from upscale.models.asid import network as asid
+
+    g = torch.Generator().manual_seed(n * h + w + d)
+    qkv = torch.randn(n * h * w, 3 * d + 4, generator=g)[:, 2:]  # a column slice of a wider map
+    bias = torch.randn(64, 64, generator=g)
+    scale = d**-0.5
+    tokens = asid._group_tokens(qkv.reshape(n, h, w, -1).permute(0, 3, 1, 2), grid)
+    q, k, v = tokens[..., :d], tokens[..., d : 2 * d], tokens[..., 2 * d : 3 * d]
+    attn = ((q * scale) @ k.transpose(1, 2) + bias).softmax(dim=-1)
+    want = asid._ungroup_tokens(attn @ v, (n, d, h, w), grid)
+    groups = n * h * w // 64
+    out = torch.full((n * h * w, d), float("nan"))
+    got_attn = torch.empty(groups, 64, 64)
+    ops.token_attention(qkv, n, h, w, grid, d, 0, d, 2 * d, bias, scale, None, got_attn, out)
+    _close(got_attn, attn, what="attention map")
+    _close(out, _rows(want), what="computed")
+    shared = torch.full((n * h * w, d), float("nan"))  # a given map applied to other values (ASID's later groups)
+    vals = torch.randn(n * h * w, d, generator=g)
+    ops.token_attention(vals, n, h, w, grid, d, 0, 0, 0, None, 1.0, attn.contiguous(), None, shared)
+    vt = asid._group_tokens(vals.reshape(n, h, w, d).permute(0, 3, 1, 2), grid)
+    _close(shared, _rows(asid._ungroup_tokens(attn @ vt, (n, d, h, w), grid)), what="shared")

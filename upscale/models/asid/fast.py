@@ -9,7 +9,11 @@ kernels' layout, where a channel slice is a view the kernels read in place:
 - each gated FFN (1x1 -> depthwise 3x3 -> GELU(first half) * second half) and each channel attention's qkv
   (1x1 -> depthwise 3x3) is one `pw_dwconv` pass (the 1x1's output rows never reach memory);
 - a local block's squeeze-excitation gate scales the rows of its last 1x1's weight (per image) instead of the map;
-- the 8x8 window and grid attentions (64 tokens) group tokens from the channels-last map and multiply batched.
+- the 8x8 window and grid self-attentions (64 tokens) are the `token_attention` kernel, which reads each group's
+  tokens from the map and writes the result back in place (no grouped copies), and returns the attention map
+  that the later groups share;
+- the window-mode channel attention runs on the cell kernels (`cell_gram`, `cell_apply`), each 8x8 window a
+  cell; the grid mode (one group per offset in the window, the windows its tokens) groups tokens in PyTorch.
 The shallow conv, ESA's small strided branch and the upsampler stay the network's modules. Sums are formed in
 another order than the straight modules, so outputs differ by float rounding (the golden tests bound it).
 """
@@ -170,17 +174,18 @@ def _spatial_attention(m: _Map, block: nn.Module, x: torch.Tensor, attn: torch.T
     z = _layer_norm(x, block.norm)
     out = m.empty(d)
     out.copy_(x)
+    y = m.empty(d)
+    groups = m.pixels // (WINDOW * WINDOW)
     if block.compute:
-        qkv = _windows(m.gemm(z, block.attn.to_qkv), m, block.grid)
+        qkv = m.gemm(z, block.attn.to_qkv)
         bias = m.weights(block.attn, "bias",
-                         lambda: block.attn.rel_pos_bias(block.attn.rel_pos_indices).squeeze(-1).detach())
-        q = qkv[..., :d] * block.attn.scale
-        attn = torch.baddbmm(bias.expand(qkv.shape[0], -1, -1), q, qkv[..., d : 2 * d].transpose(1, 2))
-        attn = attn.softmax(dim=-1)
-        y = torch.bmm(attn, qkv[..., 2 * d :])
+                         lambda: block.attn.rel_pos_bias(block.attn.rel_pos_indices).squeeze(-1).detach().contiguous())
+        attn = torch.empty(groups, WINDOW * WINDOW, WINDOW * WINDOW)
+        m.ops.token_attention(qkv, m.n, m.h, m.w, block.grid, d, 0, d, 2 * d, bias, block.attn.scale, None, attn, y)
     else:
-        y = torch.bmm(attn, _windows(m.gemm(z, block.attn.to_v), m, block.grid))
-    m.gemm(_unwindows(y, m, block.grid), block.attn.to_out[0], out)
+        m.ops.token_attention(m.gemm(z, block.attn.to_v), m.n, m.h, m.w, block.grid, d, 0, 0, 0, None, 1.0, attn,
+                              None, y)
+    m.gemm(y, block.attn.to_out[0], out)
     _gated_ffn(m, block.gfn, _layer_norm(out, block.cnorm), out)
     return out, attn
 

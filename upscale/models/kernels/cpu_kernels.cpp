@@ -2167,6 +2167,126 @@ void sym_conv(const Tensor& x, int64_t images, int64_t H, int64_t W, int64_t C, 
 #endif
 }
 
+// ASID's spatial self-attention over groups of 64 tokens, read from and written to channels-last maps (the
+// straight modules copy every group out and back). Group g = (image, i, j), token t = (u, v), both row-major,
+// is pixel (8i + u, 8j + v) in a window, (u * H/8 + i, v * W/8 + j) in the dilated grid.
+// Computing (attn_in absent): S = softmax(q kᵀ * scale + bias), q and k the columns [q_off, q_off + d) and
+// [k_off, k_off + d) of src, bias (64, 64); attn_out (groups, 64, 64), when given, receives S (the map the
+// later groups share). Sharing: S = attn_in[g]. Then out[token i] = sum_j S[i, j] v[token j], v the columns
+// [v_off, v_off + d) of src. Groups are independent: the result does not depend on the thread count.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <int NVD>
+void token_group(const float* src, int64_t ld, const int64_t* pix, int64_t d, int64_t q_off, int64_t k_off,
+                 int64_t v_off, const float* bias, float scale, const float* attn_in, float* attn_out, float* op,
+                 int64_t ldo, float* kt, float* vl, float* S) {
+  using S_ = Simd;
+  using V = S_::V;
+  constexpr int T = 64, kW = S_::kW, NK = T / kW;
+  constexpr int64_t Dp = NVD * kW;
+  const float* P = attn_in;
+  if (!P) {
+    for (int t = 0; t < T; ++t)
+      for (int64_t c = 0; c < d; ++c) kt[c * T + t] = src[pix[t] * ld + k_off + c];
+    for (int i = 0; i < T; ++i) {
+      V acc[NK];
+      for (int v = 0; v < NK; ++v) acc[v] = S_::zero();
+      const float* q = src + pix[i] * ld + q_off;
+      for (int64_t c = 0; c < d; ++c) {
+        const V qc = S_::set1(q[c]);
+        for (int v = 0; v < NK; ++v) acc[v] = S_::fmadd(qc, S_::load(kt + c * T + v * kW), acc[v]);
+      }
+      V mx = S_::set1(-INFINITY);
+      for (int v = 0; v < NK; ++v) {
+        acc[v] = S_::fmadd(acc[v], S_::set1(scale), S_::load(bias + i * T + v * kW));
+        mx = S_::max(mx, acc[v]);
+      }
+      const V m = S_::set1(S_::hmax(mx));
+      V sum = S_::zero();
+      for (int v = 0; v < NK; ++v) {
+        acc[v] = exp_fast(S_::sub(acc[v], m));
+        sum = S_::add(sum, acc[v]);
+      }
+      const V inv = S_::set1(1.0f / S_::hsum(sum));
+      for (int v = 0; v < NK; ++v) S_::store(S + i * T + v * kW, S_::mul(acc[v], inv));
+    }
+    if (attn_out) std::memcpy(attn_out, S, sizeof(float) * T * T);
+    P = S;
+  }
+  for (int t = 0; t < T; ++t) {
+    const float* v = src + pix[t] * ld + v_off;
+    for (int64_t c = 0; c < d; ++c) vl[t * Dp + c] = v[c];
+    for (int64_t c = d; c < Dp; ++c) vl[t * Dp + c] = 0.0f;
+  }
+  const auto tail = S_::mask(d - (NVD - 1) * kW);
+  for (int i = 0; i < T; ++i) {
+    V o[NVD];
+    for (int n = 0; n < NVD; ++n) o[n] = S_::zero();
+    for (int j = 0; j < T; ++j) {
+      const V p = S_::set1(P[i * T + j]);
+      for (int n = 0; n < NVD; ++n) o[n] = S_::fmadd(p, S_::load(vl + j * Dp + n * kW), o[n]);
+    }
+    float* dst = op + pix[i] * ldo;
+    for (int n = 0; n < NVD - 1; ++n) S_::store(dst + n * kW, o[n]);
+    S_::store(dst + (NVD - 1) * kW, tail, o[NVD - 1]);
+  }
+}
+#endif
+
+void token_attention(const Tensor& src, int64_t images, int64_t H, int64_t W, bool grid, int64_t d, int64_t q_off,
+                     int64_t k_off, int64_t v_off, const std::optional<Tensor>& bias, double scale,
+                     const std::optional<Tensor>& attn_in, const std::optional<Tensor>& attn_out, Tensor out) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int kW = Simd::kW;
+  check_map(src, "src");
+  check_map(out, "out");
+  TORCH_CHECK(H % 8 == 0 && W % 8 == 0 && src.size(0) == images * H * W && out.size(0) == src.size(0),
+              "token_attention: sides multiples of 8");
+  const int64_t nvd = (d + kW - 1) / kW;
+  TORCH_CHECK(d >= 1 && d <= 64 && out.size(1) >= d && v_off + d <= src.size(1), "token_attention: d in 1..64");
+  const int64_t nh = H / 8, nw = W / 8, groups = images * nh * nw;
+  const float* ain = opt_ptr(attn_in);
+  const float* bp = opt_ptr(bias);
+  TORCH_CHECK(ain || (bp && bias->is_contiguous() && bias->numel() == 64 * 64 && q_off + d <= src.size(1) &&
+                      k_off + d <= src.size(1)), "token_attention: a 64 x 64 bias to compute the attention");
+  if (ain) TORCH_CHECK(attn_in->is_contiguous() && attn_in->numel() == groups * 64 * 64, "attn_in: (groups, 64, 64)");
+  float* aout = nullptr;
+  if (attn_out.has_value() && attn_out->defined()) {
+    TORCH_CHECK(attn_out->is_contiguous() && attn_out->numel() == groups * 64 * 64, "attn_out: (groups, 64, 64)");
+    aout = attn_out->data_ptr<float>();
+  }
+  const float* sp = src.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ld = src.stride(0), ldo = out.stride(0);
+  const float sc = static_cast<float>(scale);
+  parallel_rows(groups, [&] {
+    auto buf = std::make_shared<std::vector<float>>(64 * 64 + 64 * 64 + 64 * 8 * kW + kW);
+    return [&, buf](int64_t g) {
+      const int64_t img = g / (nh * nw), i = g / nw % nh, j = g % nw;
+      int64_t pix[64];
+      for (int u = 0; u < 8; ++u)
+        for (int v = 0; v < 8; ++v) {
+          const int64_t y = grid ? u * nh + i : 8 * i + u, x = grid ? v * nw + j : 8 * j + v;
+          pix[u * 8 + v] = (img * H + y) * W + x;
+        }
+      float* S = buf->data();
+      float* kt = S + 64 * 64;
+      float* vl = kt + 64 * 64;
+      const float* a_in = ain ? ain + g * 64 * 64 : nullptr;
+      float* a_out = aout ? aout + g * 64 * 64 : nullptr;
+      switch (nvd) {
+#define TOKEN_CASE(N) \
+  case N: token_group<N>(sp, ld, pix, d, q_off, k_off, v_off, bp, sc, a_in, a_out, op, ldo, kt, vl, S); break;
+        TOKEN_CASE(1) TOKEN_CASE(2) TOKEN_CASE(3) TOKEN_CASE(4) TOKEN_CASE(5) TOKEN_CASE(6) TOKEN_CASE(7)
+        default: token_group<8>(sp, ld, pix, d, q_off, k_off, v_off, bp, sc, a_in, a_out, op, ldo, kt, vl, S);
+#undef TOKEN_CASE
+      }
+    };
+  });
+#else
+  TORCH_CHECK(false, "token_attention needs the AVX2 or AVX-512 build");
+#endif
+}
+
 // Which vector code this build runs: AVX512 (own GEMM, depthwise sweep and GELU), AVX2 or DEFAULT (ATen's
 // vector types, BLAS's sgemm)
 std::string capability() {
@@ -2207,4 +2327,6 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("pixel_shuffle", pixel_shuffle);
   m.def("window_attention", window_attention);
   m.def("sym_conv", sym_conv);
+  m.def("token_attention(Tensor src, int images, int H, int W, bool grid, int d, int q_off, int k_off, int v_off, "
+        "Tensor? bias, float scale, Tensor? attn_in, Tensor? attn_out, Tensor out) -> ()", token_attention);
 }
