@@ -514,3 +514,21 @@ def test_token_attention_matches_grouped_softmax(grid, n, h, w, d):
     ops.token_attention(vals, n, h, w, grid, d, 0, 0, 0, None, 1.0, attn.contiguous(), None, shared)
     vt = asid._group_tokens(vals.reshape(n, h, w, d).permute(0, 3, 1, 2), grid)
     _close(shared, _rows(asid._ungroup_tokens(attn @ vt, (n, d, h, w), grid)), what="shared")
+
+
+@pytest.mark.parametrize("k,c", [(48, 144), (36, 40), (12, 48), (64, 192)])
+def test_gemm_and_pw_dwconv_with_a_layer_norm_prologue(k, c):
+    g = torch.Generator().manual_seed(k + c)
+    n, h, w = 2, 9, 13
+    x = torch.randn(n * h * w, k + 3, generator=g)[:, 1 : 1 + k] * 3 + 1
+    weight, bias = torch.randn(k, generator=g), torch.randn(k, generator=g)
+    normed = F.layer_norm(x, (k,), weight, bias, 1e-6)
+    wm = torch.randn(k, -(-c // 16) * 16, generator=g)
+    want, got = torch.empty(x.shape[0], c), torch.empty(x.shape[0], c)
+    ops.gemm(normed.contiguous(), wm, want, False)
+    ops.gemm(x, wm, got, False, weight, bias, 1e-6)
+    _close(got, want, rel=5e-6, what="gemm")
+    taps = torch.randn(9, c + 16, generator=g)
+    ops.pw_dwconv(normed.contiguous(), n, h, w, wm, 0, taps, None, False, None, 0, 0, want)
+    ops.pw_dwconv(x, n, h, w, wm, 0, taps, None, False, None, 0, 0, got, None, None, weight, bias, 1e-6)
+    _close(got, want, rel=5e-6, what="pw_dwconv")

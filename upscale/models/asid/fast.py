@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import BufferPool
 from .network import WINDOW
 
 GELU = 1
@@ -67,9 +68,10 @@ def _weights(model: nn.Module) -> _Weights:
 class _Map:
     """The shape of the maps of one forward: n images of h x w pixels (multiples of the 8 px windows)."""
 
-    def __init__(self, ops, weights: _Weights, n: int, h: int, w: int):
+    def __init__(self, ops, weights: _Weights, pool: BufferPool, n: int, h: int, w: int):
         self.ops, self.weights, self.n, self.h, self.w = ops, weights, n, h, w
         self.pixels = n * h * w
+        self.pool = pool.start((n, h, w))
 
     def segments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's and each column's window index, the cells of the cell kernels."""
@@ -78,12 +80,12 @@ class _Map:
         return self._segments
 
     def empty(self, channels: int) -> torch.Tensor:
-        return torch.empty(self.pixels, channels)
+        return self.pool.empty(self.pixels, channels)
 
     def gemm(self, x: torch.Tensor, conv: nn.Module, out: torch.Tensor | None = None, tag: str = "",
-             columns: slice | None = None) -> torch.Tensor:
+             columns: slice | None = None, norm: nn.Module | None = None) -> torch.Tensor:
         """out (+)= x @ conv's weight (input channels `columns` of it), without the bias; a new map when out is
-        None."""
+        None. `norm`: a LayerNorm applied to x's pixels first, inside the kernel."""
         def make():
             w = conv.weight.detach().reshape(conv.weight.shape[0], -1)
             return _gemm_weight(w if columns is None else w[:, columns])
@@ -92,12 +94,13 @@ class _Map:
         accumulate = out is not None
         if out is None:
             out = self.empty(conv.weight.shape[0])
-        self.ops.gemm(x, weight, out, accumulate)
+        self.ops.gemm(x, weight, out, accumulate, *_norm_args(norm))
         return out
 
 
-def _layer_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+def _norm_args(norm: nn.Module | None) -> tuple:
+    """The kernels' LayerNorm prologue arguments (weight, bias, eps) of a LayerNorm or LayerNorm2d."""
+    return () if norm is None else (norm.weight, norm.bias, norm.eps)
 
 
 # -- grouping tokens of a channels-last map (network._group_tokens, _ChannelAttention._split) ----------------------
@@ -137,12 +140,13 @@ def _unoffsets(t: torch.Tensor, m: _Map) -> torch.Tensor:
 # -- the pieces --------------------------------------------------------------------------------------------------
 
 
-def _gated_ffn(m: _Map, gfn: nn.Module, x: torch.Tensor, acc: torch.Tensor) -> None:
-    """acc += project_out(GELU(h1) * h2), [h1, h2] = dwconv(project_in(x)): one pw_dwconv pass and a GEMM."""
+def _gated_ffn(m: _Map, gfn: nn.Module, x: torch.Tensor, acc: torch.Tensor, norm: nn.Module) -> None:
+    """acc += project_out(GELU(h1) * h2), [h1, h2] = dwconv(project_in(norm(x))): one pw_dwconv pass (with the
+    LayerNorm) and a GEMM."""
     w_in = m.weights(gfn, "in", lambda: _gemm_weight(gfn.project_in.weight))
     w_dw = m.weights(gfn, "dw", lambda: _depthwise_weight(gfn.dwconv.weight))
     gated = m.empty(x.shape[1])
-    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_in, 0, w_dw, None, False, None, 0, 1, gated)
+    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_in, 0, w_dw, None, False, None, 0, 1, gated, None, None, *_norm_args(norm))
     m.gemm(gated, gfn.project_out, acc)
 
 
@@ -152,7 +156,7 @@ def _local_block(m: _Map, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     d = x.shape[1]
     t = m.gemm(x, conv_a)
     m.ops.bias_act(t, conv_a.bias, GELU, t)
-    u = torch.empty_like(t)
+    u = m.empty(d)
     m.ops.dwconv3x3(t, m.n, m.h, m.w, m.weights(dw, "dw", lambda: _depthwise_weight(dw.weight)), dw.bias, 1, False,
                     None, GELU, 0, u)
     gate = se.gate  # mean -> linear -> SiLU -> linear -> sigmoid, per image
@@ -171,22 +175,21 @@ def _spatial_attention(m: _Map, block: nn.Module, x: torch.Tensor, attn: torch.T
     """The SLA/SGA block: x + to_out(attn @ v) over 8x8 windows or grids, then + the gated FFN; a new map, and
     the attention map (computed by group 0, given to the others)."""
     d = x.shape[1]
-    z = _layer_norm(x, block.norm)
     out = m.empty(d)
     out.copy_(x)
     y = m.empty(d)
     groups = m.pixels // (WINDOW * WINDOW)
     if block.compute:
-        qkv = m.gemm(z, block.attn.to_qkv)
+        qkv = m.gemm(x, block.attn.to_qkv, norm=block.norm)
         bias = m.weights(block.attn, "bias",
                          lambda: block.attn.rel_pos_bias(block.attn.rel_pos_indices).squeeze(-1).detach().contiguous())
-        attn = torch.empty(groups, WINDOW * WINDOW, WINDOW * WINDOW)
+        attn = m.pool.empty(groups, WINDOW * WINDOW, WINDOW * WINDOW)
         m.ops.token_attention(qkv, m.n, m.h, m.w, block.grid, d, 0, d, 2 * d, bias, block.attn.scale, None, attn, y)
     else:
-        m.ops.token_attention(m.gemm(z, block.attn.to_v), m.n, m.h, m.w, block.grid, d, 0, 0, 0, None, 1.0, attn,
+        m.ops.token_attention(m.gemm(x, block.attn.to_v, norm=block.norm), m.n, m.h, m.w, block.grid, d, 0, 0, 0, None, 1.0, attn,
                               None, y)
     m.gemm(y, block.attn.to_out[0], out)
-    _gated_ffn(m, block.gfn, _layer_norm(out, block.cnorm), out)
+    _gated_ffn(m, block.gfn, out, out, block.cnorm)
     return out, attn
 
 
@@ -210,14 +213,14 @@ def _window_channel_attention(m: _Map, ca: nn.Module, qkv: torch.Tensor, acc: to
     return out
 
 
-def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-    """acc + project_out of the (C x C) attention inside windows (or across them, grid mode): a new map, or
-    acc itself, updated."""
+def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """acc + project_out of the (C x C) attention of norm(x) inside windows (or across them, grid mode): a new
+    map, or acc itself, updated."""
     c = x.shape[1]
     w_qkv = m.weights(ca, "qkv", lambda: _gemm_weight(ca.qkv.weight))
     w_dw = m.weights(ca, "dw", lambda: _depthwise_weight(ca.qkv_dwconv.weight))
     qkv = m.empty(3 * c)
-    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, 0, 0, qkv)
+    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, 0, 0, qkv, None, None, *_norm_args(norm))
     if not ca.grid:
         return _window_channel_attention(m, ca, qkv, acc)
     g = _offsets(qkv, m)  # (groups, tokens, 3C)
@@ -235,10 +238,10 @@ def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tenso
 
 
 def _channel_transformer(m: _Map, bc: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x = _channel_attention(m, bc.cttn1, _layer_norm(x, bc.canorm1), x)
-    _gated_ffn(m, bc.gfn1, _layer_norm(x, bc.cnorm1), x)
-    x = _channel_attention(m, bc.cttn2, _layer_norm(x, bc.canorm2), x)
-    _gated_ffn(m, bc.gfn2, _layer_norm(x, bc.cnorm2), x)
+    x = _channel_attention(m, bc.cttn1, x, x, bc.canorm1)
+    _gated_ffn(m, bc.gfn1, x, x, bc.cnorm1)
+    x = _channel_attention(m, bc.cttn2, x, x, bc.canorm2)
+    _gated_ffn(m, bc.gfn2, x, x, bc.cnorm2)
     return x
 
 
@@ -301,7 +304,9 @@ def forward_raw(model: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[-2:]
     f0 = model.input(model.pad_raw(x))
     n, c, hp, wp = f0.shape
-    m = _Map(ops, _weights(model), n, hp, wp)
+    if getattr(model, "_scratch", None) is None:
+        model._scratch = BufferPool()
+    m = _Map(ops, _weights(model), model._scratch, n, hp, wp)
     y = f0.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
     y, maps = _group(m, model.block0, y, None)
     for k in range(1, model.groups):

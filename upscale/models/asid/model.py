@@ -29,5 +29,6 @@ def straight_twin(model: torch.nn.Module) -> torch.nn.Module:
     twin = type(model).__new__(type(model))
     twin.__dict__ = dict(model.__dict__)  # shares the parameters: nothing is copied
     twin.__dict__.pop("_fast_cache", None)
+    twin.__dict__.pop("_scratch", None)
     twin.fast_path = False
     return twin

@@ -797,10 +797,41 @@ void gemm_block(const float* x, int64_t ldx, int64_t n, const float* w, int64_t 
 #endif
 }
 
+ALWAYS_INLINE void layer_norm_pixel(const Vec* v, int64_t C, const float* w, const float* b, double eps, float* dst);
+
+// A LayerNorm over the K channels of each of n pixels (rows ldx apart) into dst (rows K apart): the prologue
+// of a GEMM whose input is a LayerNorm's output (ESC and ASID), so that the normalised map never reaches memory
+struct RowNorm {
+  const float *w = nullptr, *b = nullptr;
+  double eps = 0.0;
+  explicit operator bool() const { return w != nullptr; }
+  void apply(const float* x, int64_t ldx, int64_t n, int64_t K, float* dst) const {
+    Vec v[kMaxChannels / kLanes];
+    const int64_t nv = (K + kLanes - 1) / kLanes;
+    for (int64_t p = 0; p < n; ++p) {
+      for (int64_t j = 0; j < nv; ++j) v[j] = load(x + p * ldx + j * kLanes, std::min(kLanes, K - j * kLanes));
+      layer_norm_pixel(v, K, w, b, eps, dst + p * K);
+    }
+  }
+};
+
+RowNorm row_norm(const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps, int64_t K) {
+  RowNorm norm;
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->numel() == K && bias.has_value() && bias->numel() == K && weight->is_contiguous() &&
+                bias->is_contiguous() && K <= kMaxChannels, "LayerNorm prologue: weight and bias of the input's width");
+    norm.w = weight->const_data_ptr<float>();
+    norm.b = bias->const_data_ptr<float>();
+    norm.eps = eps;
+  }
+  return norm;
+}
+
 // out (P x C) [+]= x (P x K) @ w (K x Cm), Cm >= C a multiple of 16 (zero columns beyond C): the 1x1 convs
 // that no depthwise conv follows (AGDN's c5, MVSA's input, the FFN's output, c1, c2), parallel over blocks
-// of pixels
-void gemm(const Tensor& x, const Tensor& w, Tensor out, bool accumulate) {
+// of pixels. With ln_weight/ln_bias, x is first LayerNorm-ed per pixel (eps ln_eps), block by block.
+void gemm(const Tensor& x, const Tensor& w, Tensor out, bool accumulate, const std::optional<Tensor>& ln_weight,
+          const std::optional<Tensor>& ln_bias, double ln_eps) {
   check_map(x, "x");
   check_map(out, "out");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(0) == x.size(1) && w.size(1) % 16 == 0 &&
@@ -813,10 +844,17 @@ void gemm(const Tensor& x, const Tensor& w, Tensor out, bool accumulate) {
   const int64_t ldx = x.stride(0), ldo = out.stride(0), K = x.size(1), Cm = w.size(1), C = out.size(1);
   constexpr int64_t kRows = 128;  // pixels per unit of work
   const int64_t P = x.size(0);
+  const RowNorm norm = row_norm(ln_weight, ln_bias, ln_eps, K);
   parallel_rows((P + kRows - 1) / kRows, [&] {
-    return [&](int64_t r) {
+    auto normed = std::make_shared<std::vector<float>>(norm ? kRows * K : 0);
+    return [&, normed](int64_t r) {
       const int64_t p = r * kRows, n = std::min(kRows, P - p);
-      gemm_block(xp + p * ldx, ldx, n, wp, Cm, K, op + p * ldo, ldo, C, accumulate);
+      if (norm) {
+        norm.apply(xp + p * ldx, ldx, n, K, normed->data());
+        gemm_block(normed->data(), K, n, wp, Cm, K, op + p * ldo, ldo, C, accumulate);
+      } else {
+        gemm_block(xp + p * ldx, ldx, n, wp, Cm, K, op + p * ldo, ldo, C, accumulate);
+      }
     };
   });
 }
@@ -828,10 +866,12 @@ void gemm(const Tensor& x, const Tensor& w, Tensor out, bool accumulate) {
 void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tensor& wpw, int64_t conv_off,
                const Tensor& weight, const std::optional<Tensor>& bias, bool reflect,
                const std::optional<Tensor>& residual, int64_t act, int64_t mode, Tensor out,
-               const std::optional<Tensor>& side_bias, const std::optional<Tensor>& side_out) {
+               const std::optional<Tensor>& side_bias, const std::optional<Tensor>& side_out,
+               const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias, double ln_eps) {
   check_map(x, "x");
   check_map(out, "out");
   TORCH_CHECK(wpw.is_contiguous() && wpw.dim() == 2 && wpw.size(0) == x.size(1), "wpw: (Cin, Cm)");
+  const RowNorm norm = row_norm(ln_weight, ln_bias, ln_eps, x.size(1));
   TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == 9, "weight: (9, C + 16) expected");
   const int64_t Cin = x.size(1), Cm = wpw.size(1);
   const int64_t C = (mode == 0) ? out.size(1) : 2 * out.size(1);
@@ -852,18 +892,24 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   const int64_t ldx = x.stride(0);
   TORCH_CHECK(Cm < (1 << 30) && W < (1 << 30) && ldx < (1 << 30), "too large for BLAS int");
   struct Ring {  // a thread's three rows of y
-    std::vector<float> rows, zero_row;
+    std::vector<float> rows, zero_row, normed;
     int64_t held[3] = {-1, -1, -1};  // which image row each slot holds
   };
   parallel_rows(images * H, [&] {
     auto ring = std::make_shared<Ring>();
     ring->rows.assign(3 * W * Cm + kLanes, 0.0f);
     ring->zero_row.assign((W + 2) * Cm + kLanes, 0.0f);
+    if (norm) ring->normed.assign(W * Cin, 0.0f);
     auto row_of = [&, ring](int64_t img, int64_t iy) -> const float* {
       const int64_t key = img * H + iy, slot = iy % 3;
       float* dst = ring->rows.data() + slot * W * Cm;
-      if (ring->held[slot] != key) {  // y row = x row (W x Cin) @ wpw (Cin x Cm)
-        gemm_block(xp + key * W * ldx, ldx, W, wp, Cm, Cin, dst, Cm, Cm, false);
+      if (ring->held[slot] != key) {  // y row = x row (W x Cin) @ wpw (Cin x Cm), x LayerNorm-ed first if asked
+        if (norm) {
+          norm.apply(xp + key * W * ldx, ldx, W, Cin, ring->normed.data());
+          gemm_block(ring->normed.data(), Cin, W, wp, Cm, Cin, dst, Cm, Cm, false);
+        } else {
+          gemm_block(xp + key * W * ldx, ldx, W, wp, Cm, Cin, dst, Cm, Cm, false);
+        }
         ring->held[slot] = key;
       }
       return dst;
@@ -2308,9 +2354,10 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "Tensor? side_out=None) -> ()", dwconv3x3);
   m.def("pw_dwconv(Tensor x, int images, int H, int W, Tensor wpw, int conv_off, Tensor weight, Tensor? bias, "
         "bool reflect, Tensor? residual, int act, int mode, Tensor out, Tensor? side_bias=None, "
-        "Tensor? side_out=None) -> ()", pw_dwconv);
+        "Tensor? side_out=None, Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=0.0) -> ()", pw_dwconv);
   m.def("bias_act", bias_act);
-  m.def("gemm", gemm);
+  m.def("gemm(Tensor x, Tensor w, Tensor out, bool accumulate, Tensor? ln_weight=None, Tensor? ln_bias=None, "
+        "float ln_eps=0.0) -> ()", gemm);
   m.def("rcca_stats", rcca_stats);
   m.def("rcca_weight", rcca_weight);
   m.def("rcca_local_weight", rcca_local_weight);
