@@ -5,12 +5,13 @@ the tail (`tail`) stay the network's own modules, on a channels-last view. Per b
 - window attention (§3.5): the `window_attention` kernel reads the relative-position bias from the table (16
   consecutive entries per query and key row) where PyTorch's attention streams a dense (W² x W²) bias per head
   from memory, and keeps a query block's scores in the cache: about 2x `scaled_dot_product_attention`;
-- ConvFFN (§3.2): GEMM, bias + GELU, then the depthwise 3x3 with its bias, GELU and the residual in one pass,
-  GEMM;
+- ConvFFN (§3.2): GEMM (with the LayerNorm before it, if any, as its prologue), bias + GELU, then the
+  depthwise 3x3 with its bias, GELU and the residual in one pass, GEMM;
 - ConvAttn (§3.4): the shared 13x13 kernel is D4-symmetric, so the `sym_conv` kernel sums the inputs of each
   of its 28 tap orbits and multiplies once per orbit (6x fewer multiply-adds than 169 taps; oneDNN's direct
   conv was at the FMA peak already); the per-image dynamic 3x3 is added by the depthwise kernel in place; the
   1x1 aggregation is a GEMM that adds straight into the block's running sum (the residual).
+Scratch maps come from a pool kept on the model (`kernels.BufferPool`: no page faults after the first pass).
 Sums are formed in another order than the straight modules, so outputs differ by float rounding (the golden
 tests bound it); every kernel's result is the same at any thread count.
 """
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import BufferPool
 from ..layers import LayerNorm2d, pad_to_multiple
 from .network import Block, ConvAttn, ConvFFN, DynamicLargeKernel, WindowAttention
 
@@ -120,18 +122,24 @@ def _layer_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
 
 
+def _norm_args(norm: nn.Module) -> tuple:
+    """The kernels' LayerNorm prologue arguments of a LayerNorm2d; none for nn.Identity (ESC without use_ln)."""
+    return (norm.weight, norm.bias, norm.eps) if isinstance(norm, LayerNorm2d) else ()
+
+
 def _conv_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """A dense conv of an (n, h, w, c) map through oneDNN on its channels-last view; (n, h, w, out) back."""
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
 
 
-def _ffn(ops, fw: _FFN, x: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    hidden = x.new_empty(x.shape[0], fw.hidden)
-    ops.gemm(x, fw.w1, hidden, False)
+def _ffn(ops, pool: BufferPool, fw: _FFN, x: torch.Tensor, norm: nn.Module, n: int, h: int, w: int) -> torch.Tensor:
+    """ConvFFN(norm(x)), the LayerNorm (if any) inside the first GEMM."""
+    hidden = pool.empty(x.shape[0], fw.hidden)
+    ops.gemm(x, fw.w1, hidden, False, *_norm_args(norm))
     ops.bias_act(hidden, fw.b1, GELU, hidden)
-    mixed = torch.empty_like(hidden)
+    mixed = pool.empty(x.shape[0], fw.hidden)
     ops.dwconv3x3(hidden, n, h, w, fw.dw, fw.dw_bias, 1, False, hidden, GELU_THEN_RESIDUAL, 0, mixed)
-    out = x.new_empty(x.shape[0], fw.w2.shape[1] if fw.w2.shape[1] == x.shape[1] else x.shape[1])
+    out = pool.empty(x.shape[0], x.shape[1])
     ops.gemm(mixed, fw.w2, out, False)
     ops.bias_act(out, fw.b2, 0, out)
     return out
@@ -143,13 +151,13 @@ def _add_gemm(ops, x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], a
     acc.add_(weight[1])
 
 
-def _attention(ops, attn: WindowAttention, bw: _BlockWeights, x: torch.Tensor, acc: torch.Tensor,
-               n: int, h: int, w: int) -> None:
-    """acc += the block's window attention of x (§3.5)."""
+def _attention(ops, pool: BufferPool, attn: WindowAttention, bw: _BlockWeights, x: torch.Tensor, norm: nn.Module,
+               acc: torch.Tensor, n: int, h: int, w: int) -> None:
+    """acc += the block's window attention of norm(x) (§3.5)."""
     c, heads, ws = attn.dim, attn.num_heads, attn.window_size
     d = c // heads
-    qkv = x.new_empty(x.shape[0], 3 * c)
-    ops.gemm(x, bw.qkv[0], qkv, False)
+    qkv = pool.empty(x.shape[0], 3 * c)
+    ops.gemm(x, bw.qkv[0], qkv, False, *_norm_args(norm))
     ops.bias_act(qkv, bw.qkv[1], 0, qkv)
     # the straight path pads before its 1x1 qkv conv; padding after it is the same, as the conv is pointwise
     grid = pad_to_multiple(qkv.view(n, h, w, 3 * c).permute(0, 3, 1, 2), ws).permute(0, 2, 3, 1)
@@ -159,14 +167,14 @@ def _attention(ops, attn: WindowAttention, bw: _BlockWeights, x: torch.Tensor, a
     win = grid.reshape(n, nh, ws, nw, ws, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
     win = win.reshape(3, n * nh * nw * heads, ws * ws, d)
     q, k, v = win[0].contiguous(), win[1], win[2].contiguous()  # a view, not a copy, for a single window
-    out = torch.empty(q.shape)
+    out = pool.empty(*q.shape)
     ops.window_attention(q, k.transpose(1, 2).contiguous(), v, bw.table, ws, d**-0.5, out)
     out = out.view(n, nh, nw, heads, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(n, hp, wp, c)
     _add_gemm(ops, out[:, :h, :w].reshape(-1, c), bw.out, acc)
 
 
-def _conv_attn(ops, pconv: ConvAttn, aggr, x: torch.Tensor, acc: torch.Tensor, large_kernel, orbits,
-               n: int, h: int, w: int) -> None:
+def _conv_attn(ops, pool: BufferPool, pconv: ConvAttn, aggr, x: torch.Tensor, acc: torch.Tensor, large_kernel,
+               orbits, n: int, h: int, w: int) -> None:
     """acc += ConvAttn(x) (§3.4); x's first pdim channels are overwritten with the large-kernel branch."""
     p = pconv.pdim
     x1 = x.view(n, h, w, -1)[..., :p].permute(0, 3, 1, 2)  # NCHW view of the partial channels
@@ -176,7 +184,7 @@ def _conv_attn(ops, pconv: ConvAttn, aggr, x: torch.Tensor, acc: torch.Tensor, l
         mean = x1.mean(dim=(2, 3))
         z = F.gelu(F.linear(mean, gen[1].weight.flatten(1), gen[1].bias))
         dynamic = F.linear(z, gen[3].weight.flatten(1), gen[3].bias).view(n, p, 9)
-        large = x.new_empty(n, h, w, p)
+        large = pool.empty(n, h, w, p)
         ops.sym_conv(x[:, :p], n, h, w, p, large_kernel.shape[-1], orbits, large.view(-1, p))
         src = x.view(n, h * w, -1)[..., :p]
         for i in range(n):  # + the image's own depthwise 3x3, in place
@@ -189,13 +197,14 @@ def _conv_attn(ops, pconv: ConvAttn, aggr, x: torch.Tensor, acc: torch.Tensor, l
     _add_gemm(ops, x, aggr, acc)
 
 
-def _block(ops, block: Block, bw: _BlockWeights, f: torch.Tensor, large_kernel, orbits) -> torch.Tensor:
+def _block(ops, pool: BufferPool, block: Block, bw: _BlockWeights, f: torch.Tensor, large_kernel,
+           orbits) -> torch.Tensor:
     n, h, w, c = f.shape
-    y = _ffn(ops, bw.proj, _layer_norm(f.view(-1, c), block.ln_proj), n, h, w)
-    _attention(ops, block.attn, bw, _layer_norm(y, block.ln_attn), y, n, h, w)
+    y = _ffn(ops, pool, bw.proj, f.view(-1, c), block.ln_proj, n, h, w)  # the block's running sum from here
+    _attention(ops, pool, block.attn, bw, y, block.ln_attn, y, n, h, w)
     for ln, fw, pconv, aggr in zip(block.lns, bw.ffns, block.pconvs, bw.aggr):
-        t = _ffn(ops, fw, _layer_norm(y, ln), n, h, w)
-        _conv_attn(ops, pconv, aggr, t, y, large_kernel, orbits, n, h, w)
+        t = _ffn(ops, pool, fw, y, ln, n, h, w)
+        _conv_attn(ops, pool, pconv, aggr, t, y, large_kernel, orbits, n, h, w)
     out = _conv_nhwc(_layer_norm(y, block.ln_out).view(n, h, w, c), block.conv_out)
     return out.add_(f)
 
@@ -206,6 +215,9 @@ def fast_forward(model: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
     large_kernel = model.large_kernel()
     f0 = model.proj(x)
     f = f0.permute(0, 2, 3, 1).contiguous()
+    if getattr(model, "_scratch", None) is None:
+        model._scratch = BufferPool()
+    pool = model._scratch.start(f.shape)
     for block, bw in zip(model.blocks, weights):
-        f = _block(ops, block, bw, f, large_kernel, orbits)
+        f = _block(ops, pool, block, bw, f, large_kernel, orbits)
     return model.tail(f.permute(0, 3, 1, 2), f0, x)
