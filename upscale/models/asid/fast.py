@@ -12,8 +12,9 @@ kernels' layout, where a channel slice is a view the kernels read in place:
 - the 8x8 window and grid self-attentions (64 tokens) are the `token_attention` kernel, which reads each group's
   tokens from the map and writes the result back in place (no grouped copies), and returns the attention map
   that the later groups share;
-- the window-mode channel attention runs on the cell kernels (`cell_gram`, `cell_apply`), each 8x8 window a
-  cell; the grid mode (one group per offset in the window, the windows its tokens) groups tokens in PyTorch.
+- the channel attention runs on AGDN's cell kernels (`cell_gram`, `cell_apply`): in window mode each 8x8 window
+  is a cell; in grid mode (one group per offset in the window, the windows its tokens) the map is regrouped by
+  offset first, which makes each group a block of pixels.
 The shallow conv, ESA's small strided branch and the upsampler stay the network's modules. Sums are formed in
 another order than the straight modules, so outputs differ by float rounding (the golden tests bound it).
 """
@@ -73,11 +74,9 @@ class _Map:
         self.pixels = n * h * w
         self.pool = pool.start((n, h, w))
 
-    def segments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's and each column's window index, the cells of the cell kernels."""
-        if not hasattr(self, "_segments"):
-            self._segments = (torch.arange(self.h) // WINDOW, torch.arange(self.w) // WINDOW)
-        return self._segments
+    def segments(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's and each column's cell index, for cells of rows x cols pixels (the cell kernels' layout)."""
+        return torch.arange(self.h) // rows, torch.arange(self.w) // cols
 
     def empty(self, channels: int) -> torch.Tensor:
         return self.pool.empty(self.pixels, channels)
@@ -122,19 +121,6 @@ def _unwindows(t: torch.Tensor, m: _Map, grid: bool) -> torch.Tensor:
     t = t.view(m.n, nh, nw, WINDOW, WINDOW, c)
     x = t.permute(0, 3, 1, 4, 2, 5) if grid else t.permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, c)
-
-
-def _offsets(x: torch.Tensor, m: _Map) -> torch.Tensor:
-    """(pixels, C) -> (n * 64, windows, C): the channel attention's grid mode, one group per offset (u, v) in the
-    8x8 window, its tokens the windows (i, j) row-major."""
-    nh, nw, c = m.h // WINDOW, m.w // WINDOW, x.shape[1]
-    t = x.view(m.n, nh, WINDOW, nw, WINDOW, c).permute(0, 2, 4, 1, 3, 5)
-    return t.reshape(-1, nh * nw, c)
-
-
-def _unoffsets(t: torch.Tensor, m: _Map) -> torch.Tensor:
-    nh, nw, c = m.h // WINDOW, m.w // WINDOW, t.shape[-1]
-    return t.view(m.n, WINDOW, WINDOW, nh, nw, c).permute(0, 3, 1, 4, 2, 5).reshape(-1, c)
 
 
 # -- the pieces --------------------------------------------------------------------------------------------------
@@ -193,48 +179,58 @@ def _spatial_attention(m: _Map, block: nn.Module, x: torch.Tensor, attn: torch.T
     return out, attn
 
 
-def _window_channel_attention(m: _Map, ca: nn.Module, qkv: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-    """The window mode on AGDN's cell kernels, the 8x8 windows as cells: per window the (C x C) product and the
-    channels' squared norms in one pass over the map, then per window M = (project_out @ softmax(...))ᵀ, then
-    acc + v @ M in one pass (nothing grouped, nothing copied); a new map."""
+def _cells_channel_attention(m: _Map, ca: nn.Module, qkv: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor,
+                             cols: torch.Tensor, ny: int, nx: int) -> torch.Tensor:
+    """acc + project_out of the channel attention with each cell of the map a group (rows / cols: each row's and
+    column's cell index), on AGDN's cell kernels: per cell the (C x C) product and the channels' squared norms in
+    one pass over the map, then per cell M = (project_out @ softmax(...))ᵀ, then acc + v @ M in one pass; a new
+    map."""
     c = qkv.shape[1] // 3
-    ny, nx = m.h // WINDOW, m.w // WINDOW
-    rows, cols = m.segments()
     gram = torch.empty(m.n, ny, nx, c, c)
     sq = torch.empty(m.n, ny, nx, 2 * c)
     m.ops.cell_gram(qkv, m.n, m.h, m.w, c, rows, cols, ny, nx, gram, sq, 1)
-    inv = sq.sqrt_().clamp_(min=1e-12).reciprocal_()  # F.normalize's division, applied to the product
+    # q and k L2-normalised along the tokens (F.normalize: divided by max(norm, 1e-12)) only scale the rows and
+    # columns of q kᵀ: the (C x C) product is scaled instead
+    inv = sq.sqrt_().clamp_(min=1e-12).reciprocal_()
     gram.mul_(inv[..., :c, None] * ca.temperature).mul_(inv[..., None, c:])
     attn = gram.softmax(dim=-1)
-    mats = torch.matmul(ca.project_out.weight.reshape(c, c), attn).transpose(-2, -1)
-    mats = F.pad(mats, (0, -c % 16)).contiguous()
+    w_out = m.weights(ca, "out_t", lambda: ca.project_out.weight.detach().reshape(c, c).t().contiguous())
+    mats = torch.matmul(attn.transpose(-2, -1), w_out)  # (project_out @ attn)ᵀ, per cell
+    if c % 16:
+        mats = F.pad(mats, (0, -c % 16))  # the kernel's rows are whole 16-float vectors
     out = m.empty(c)
     m.ops.cell_apply(qkv[:, 2 * c :], acc, mats, m.n, m.h, m.w, rows, cols, ny, nx, out)
     return out
 
 
+def _by_offset(x: torch.Tensor, m: _Map, back: bool = False) -> torch.Tensor:
+    """The map with each image's pixels regrouped by their offset in the 8x8 window: pixel (8i + u, 8j + v) moves
+    to (u * h/8 + i, v * w/8 + j), so that the grid mode's groups (one per offset) become blocks of h/8 x w/8
+    pixels, cells for the cell kernels; `back` undoes it."""
+    nh, nw, c = m.h // WINDOW, m.w // WINDOW, x.shape[1]
+    if back:
+        t = x.view(m.n, WINDOW, nh, WINDOW, nw, c).permute(0, 2, 1, 4, 3, 5)
+    else:
+        t = x.view(m.n, nh, WINDOW, nw, WINDOW, c).permute(0, 2, 1, 4, 3, 5)
+    out = m.empty(c)
+    out.view(m.n, m.h, m.w, c).copy_(t.reshape(m.n, m.h, m.w, c))
+    return out
+
+
 def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """acc + project_out of the (C x C) attention of norm(x) inside windows (or across them, grid mode): a new
-    map, or acc itself, updated."""
+    map."""
     c = x.shape[1]
     w_qkv = m.weights(ca, "qkv", lambda: _gemm_weight(ca.qkv.weight))
     w_dw = m.weights(ca, "dw", lambda: _depthwise_weight(ca.qkv_dwconv.weight))
     qkv = m.empty(3 * c)
     m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, 0, 0, qkv, None, None, *_norm_args(norm))
     if not ca.grid:
-        return _window_channel_attention(m, ca, qkv, acc)
-    g = _offsets(qkv, m)  # (groups, tokens, 3C)
-    # q and k L2-normalised along the tokens (F.normalize: divided by max(norm, 1e-12)) only scale the rows and
-    # columns of q kᵀ: scaling the (C x C) product is cheaper than normalising the tokens (a reduction across
-    # the token axis, slow in PyTorch)
-    qk = g[..., : 2 * c]
-    inv = (qk * qk).sum(dim=1).sqrt_().clamp_(min=1e-12).reciprocal_()  # (groups, 2C)
-    gram = torch.bmm(g[..., :c].transpose(1, 2), g[..., c : 2 * c])
-    gram.mul_(inv[:, :c, None] * ca.temperature).mul_(inv[:, None, c:])
-    attn = gram.softmax(dim=-1)  # (groups, C, C)
-    y = torch.bmm(g[..., 2 * c :], attn.transpose(1, 2))  # (tokens, C) = (attn @ v)ᵀ
-    m.gemm(_unoffsets(y, m), ca.project_out, acc)
-    return acc
+        rows, cols = m.segments(WINDOW, WINDOW)
+        return _cells_channel_attention(m, ca, qkv, acc, rows, cols, m.h // WINDOW, m.w // WINDOW)
+    rows, cols = m.segments(m.h // WINDOW, m.w // WINDOW)
+    out = _cells_channel_attention(m, ca, _by_offset(qkv, m), _by_offset(acc, m), rows, cols, WINDOW, WINDOW)
+    return _by_offset(out, m, back=True)
 
 
 def _channel_transformer(m: _Map, bc: nn.Module, x: torch.Tensor) -> torch.Tensor:
