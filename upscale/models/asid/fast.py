@@ -136,8 +136,9 @@ def _gated_ffn(m: _Map, gfn: nn.Module, x: torch.Tensor, acc: torch.Tensor, norm
     m.gemm(gated, gfn.project_out, acc)
 
 
-def _local_block(m: _Map, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x + 1x1(SE(GELU(dw3x3(GELU(1x1(x)))))), a new map."""
+def _local_block(m: _Map, block: nn.Module, x: torch.Tensor, in_place: bool = True) -> torch.Tensor:
+    """x + 1x1(SE(GELU(dw3x3(GELU(1x1(x)))))), into x itself (the distillation reads a slice once), or a new map
+    when not `in_place`."""
     conv_a, _, dw, _, se, conv_b = block.net.fn
     d = x.shape[1]
     t = m.gemm(x, conv_a)
@@ -147,8 +148,10 @@ def _local_block(m: _Map, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
                     None, GELU, 0, u)
     gate = se.gate  # mean -> linear -> SiLU -> linear -> sigmoid, per image
     g = torch.sigmoid(F.linear(F.silu(F.linear(u.view(m.n, -1, d).mean(1), gate[1].weight)), gate[3].weight))
-    out = m.empty(d)
-    out.copy_(x)
+    out = x
+    if not in_place:
+        out = m.empty(d)
+        out.copy_(x)
     w_b = m.weights(conv_b, "t", lambda: conv_b.weight.detach().reshape(d, d).t().contiguous())
     rows = m.h * m.w
     for i in range(m.n):  # (u * g) @ W = u @ (g-scaled rows of W)
@@ -158,11 +161,10 @@ def _local_block(m: _Map, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _spatial_attention(m: _Map, block: nn.Module, x: torch.Tensor, attn: torch.Tensor | None):
-    """The SLA/SGA block: x + to_out(attn @ v) over 8x8 windows or grids, then + the gated FFN; a new map, and
-    the attention map (computed by group 0, given to the others)."""
+    """The SLA/SGA block: x + to_out(attn @ v) over 8x8 windows or grids, then + the gated FFN, into x itself
+    (its input is not needed afterwards); and the attention map (computed by group 0, given to the others)."""
     d = x.shape[1]
-    out = m.empty(d)
-    out.copy_(x)
+    out = x
     y = m.empty(d)
     groups = m.pixels // (WINDOW * WINDOW)
     if block.compute:
@@ -172,8 +174,8 @@ def _spatial_attention(m: _Map, block: nn.Module, x: torch.Tensor, attn: torch.T
         attn = m.pool.empty(groups, WINDOW * WINDOW, WINDOW * WINDOW)
         m.ops.token_attention(qkv, m.n, m.h, m.w, block.grid, d, 0, d, 2 * d, bias, block.attn.scale, None, attn, y)
     else:
-        m.ops.token_attention(m.gemm(x, block.attn.to_v, norm=block.norm), m.n, m.h, m.w, block.grid, d, 0, 0, 0, None, 1.0, attn,
-                              None, y)
+        v = m.gemm(x, block.attn.to_v, norm=block.norm)
+        m.ops.token_attention(v, m.n, m.h, m.w, block.grid, d, 0, 0, 0, None, 1.0, attn, None, y)
     m.gemm(y, block.attn.to_out[0], out)
     _gated_ffn(m, block.gfn, out, out, block.cnorm)
     return out, attn
@@ -261,7 +263,7 @@ def _idsa(m: _Map, block: nn.Module, x: torch.Tensor, shared):
             maps.append(a)
         return t
 
-    x = _local_block(m, block.LB1, x)
+    x = _local_block(m, block.LB1, x, in_place=False)  # the group's input is its residual
     x = _joined_gemm(m, block.pw1, [attend(1, x[:, c:]), x[:, :c]])
     x1 = x[:, :c]
     t = _local_block(m, block.LB2, x[:, c:])
@@ -288,11 +290,9 @@ def _esa(m: _Map, esa: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _group(m: _Map, group: nn.Module, x: torch.Tensor, shared):
     block = group.residual_layer[0] if group.compute else group.residual_layer
     t, maps = _idsa(m, block, x, shared)
-    r = m.empty(x.shape[1])
-    r.copy_(x)
-    m.gemm(t, group.res_end, r)
-    r.add_(group.res_end.bias)
-    return _esa(m, group.esa, r), maps
+    m.gemm(t, group.res_end, x)  # x + res_end(t), in place: the group's input is not needed any more
+    x.add_(group.res_end.bias)
+    return _esa(m, group.esa, x), maps
 
 
 def forward_raw(model: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
