@@ -257,6 +257,7 @@ class Upscaler:
                 y = self._run_tiled(x, stats, ran_out=f"the whole image ({protocol})")
         else:
             y = self._run_tiled(x, stats)
+        self.architecture.release_scratch(self.model)
         return y[..., : h * self.scale, : w * self.scale].float(), stats
 
     def _run_whole(self, x: torch.Tensor, protocol: str, stats: RunStats) -> torch.Tensor | None:

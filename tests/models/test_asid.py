@@ -303,3 +303,20 @@ def test_straight_modules_run_where_the_fast_path_does_not_apply(monkeypatch):
     monkeypatch.setattr(kernels, "_state", {})
     with torch.no_grad():
         model(x)
+
+
+@needs_kernels
+def test_scratch_maps_are_reused_between_forwards_and_dropped_after_a_run():
+    from upscale.engine import Upscaler
+
+    entry = registry.resolve("asid", 2)
+    model = ARCHITECTURE.build("asid", 2, entry.hparams)
+    x = torch.rand(2, 3, 24, 32) * 2 - 1
+    with torch.no_grad():
+        model.forward_raw(x)
+        first = {key: [t.data_ptr() for t in ts] for key, ts in model._scratch.buffers.items()}
+        model.forward_raw(x)
+        again = {key: [t.data_ptr() for t in ts] for key, ts in model._scratch.buffers.items()}
+    assert first == again  # the same buffers, none added
+    Upscaler(entry, model, torch.device("cpu"), "auto", "fp32").run(torch.rand(1, 3, 40, 40))
+    assert model._scratch is None

@@ -253,9 +253,11 @@ def test_the_build_targets_what_the_setting_and_the_cpu_say():
 @pytest.mark.skipif(os.environ.get("UPSCALE_CPU_KERNELS", "").lower() == "avx2", reason="this run is the AVX2 build")
 def test_the_avx2_build_matches_the_eager_path_too():
     # CPUs without AVX-512 (most desktops and laptops) run the AVX2 code; build it here and run this file's op
-    # checks and the golden cases on it, in a child process (the build is cached like the native one)
+    # checks, the golden cases and the fast-vs-straight checks of the three families on it, in a child process
+    # (the build is cached like the native one)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           "tests/models/test_kernels.py", "tests/models/test_agdn.py", "-k", "not avx2_build"],
+                           "tests/models/test_kernels.py", "tests/models/test_agdn.py", "tests/models/test_esc.py",
+                           "tests/models/test_asid.py", "-k", "not avx2_build"],
                           capture_output=True, text=True, cwd=REPO, timeout=1800,
                           env={**os.environ, "UPSCALE_CPU_KERNELS": "avx2"})
     tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]

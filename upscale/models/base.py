@@ -1,6 +1,6 @@
 """The contract between a model family and the rest of `upscale`.
 
-Every family module (`agdn/`, `esc/`, `asid.py`) exports one `ARCHITECTURE` object, a subclass of
+Every family package (`agdn/`, `esc/`, `asid/`) exports one `ARCHITECTURE` object, a subclass of
 `Architecture`. The registry, the weights pipeline and the engine talk to a family only through it, so they
 never need an `if family == ...` branch.
 
@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from . import kernels
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,13 @@ class Architecture:
         family has nothing to say."""
         return None
 
+    def release_scratch(self, model: nn.Module) -> None:
+        """Drop the scratch maps a fast path keeps from one forward call to the next (`kernels.BufferPool`, on
+        the model as `_scratch`): the engine calls it when a run ends, so that memory is not held between
+        images."""
+        if getattr(model, "_scratch", None) is not None:
+            model._scratch = None
+
     def warm_up(self, model: nn.Module, device: torch.device, say) -> None:
         """One-time work before any image is timed (compiling kernels); `say(line)` announces anything slow."""
 
@@ -157,3 +166,31 @@ def plain_inference(module: nn.Module, x: torch.Tensor, dtypes: tuple[torch.dtyp
     if x.dim() != 4 or x.dtype not in dtypes or autocast_on(x.device.type):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+
+
+def straight_twin(model: nn.Module) -> nn.Module:
+    """The same network, sharing its parameters (nothing is copied), with its fast path off (`fast_path =
+    False`): what `Architecture.straight_twin` gives for ESC and ASID."""
+    twin = type(model).__new__(type(model))
+    twin.__dict__ = dict(model.__dict__)
+    for cache in ("_fast_cache", "_scratch"):  # the fast path's own state stays with the model
+        twin.__dict__.pop(cache, None)
+    twin.fast_path = False
+    return twin
+
+
+class KernelFastPath:
+    """What a family whose models run the fused CPU kernels by default (`fast_path` on the model: ESC, ASID)
+    answers for them: the straight twin, the kernels' build before timing, and the fast path's status."""
+
+    def straight_twin(self, model: nn.Module) -> nn.Module | None:
+        return straight_twin(model)
+
+    def warm_up(self, model: nn.Module, device: torch.device, say) -> None:
+        if torch.device(device).type == "cpu" and getattr(model, "fast_path", False):
+            kernels.load(announce=say)
+
+    def fast_path_status(self, model: nn.Module, device: torch.device) -> str | None:
+        if torch.device(device).type != "cpu" or not getattr(model, "fast_path", False):
+            return None
+        return kernels.status()

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from ...tiling import tiled_forward
-from .. import kernels
-from ..base import KB, MB, Architecture, MemoryEstimate, TilingSpec
-from .model import ASID, straight_twin
+from ..base import KB, MB, Architecture, KernelFastPath, MemoryEstimate, TilingSpec
+from .model import ASID
 from .network import (
     PROTOCOL_MIN_SIDE,
     RAW_MIN_SIDE,
@@ -29,7 +28,7 @@ from .network import (
 )
 
 
-class ASIDArchitecture(Architecture):
+class ASIDArchitecture(KernelFastPath, Architecture):
     family = "asid"
     variants = ("asid", "asid-d8")
     min_size = RAW_MIN_SIDE  # smaller inputs also work through model(x), which replicate-pads them itself
@@ -82,18 +81,6 @@ class ASIDArchitecture(Architecture):
         with torch.no_grad():
             y = tiled_forward(model.forward_raw, (x - 0.5) / 0.5, scale, tile, TILE_OVERLAP, tiles_per_forward)
         return (y[..., : h * scale, : w * scale] + 1) / 2
-
-    def straight_twin(self, model: nn.Module) -> nn.Module | None:
-        return straight_twin(model)
-
-    def warm_up(self, model: nn.Module, device: torch.device, say) -> None:
-        if torch.device(device).type == "cpu" and getattr(model, "fast_path", False):
-            kernels.load(announce=say)
-
-    def fast_path_status(self, model: nn.Module, device: torch.device) -> str | None:
-        if torch.device(device).type != "cpu" or not getattr(model, "fast_path", False):
-            return None
-        return kernels.status()
 
     def describe(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]] | None:
         required = (

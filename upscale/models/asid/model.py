@@ -23,12 +23,3 @@ class ASID(network.ASID):
                 return fast.forward_raw(self, ops, x)
         return super().forward_raw(x)
 
-
-def straight_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """The same network with the same weights on the straight modules."""
-    twin = type(model).__new__(type(model))
-    twin.__dict__ = dict(model.__dict__)  # shares the parameters: nothing is copied
-    twin.__dict__.pop("_fast_cache", None)
-    twin.__dict__.pop("_scratch", None)
-    twin.fast_path = False
-    return twin

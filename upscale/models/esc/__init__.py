@@ -17,9 +17,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .. import kernels
-from ..base import KB, MB, Architecture, MemoryEstimate, TilingSpec
-from .model import ESC, ESCFP, ESCReal, straight_twin
+from ..base import KB, MB, Architecture, KernelFastPath, MemoryEstimate, TilingSpec
+from .model import ESC, ESCFP, ESCReal
 from .network import (
     BACKENDS,
     Block,
@@ -43,7 +42,7 @@ _CLASSES: dict[str, type[_ESCBase]] = {"ESC": ESC, "ESCFP": ESCFP, "ESCReal": ES
 _DEFAULT_ARCH = {"esc-fp": "ESCFP", "esc-real": "ESCReal"}
 
 
-class ESCArchitecture(Architecture):
+class ESCArchitecture(KernelFastPath, Architecture):
     family = "esc"
     variants = ("esc-light", "esc", "esc-dflip", "esc-fp", "esc-xl", "esc-real")
     min_size = 1  # padding inside the network (`mirror_pad`) accepts any size
@@ -78,18 +77,6 @@ class ESCArchitecture(Architecture):
 
     def reference_forward(self, model: nn.Module, lr: torch.Tensor, tiles_per_forward: int = 1) -> torch.Tensor:
         return reference_forward(model, lr)  # one pass over the whole image: nothing to batch
-
-    def straight_twin(self, model: nn.Module) -> nn.Module | None:
-        return straight_twin(model)
-
-    def warm_up(self, model: nn.Module, device: torch.device, say) -> None:
-        if torch.device(device).type == "cpu" and getattr(model, "fast_path", False):
-            kernels.load(announce=say)
-
-    def fast_path_status(self, model: nn.Module, device: torch.device) -> str | None:
-        if torch.device(device).type != "cpu" or not getattr(model, "fast_path", False):
-            return None
-        return kernels.status()
 
     def device_warning(self, model: nn.Module, device: torch.device) -> str | None:
         if torch.device(device).type == "cuda" and model.attn_backend == "auto" and not _flex_available():

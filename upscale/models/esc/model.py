@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .. import kernels
 from ..base import plain_inference
 from . import fast, network
@@ -35,12 +33,3 @@ class ESCFP(_FastPath, network.ESCFP):
 class ESCReal(_FastPath, network.ESCReal):
     __doc__ = network.ESCReal.__doc__
 
-
-def straight_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """The same network with the same weights on the straight modules."""
-    twin = type(model).__new__(type(model))
-    twin.__dict__ = dict(model.__dict__)  # shares the parameters: nothing is copied
-    twin.__dict__.pop("_fast_cache", None)
-    twin.__dict__.pop("_scratch", None)
-    twin.fast_path = False
-    return twin
