@@ -17,7 +17,6 @@ from upscale.models.asid import (
     ASID,
     ASIDArchitecture,
     fast,
-    straight_twin,
 )
 from upscale.tiling import grid_origins, plan_tiles, tiled_forward
 
@@ -267,7 +266,7 @@ def test_fast_path_matches_the_straight_modules(variant, scale, n, h, w, monkeyp
     monkeypatch.setattr(fast, "forward_raw", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         got = model.forward_raw(x)
-        want = straight_twin(model).forward_raw(x)
+        want = ARCHITECTURE.straight_twin(model).forward_raw(x)
     assert calls == [1], "the fast path did not run"
     diff = (got - want).abs()
     assert diff.max() <= 2e-5 and diff.mean() <= 5e-7, f"max {diff.max():.3g}, mean {diff.mean():.3g}"
@@ -295,7 +294,7 @@ def test_straight_modules_run_where_the_fast_path_does_not_apply(monkeypatch):
     x = torch.rand(1, 3, 24, 24)
     monkeypatch.setattr(fast, "forward_raw", lambda *a: pytest.fail("fast path taken"))
     with torch.no_grad():
-        straight_twin(model)(x)
+        ARCHITECTURE.straight_twin(model)(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(x)
     model(x)  # autograd records

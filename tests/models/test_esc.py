@@ -341,7 +341,7 @@ def test_detect_rejects_other_state_dicts():
 
 
 def _straight(model):
-    return esc.straight_twin(model)
+    return ARCHITECTURE.straight_twin(model)
 
 
 needs_kernels = pytest.mark.skipif(kernels.load() is None, reason=f"fused CPU kernels unavailable: {kernels.status()}")
