@@ -189,3 +189,21 @@ def _one_thread_in_subprocesses(monkeypatch):
     """Console-script subprocesses run one OpenMP thread: their images are tiny, and on a shared 2-core
     machine two threads made each tiny image 10x slower (0.06 s vs 0.4-1.2 s measured)."""
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("UPSCALE_TEST_SUBPROCESS_THREADS", "1"))
+
+
+def assert_same_bits_at_any_thread_count(run, counts=(2, 1, 3, 2)):
+    """`run()` under inference mode at each torch thread count in turn: every result must be the same bits as
+    the first (the fused kernels fix their summation order by the layout, never by the threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            runs = []
+            for threads in counts:
+                torch.set_num_threads(threads)
+                runs.append(run())
+    finally:
+        torch.set_num_threads(before)
+    for i, y in enumerate(runs[1:]):
+        assert torch.equal(y, runs[0]), f"run {i + 1}: {int((y != runs[0]).sum())} values differ"

@@ -8,7 +8,13 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_matches_golden, detected, golden_case_names, load_golden
+from conftest import (
+    assert_matches_golden,
+    assert_same_bits_at_any_thread_count,
+    detected,
+    golden_case_names,
+    load_golden,
+)
 
 from upscale import registry
 from upscale.models import esc, kernels
@@ -371,17 +377,7 @@ def test_fast_path_matches_the_straight_modules(variant, scale, n, h, w, monkeyp
 def test_fast_path_gives_the_same_bits_at_any_thread_count():
     model = perturbed(build("esc-light", 2), seed=3)
     x = images(1, 70, 45, seed=4)
-    before = torch.get_num_threads()
-    try:
-        with torch.inference_mode():
-            runs = []
-            for threads in (2, 1, 3, 2):
-                torch.set_num_threads(threads)
-                runs.append(model(x))
-    finally:
-        torch.set_num_threads(before)
-    for i, y in enumerate(runs[1:]):
-        assert torch.equal(y, runs[0]), f"run {i + 1}: {int((y != runs[0]).sum())} values differ"
+    assert_same_bits_at_any_thread_count(lambda: model(x))
 
 
 def test_straight_modules_run_where_the_fast_path_does_not_apply(monkeypatch):

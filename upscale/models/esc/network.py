@@ -396,6 +396,19 @@ class _ESCBase(nn.Module):
     def attn_backend(self, backend: str) -> None:
         set_attn_backend(self, backend)
 
+    def forward(self, x):
+        f, f0 = self._features(x, self.large_kernel())
+        return self.tail(f, f0, x)
+
+    def large_kernel(self):
+        """The large kernel every ConvAttn of the network shares (§3.3): the D4-symmetrised `plk_filter` (ESC,
+        ESC-Real; ESC-FP has its own)."""
+        return d4_symmetrize(self.plk_filter)
+
+    def tail(self, f, f0, x):
+        """From the blocks' output `f`, the shallow features `f0` and the input `x` to the image."""
+        raise NotImplementedError
+
     def _features(self, x, kernels):
         f0 = self.proj(x)
         f = f0
@@ -437,14 +450,6 @@ class ESC(_ESCBase):
         self.plk_filter = nn.Parameter(torch.empty(pdim, pdim, kernel_size, kernel_size))
         _init_large_kernel(self.plk_filter)
         self.to_img = nn.Conv2d(dim, 3 * upscaling_factor**2, 3, padding=1)
-
-    def large_kernel(self):
-        """The large kernel every ConvAttn of the network shares (§3.3): the D4-symmetrised `plk_filter`."""
-        return d4_symmetrize(self.plk_filter)
-
-    def forward(self, x):
-        f, f0 = self._features(x, self.large_kernel())
-        return self.tail(f, f0, x)
 
     def tail(self, f, f0, x):
         """From the blocks' output `f`, the shallow features `f0` and the input `x` to the image."""
@@ -490,10 +495,6 @@ class ESCFP(_ESCBase):
     def large_kernel(self):
         """The shared parts of ESC-FP's large kernel: the channel mix and the depthwise 13x13 (§4)."""
         return self.lk_channel, self.lk_spatial
-
-    def forward(self, x):
-        f, f0 = self._features(x, self.large_kernel())
-        return self.tail(f, f0, x)
 
     def tail(self, f, f0, x):
         """From the blocks' output `f`, the shallow features `f0` and the input `x` to the image."""
@@ -555,14 +556,6 @@ class ESCReal(_ESCBase):
             nn.LeakyReLU(0.2),
             nn.Conv2d(dim, 3, 3, padding=1),
         )
-
-    def large_kernel(self):
-        """The large kernel every ConvAttn of the network shares: the D4-symmetrised `plk_filter`."""
-        return d4_symmetrize(self.plk_filter)
-
-    def forward(self, x):
-        f, f0 = self._features(x, self.large_kernel())
-        return self.tail(f, f0, x)
 
     def tail(self, f, f0, x):
         """From the blocks' output `f`, the shallow features `f0` and the input `x` to the image."""
