@@ -110,3 +110,15 @@ def test_bench_times_a_real_image_forward_and_end_to_end(tmp_path):
     table = io.StringIO()
     format_table(results, Console(file=table, width=200))
     assert "end to end" in table.getvalue() and "us/px" in table.getvalue()
+
+
+@pytest.mark.parametrize("model,scale", [("esc-light", 2), ("asid", 2)])
+def test_bench_times_esc_and_asid_beside_their_straight_modules(model, scale):
+    from upscale.models import kernels
+
+    results = run_bench(model, scale, sizes=["24x40"], repeats=1, warmup=1, threads=1, weights="random",
+                        folder_images=0, force=True)
+    assert [r["impl"] for r in results] == ["fast", "straight"]
+    assert results[0]["speedup_vs_straight"] > 0 and results[0]["model"] == model
+    if kernels.load() is not None:
+        assert results[0]["cpu_kernels"].startswith("fused CPU kernels")
