@@ -27,25 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import BufferPool
+from ..kernels import BufferPool, cached_on, depthwise_taps, gemm_operand
 from .network import WINDOW
 
 GELU = 1
 
 
-def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv or linear weight (out, in[, 1, 1]) as the kernels' GEMM operand: (in, out padded to 16)."""
-    w = weight.detach().reshape(weight.shape[0], -1).t()
-    return F.pad(w, (0, -w.shape[1] % 16)).contiguous()
-
-
-def _depthwise_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C, 1, 3, 3) -> the kernels' tap-major (9, C + 16), zero beyond C."""
-    return F.pad(weight.detach().reshape(weight.shape[0], 9).t(), (0, 16)).contiguous()
-
-
 class _Weights:
-    """Rearranged weights, made on first use and kept until a parameter of the model changes."""
+    """Rearranged weights, each made on first use (kept on the model by `cached_on` until a parameter changes)."""
 
     def __init__(self):
         self.items: dict = {}
@@ -55,15 +44,6 @@ class _Weights:
         if key not in self.items:
             self.items[key] = make()
         return self.items[key]
-
-
-def _weights(model: nn.Module) -> _Weights:
-    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    cached = getattr(model, "_fast_cache", None)
-    if cached is None or cached[0] != key:
-        cached = (key, _Weights())
-        model._fast_cache = cached
-    return cached[1]
 
 
 class _Map:
@@ -87,7 +67,7 @@ class _Map:
         None. `norm`: a LayerNorm applied to x's pixels first, inside the kernel."""
         def make():
             w = conv.weight.detach().reshape(conv.weight.shape[0], -1)
-            return _gemm_weight(w if columns is None else w[:, columns])
+            return gemm_operand(w if columns is None else w[:, columns])
 
         weight = self.weights(conv, f"gemm{tag}", make)
         accumulate = out is not None
@@ -129,8 +109,8 @@ def _unwindows(t: torch.Tensor, m: _Map, grid: bool) -> torch.Tensor:
 def _gated_ffn(m: _Map, gfn: nn.Module, x: torch.Tensor, acc: torch.Tensor, norm: nn.Module) -> None:
     """acc += project_out(GELU(h1) * h2), [h1, h2] = dwconv(project_in(norm(x))): one pw_dwconv pass (with the
     LayerNorm) and a GEMM."""
-    w_in = m.weights(gfn, "in", lambda: _gemm_weight(gfn.project_in.weight))
-    w_dw = m.weights(gfn, "dw", lambda: _depthwise_weight(gfn.dwconv.weight))
+    w_in = m.weights(gfn, "in", lambda: gemm_operand(gfn.project_in.weight))
+    w_dw = m.weights(gfn, "dw", lambda: depthwise_taps(gfn.dwconv.weight))
     gated = m.empty(x.shape[1])
     m.ops.pw_dwconv(x, m.n, m.h, m.w, w_in, 0, w_dw, None, False, None, 0, 1, gated, None, None, *_norm_args(norm))
     m.gemm(gated, gfn.project_out, acc)
@@ -144,7 +124,7 @@ def _local_block(m: _Map, block: nn.Module, x: torch.Tensor, in_place: bool = Tr
     t = m.gemm(x, conv_a)
     m.ops.bias_act(t, conv_a.bias, GELU, t)
     u = m.empty(d)
-    m.ops.dwconv3x3(t, m.n, m.h, m.w, m.weights(dw, "dw", lambda: _depthwise_weight(dw.weight)), dw.bias, 1, False,
+    m.ops.dwconv3x3(t, m.n, m.h, m.w, m.weights(dw, "dw", lambda: depthwise_taps(dw.weight)), dw.bias, 1, False,
                     None, GELU, 0, u)
     gate = se.gate  # mean -> linear -> SiLU -> linear -> sigmoid, per image
     g = torch.sigmoid(F.linear(F.silu(F.linear(u.view(m.n, -1, d).mean(1), gate[1].weight)), gate[3].weight))
@@ -223,8 +203,8 @@ def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tenso
     """acc + project_out of the (C x C) attention of norm(x) inside windows (or across them, grid mode): a new
     map."""
     c = x.shape[1]
-    w_qkv = m.weights(ca, "qkv", lambda: _gemm_weight(ca.qkv.weight))
-    w_dw = m.weights(ca, "dw", lambda: _depthwise_weight(ca.qkv_dwconv.weight))
+    w_qkv = m.weights(ca, "qkv", lambda: gemm_operand(ca.qkv.weight))
+    w_dw = m.weights(ca, "dw", lambda: depthwise_taps(ca.qkv_dwconv.weight))
     qkv = m.empty(3 * c)
     m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, 0, 0, qkv, None, None, *_norm_args(norm))
     if not ca.grid:
@@ -300,9 +280,7 @@ def forward_raw(model: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[-2:]
     f0 = model.input(model.pad_raw(x))
     n, c, hp, wp = f0.shape
-    if getattr(model, "_scratch", None) is None:
-        model._scratch = BufferPool()
-    m = _Map(ops, _weights(model), model._scratch, n, hp, wp)
+    m = _Map(ops, cached_on(model, _Weights), BufferPool.of(model), n, hp, wp)
     y = f0.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
     y, maps = _group(m, model.block0, y, None)
     for k in range(1, model.groups):

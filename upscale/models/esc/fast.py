@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import BufferPool
+from ..kernels import BufferPool, cached_on, depthwise_taps, gemm_operand
 from ..layers import LayerNorm2d, pad_to_multiple
 from .network import Block, ConvAttn, ConvFFN, DynamicLargeKernel, WindowAttention
 
@@ -42,16 +42,8 @@ def supports(model: nn.Module) -> bool:
 
 
 def _gemm_weight(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A 1x1 conv as the kernels' GEMM operand: (in, out) with the columns padded to a multiple of 16."""
-    w = conv.weight.detach().reshape(conv.out_channels, -1).t()
-    w = F.pad(w, (0, -w.shape[1] % 16)).contiguous()
-    return w, None if conv.bias is None else conv.bias.detach().contiguous()
-
-
-def _depthwise_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C, 1, 3, 3) (or (C, 3, 3)) -> the kernels' tap-major (9, C + 16), zero beyond C."""
-    c = weight.shape[0]
-    return F.pad(weight.detach().reshape(c, 9).t(), (0, 16)).contiguous()
+    """A 1x1 conv as the kernels' GEMM operand and its bias."""
+    return gemm_operand(conv.weight), None if conv.bias is None else conv.bias.detach().contiguous()
 
 
 @dataclass
@@ -68,7 +60,7 @@ class _FFN:
     def of(cls, ffn: ConvFFN) -> "_FFN":
         w1, b1 = _gemm_weight(ffn.proj)
         w2, b2 = _gemm_weight(ffn.aggr)
-        return cls(w1, b1, ffn.proj.out_channels, _depthwise_weight(ffn.dwc.weight), ffn.dwc.bias.detach(), w2, b2)
+        return cls(w1, b1, ffn.proj.out_channels, depthwise_taps(ffn.dwc.weight), ffn.dwc.bias.detach(), w2, b2)
 
 
 @dataclass
@@ -101,16 +93,14 @@ def orbit_weight(kernel: torch.Tensor) -> torch.Tensor:
 
 
 def _weights(model: nn.Module) -> tuple[list[_BlockWeights], torch.Tensor | None]:
-    """The blocks' rearranged weights and the large kernel's orbit weight (ESC, ESC-Real), cached on the model
-    until a parameter changes."""
-    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    cached = getattr(model, "_fast_cache", None)
-    if cached is None or cached[0] != key:
+    """The blocks' rearranged weights and the large kernel's orbit weight (ESC, ESC-Real)."""
+
+    def make():
         large = model.large_kernel()
         orbits = orbit_weight(large) if isinstance(large, torch.Tensor) else None
-        cached = (key, ([_BlockWeights.of(b) for b in model.blocks], orbits))
-        model._fast_cache = cached
-    return cached[1]
+        return [_BlockWeights.of(b) for b in model.blocks], orbits
+
+    return cached_on(model, make)
 
 
 # -- the pieces ----------------------------------------------------------------------------------------------------
@@ -215,9 +205,7 @@ def fast_forward(model: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
     large_kernel = model.large_kernel()
     f0 = model.proj(x)
     f = f0.permute(0, 2, 3, 1).contiguous()
-    if getattr(model, "_scratch", None) is None:
-        model._scratch = BufferPool()
-    pool = model._scratch.start(f.shape)
+    pool = BufferPool.of(model).start(f.shape)
     for block, bw in zip(model.blocks, weights):
         f = _block(ops, pool, block, bw, f, large_kernel, orbits)
     return model.tail(f.permute(0, 3, 1, 2), f0, x)

@@ -28,7 +28,7 @@ import torch
 
 from ...files import atomic_path, cache_dir
 
-__all__ = ["load", "status"]
+__all__ = ["BufferPool", "cached_on", "depthwise_taps", "gemm_operand", "load", "status"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 BUILD_TIMEOUT_S = 600
@@ -174,6 +174,34 @@ def status() -> str:
     return f"fused CPU kernels ({ops.capability()})" if ops is not None else f"PyTorch ops ({_state.get('reason')})"
 
 
+# -- what the families' kernel paths share ------------------------------------------------------------------------
+
+
+def gemm_operand(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv or linear weight (out, in[, 1, 1]) as `gemm` / `pw_dwconv` read it: (in, out), the columns
+    padded with zeros to a multiple of 16."""
+    w = weight.detach().reshape(weight.shape[0], -1).t()
+    return torch.nn.functional.pad(w, (0, -w.shape[1] % 16)).contiguous()
+
+
+def depthwise_taps(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise 3x3 weight (C, 1, 3, 3) as `dwconv3x3` / `pw_dwconv` read it: tap-major (9, C + 16), zero
+    beyond C (a vector of slack: loads may run past C)."""
+    c = weight.shape[0]
+    return torch.nn.functional.pad(weight.detach().reshape(c, 9).t(), (0, 16)).contiguous()
+
+
+def cached_on(model: torch.nn.Module, make):
+    """`make()` (a model's weights rearranged for the kernels), made once and kept on the model as `_fast_cache`
+    until a parameter changes (a new tensor or an in-place update)."""
+    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    cached = getattr(model, "_fast_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, make())
+        model._fast_cache = cached
+    return cached[1]
+
+
 class BufferPool:
     """Scratch maps reused from one forward pass to the next.
 
@@ -186,6 +214,13 @@ class BufferPool:
     def __init__(self):
         self.key = None
         self.buffers: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "BufferPool":
+        """The pool kept on `model` (as `_scratch`; `Architecture.release_scratch` drops it), made on first use."""
+        if getattr(model, "_scratch", None) is None:
+            model._scratch = cls()
+        return model._scratch
 
     def start(self, key) -> "BufferPool":
         """Begin a pass; `key` names its shape (buffers from passes of another shape are freed)."""
