@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import BufferPool, cached_on, depthwise_taps, gemm_operand
+from ..kernels import (
+    BufferPool,
+    cached_on,
+    depthwise_taps,
+    gemm_operand,
+    layer_norm_args,
+)
 from .network import WINDOW
 
 GELU = 1
@@ -73,34 +79,8 @@ class _Map:
         accumulate = out is not None
         if out is None:
             out = self.empty(conv.weight.shape[0])
-        self.ops.gemm(x, weight, out, accumulate, *_norm_args(norm))
+        self.ops.gemm(x, weight, out, accumulate, *layer_norm_args(norm))
         return out
-
-
-def _norm_args(norm: nn.Module | None) -> tuple:
-    """The kernels' LayerNorm prologue arguments (weight, bias, eps) of a LayerNorm or LayerNorm2d."""
-    return () if norm is None else (norm.weight, norm.bias, norm.eps)
-
-
-# -- grouping tokens of a channels-last map (network._group_tokens, _ChannelAttention._split) ----------------------
-
-
-def _windows(x: torch.Tensor, m: _Map, grid: bool) -> torch.Tensor:
-    """(pixels, C) -> (n * h/8 * w/8, 64, C): window (i, j) holds pixels (8i + u, 8j + v); grid (i, j) holds
-    pixels (u * h/8 + i, v * w/8 + j); tokens row-major over (u, v)."""
-    nh, nw, c = m.h // WINDOW, m.w // WINDOW, x.shape[1]
-    if grid:
-        t = x.view(m.n, WINDOW, nh, WINDOW, nw, c).permute(0, 2, 4, 1, 3, 5)
-    else:
-        t = x.view(m.n, nh, WINDOW, nw, WINDOW, c).permute(0, 1, 3, 2, 4, 5)
-    return t.reshape(-1, WINDOW * WINDOW, c)
-
-
-def _unwindows(t: torch.Tensor, m: _Map, grid: bool) -> torch.Tensor:
-    nh, nw, c = m.h // WINDOW, m.w // WINDOW, t.shape[-1]
-    t = t.view(m.n, nh, nw, WINDOW, WINDOW, c)
-    x = t.permute(0, 3, 1, 4, 2, 5) if grid else t.permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, c)
 
 
 # -- the pieces --------------------------------------------------------------------------------------------------
@@ -112,7 +92,7 @@ def _gated_ffn(m: _Map, gfn: nn.Module, x: torch.Tensor, acc: torch.Tensor, norm
     w_in = m.weights(gfn, "in", lambda: gemm_operand(gfn.project_in.weight))
     w_dw = m.weights(gfn, "dw", lambda: depthwise_taps(gfn.dwconv.weight))
     gated = m.empty(x.shape[1])
-    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_in, 0, w_dw, None, False, None, 0, 1, gated, None, None, *_norm_args(norm))
+    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_in, 0, w_dw, None, False, None, 0, 1, gated, None, None, *layer_norm_args(norm))
     m.gemm(gated, gfn.project_out, acc)
 
 
@@ -206,7 +186,7 @@ def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tenso
     w_qkv = m.weights(ca, "qkv", lambda: gemm_operand(ca.qkv.weight))
     w_dw = m.weights(ca, "dw", lambda: depthwise_taps(ca.qkv_dwconv.weight))
     qkv = m.empty(3 * c)
-    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, 0, 0, qkv, None, None, *_norm_args(norm))
+    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, 0, 0, qkv, None, None, *layer_norm_args(norm))
     if not ca.grid:
         rows, cols = m.segments(WINDOW, WINDOW)
         return _cells_channel_attention(m, ca, qkv, acc, rows, cols, m.h // WINDOW, m.w // WINDOW)

@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import BufferPool, cached_on, depthwise_taps, gemm_operand
+from ..kernels import (
+    BufferPool,
+    cached_on,
+    depthwise_taps,
+    gemm_operand,
+    layer_norm_args,
+)
 from ..layers import LayerNorm2d, pad_to_multiple
 from .network import Block, ConvAttn, ConvFFN, DynamicLargeKernel, WindowAttention
 
@@ -112,11 +118,6 @@ def _layer_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
 
 
-def _norm_args(norm: nn.Module) -> tuple:
-    """The kernels' LayerNorm prologue arguments of a LayerNorm2d; none for nn.Identity (ESC without use_ln)."""
-    return (norm.weight, norm.bias, norm.eps) if isinstance(norm, LayerNorm2d) else ()
-
-
 def _conv_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """A dense conv of an (n, h, w, c) map through oneDNN on its channels-last view; (n, h, w, out) back."""
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
@@ -125,7 +126,7 @@ def _conv_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 def _ffn(ops, pool: BufferPool, fw: _FFN, x: torch.Tensor, norm: nn.Module, n: int, h: int, w: int) -> torch.Tensor:
     """ConvFFN(norm(x)), the LayerNorm (if any) inside the first GEMM."""
     hidden = pool.empty(x.shape[0], fw.hidden)
-    ops.gemm(x, fw.w1, hidden, False, *_norm_args(norm))
+    ops.gemm(x, fw.w1, hidden, False, *layer_norm_args(norm))
     ops.bias_act(hidden, fw.b1, GELU, hidden)
     mixed = pool.empty(x.shape[0], fw.hidden)
     ops.dwconv3x3(hidden, n, h, w, fw.dw, fw.dw_bias, 1, False, hidden, GELU_THEN_RESIDUAL, 0, mixed)
@@ -147,7 +148,7 @@ def _attention(ops, pool: BufferPool, attn: WindowAttention, bw: _BlockWeights, 
     c, heads, ws = attn.dim, attn.num_heads, attn.window_size
     d = c // heads
     qkv = pool.empty(x.shape[0], 3 * c)
-    ops.gemm(x, bw.qkv[0], qkv, False, *_norm_args(norm))
+    ops.gemm(x, bw.qkv[0], qkv, False, *layer_norm_args(norm))
     ops.bias_act(qkv, bw.qkv[1], 0, qkv)
     # the straight path pads before its 1x1 qkv conv; padding after it is the same, as the conv is pointwise
     grid = pad_to_multiple(qkv.view(n, h, w, 3 * c).permute(0, 3, 1, 2), ws).permute(0, 2, 3, 1)

@@ -28,7 +28,7 @@ import torch
 
 from ...files import atomic_path, cache_dir
 
-__all__ = ["BufferPool", "cached_on", "depthwise_taps", "gemm_operand", "load", "status"]
+__all__ = ["BufferPool", "cached_on", "depthwise_taps", "gemm_operand", "layer_norm_args", "load", "status"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 BUILD_TIMEOUT_S = 600
@@ -189,6 +189,14 @@ def depthwise_taps(weight: torch.Tensor) -> torch.Tensor:
     beyond C (a vector of slack: loads may run past C)."""
     c = weight.shape[0]
     return torch.nn.functional.pad(weight.detach().reshape(c, 9).t(), (0, 16)).contiguous()
+
+
+def layer_norm_args(norm: torch.nn.Module | None) -> tuple:
+    """The LayerNorm prologue arguments of `gemm` / `pw_dwconv` (weight, bias, eps) for a LayerNorm (nn.LayerNorm
+    or a LayerNorm2d); none for None or a module without weights (nn.Identity: no norm)."""
+    if norm is None or getattr(norm, "weight", None) is None:
+        return ()
+    return norm.weight, norm.bias, norm.eps
 
 
 def cached_on(model: torch.nn.Module, make):
