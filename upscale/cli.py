@@ -559,7 +559,7 @@ def eval_command(model, scale, weights, device, offline, hr_dir, lr_dir, protoco
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def doctor(as_json):
     """What `upscale` would use here, without changing anything: versions, devices and the default one with its
-    precision, the AGDN CPU kernels (built or not, where cached), the cache folder, and the image formats this
+    precision, the CPU kernels of AGDN, ESC and ASID (built or not, where cached), the cache folder, and the image formats this
     installation reads and writes."""
     import platform
 
@@ -592,7 +592,7 @@ def doctor(as_json):
         f"devices: {', '.join(report['devices'])}; default {report['default_device']} in "
         f"{report['default_precision']}" + (f" ({report['gpu']['name']}, {report['gpu']['memory_gb']} GB)"
                                             if "gpu" in report else ""),
-        f"AGDN CPU kernels: {k['state']}" + (f" ({k['capability']})" if k.get("capability") else "")
+        f"CPU kernels (AGDN, ESC, ASID): {k['state']}" + (f" ({k['capability']})" if k.get("capability") else "")
         + (f"; {k['reason']}" if k.get("reason") else ""),
         *([f"  {k['path']}"] if k.get("path") else []),
         f"cache: {report['cache']}",

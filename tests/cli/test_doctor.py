@@ -51,7 +51,7 @@ def test_doctor_says_device_precision_kernels_and_formats():
     result = run("doctor")
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    for expected in ("devices: cpu", "default cpu in fp32", "AGDN CPU kernels:", "cache:", "PNG   read + write",
+    for expected in ("devices: cpu", "default cpu in fp32", "CPU kernels (AGDN, ESC, ASID):", "cache:", "PNG   read + write",
                      "GIF   read + write"):
         assert expected in text, text
     report = json.loads(run("doctor", "--json").stdout)

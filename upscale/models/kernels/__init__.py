@@ -1,14 +1,15 @@
 """Fused CPU kernels (`cpu_kernels.cpp`), compiled on first use and cached; optional.
 
-The fast AGDN path on the CPU is bound by memory passes and per-op overhead, not arithmetic: PyTorch runs a
-depthwise conv, its bias, the residual add and the GELU as four passes over the map. `cpu_kernels.cpp` does
-such chains in one pass. It is built here, not at install time, because a wheel cannot know the user's CPU
+The CPU paths of AGDN, ESC and ASID run on them. Those networks are bound by memory passes and per-op overhead
+more than by arithmetic: PyTorch runs a depthwise conv, its bias, the residual add and the GELU as four passes
+over the map. `cpu_kernels.cpp` does such chains in one pass, and has the attention kernels ESC and ASID need. It is built here, not at install time, because a wheel cannot know the user's CPU
 (`-march=native`) or torch build, and building against torch at install time would make pip pull a CUDA
 torch into the build environment.
 
 `load()` returns the `torch.ops.upscale_cpu` namespace, or None when the kernels cannot be had: a CPU without
-AVX2 and FMA, no C++ compiler, a compile error, a platform other than Linux, or `UPSCALE_CPU_KERNELS=0`. Callers then take the
-eager PyTorch path, which computes the same values (the tests compare the two). The first build takes 10-30 s
+AVX2 and FMA, no C++ compiler, a compile error, a platform other than Linux, or `UPSCALE_CPU_KERNELS=0`. Callers then take
+AGDN's eager PyTorch fast path, or ESC's and ASID's straight modules, which compute the same values (the tests
+compare them). The first build takes 10-30 s
 (said on stderr when it is a terminal); the shared library is cached under the upscale cache directory, keyed
 by the source, the torch version, the compiler and the CPU, and written atomically, so concurrent first runs
 are safe.

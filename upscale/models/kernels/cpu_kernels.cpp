@@ -11,8 +11,10 @@
 // convs a sweep with the taps in registers (`dw_sweep`), both written once over the native vector (`Simd`);
 // builds for neither take BLAS's sgemm and the generic loops. Reductions over pixels are summed in an order
 // fixed by the layout, never by the threads: the output is the same bits on every run and thread count.
-// Built on first use by upscale/models/kernels/__init__.py; every op has an eager equivalent in
-// upscale/models/agdn/fast.py (the fast path without kernels), and tests/models/test_kernels.py compares them.
+// Built on first use by upscale/models/kernels/__init__.py. AGDN's ops have eager equivalents in
+// upscale/models/agdn/fast.py (the fast path without kernels); ESC's window attention and symmetric large-kernel
+// conv and ASID's token attention are written for AVX-512/AVX2 only (the build's floor) and checked against their
+// PyTorch statements; tests/models/test_kernels.py compares each op.
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY AVX512
