@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import (
+    GELU,
+    NO_ACT,
     BufferPool,
     cached_on,
     depthwise_taps,
@@ -35,8 +37,6 @@ from ..kernels import (
     layer_norm_args,
 )
 from .network import WINDOW
-
-GELU = 1
 
 
 class _Weights:
@@ -92,7 +92,7 @@ def _gated_ffn(m: _Map, gfn: nn.Module, x: torch.Tensor, acc: torch.Tensor, norm
     w_in = m.weights(gfn, "in", lambda: gemm_operand(gfn.project_in.weight))
     w_dw = m.weights(gfn, "dw", lambda: depthwise_taps(gfn.dwconv.weight))
     gated = m.empty(x.shape[1])
-    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_in, 0, w_dw, None, False, None, 0, 1, gated, None, None, *layer_norm_args(norm))
+    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_in, 0, w_dw, None, False, None, NO_ACT, 1, gated, None, None, *layer_norm_args(norm))
     m.gemm(gated, gfn.project_out, acc)
 
 
@@ -186,7 +186,7 @@ def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tenso
     w_qkv = m.weights(ca, "qkv", lambda: gemm_operand(ca.qkv.weight))
     w_dw = m.weights(ca, "dw", lambda: depthwise_taps(ca.qkv_dwconv.weight))
     qkv = m.empty(3 * c)
-    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, 0, 0, qkv, None, None, *layer_norm_args(norm))
+    m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, NO_ACT, 0, qkv, None, None, *layer_norm_args(norm))
     if not ca.grid:
         rows, cols = m.segments(WINDOW, WINDOW)
         return _cells_channel_attention(m, ca, qkv, acc, rows, cols, m.h // WINDOW, m.w // WINDOW)

@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import (
+    GELU,
+    GELU_THEN_RESIDUAL,
+    NO_ACT,
     BufferPool,
     cached_on,
     depthwise_taps,
@@ -33,9 +36,6 @@ from ..kernels import (
 )
 from ..layers import LayerNorm2d, pad_to_multiple
 from .network import Block, ConvAttn, ConvFFN, DynamicLargeKernel, WindowAttention
-
-GELU = 1
-GELU_THEN_RESIDUAL = 2  # the kernels' act code: GELU(conv + bias) + residual
 
 
 def supports(model: nn.Module) -> bool:
@@ -132,7 +132,7 @@ def _ffn(ops, pool: BufferPool, fw: _FFN, x: torch.Tensor, norm: nn.Module, n: i
     ops.dwconv3x3(hidden, n, h, w, fw.dw, fw.dw_bias, 1, False, hidden, GELU_THEN_RESIDUAL, 0, mixed)
     out = pool.empty(x.shape[0], x.shape[1])
     ops.gemm(mixed, fw.w2, out, False)
-    ops.bias_act(out, fw.b2, 0, out)
+    ops.bias_act(out, fw.b2, NO_ACT, out)
     return out
 
 
@@ -149,7 +149,7 @@ def _attention(ops, pool: BufferPool, attn: WindowAttention, bw: _BlockWeights, 
     d = c // heads
     qkv = pool.empty(x.shape[0], 3 * c)
     ops.gemm(x, bw.qkv[0], qkv, False, *layer_norm_args(norm))
-    ops.bias_act(qkv, bw.qkv[1], 0, qkv)
+    ops.bias_act(qkv, bw.qkv[1], NO_ACT, qkv)
     # the straight path pads before its 1x1 qkv conv; padding after it is the same, as the conv is pointwise
     grid = pad_to_multiple(qkv.view(n, h, w, 3 * c).permute(0, 3, 1, 2), ws).permute(0, 2, 3, 1)
     hp, wp = grid.shape[1:3]
@@ -180,7 +180,7 @@ def _conv_attn(ops, pool: BufferPool, pconv: ConvAttn, aggr, x: torch.Tensor, ac
         src = x.view(n, h * w, -1)[..., :p]
         for i in range(n):  # + the image's own depthwise 3x3, in place
             li = large[i].view(h * w, p)
-            ops.dwconv3x3(src[i], 1, h, w, F.pad(dynamic[i].t(), (0, 16)).contiguous(), None, 1, False, li, 0, 0, li)
+            ops.dwconv3x3(src[i], 1, h, w, F.pad(dynamic[i].t(), (0, 16)).contiguous(), None, 1, False, li, NO_ACT, 0, li)
         x1 = large
     else:  # ESC-FP's decomposed kernel: its own modules (a 1x1 and a depthwise 13x13, a small share of the time)
         x1 = plk(x1, large_kernel).permute(0, 2, 3, 1)

@@ -29,7 +29,7 @@ import torch
 
 from ...files import atomic_path, cache_dir
 
-__all__ = ["BufferPool", "cached_on", "depthwise_taps", "gemm_operand", "layer_norm_args", "load", "status"]
+__all__ = ["GELU", "GELU_THEN_RESIDUAL", "NO_ACT", "BufferPool", "cached_on", "depthwise_taps", "gemm_operand", "layer_norm_args", "load", "status"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 BUILD_TIMEOUT_S = 600
@@ -176,6 +176,9 @@ def status() -> str:
 
 
 # -- what the families' kernel paths share ------------------------------------------------------------------------
+
+#: the `act` codes of `bias_act`, `dwconv3x3` and `pw_dwconv` (`Act` in cpu_kernels.cpp)
+NO_ACT, GELU, GELU_THEN_RESIDUAL = 0, 1, 2  # the last: GELU(conv + bias) + residual, ESC's ConvFFN
 
 
 def gemm_operand(weight: torch.Tensor) -> torch.Tensor:
