@@ -17,6 +17,7 @@ from conftest import (
 from PIL import Image
 
 from upscale import registry
+from upscale.engine import Upscaler
 from upscale.models import get_architecture, kernels
 from upscale.models.agdn.network import tlc_origins
 from upscale.models.base import Placement
@@ -228,6 +229,42 @@ def test_fast_path_sees_weights_edited_in_place_or_replaced():
         replaced = model(x)
         assert not torch.allclose(edited, replaced)
         _close(replaced, model(x, fast=False), 1e-5, 2e-6, "after replacing a Parameter")
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("band_pixels", [1, 37, 200, 5000])
+@pytest.mark.parametrize("size,batch", [((17, 23), 1), ((40, 33), 2), ((15, 64), 1)])
+def test_head_and_upsampler_by_bands_equal_one_band(agdn_models, monkeypatch, band_pixels, size, batch):
+    """fea_conv and the upsampler run a band of rows at a time (`fused._band_rows`): any band height, from one
+    row up, gives the output of a single band (a wrong row at a band's edge would be off by far more; the
+    upsampler's oneDNN conv rounds differently for different band heights, fea_conv on the kernels' GEMM not)."""
+    from upscale.models.agdn import fused
+
+    model = agdn_models[4]
+    x = torch.cat([_random_smooth(*size, seed) for seed in range(batch)])
+    with torch.inference_mode():
+        whole = model(x)
+        monkeypatch.setattr(fused, "_BAND_PIXELS", band_pixels)
+        assert fused._band_rows(size[1]) < size[0] or band_pixels == 5000
+        _close(model(x), whole, 2e-5, 1e-6, f"bands of {fused._band_rows(size[1])} rows")
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_fused_scratch_grows_to_the_largest_tile_and_goes_when_the_run_ends(agdn_models):
+    """Tiles of a photo come in a few sizes: the fused path's maps are kept and grown, not made afresh for each
+    size (fresh pages fault on first touch), and the engine drops them when the run ends."""
+    model = agdn_models[2]
+    ARCH.release_scratch(model)  # whatever an earlier test left
+    with torch.inference_mode():
+        model(_random_smooth(48, 40, 1))
+        buffers = {k: (v.data_ptr(), v.numel()) for k, v in model._workspace.buffers.items()}
+        model(_random_smooth(30, 36, 2))  # smaller: the same buffers
+        assert {k: (v.data_ptr(), v.numel()) for k, v in model._workspace.buffers.items()} == buffers
+        model(_random_smooth(64, 40, 3))  # larger: grown
+        assert all(model._workspace.buffers[k].numel() > n for k, (_, n) in buffers.items())
+        up = Upscaler(registry.resolve("agdn", 2), model, torch.device("cpu"), "tiled", tile=32)
+        up.run(_random_smooth(50, 70, 4))
+    assert model._workspace is None
 
 
 def test_straight_path_where_the_fast_path_does_not_apply(agdn_models):

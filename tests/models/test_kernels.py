@@ -396,6 +396,25 @@ def test_pixel_shuffle_from_channels_last_rows(n, h, w, c, s):
     assert torch.equal(out, F.pixel_shuffle(x, s))
 
 
+@pytest.mark.parametrize("n,h,w,c,s", [(1, 7, 9, 3, 4), (2, 5, 6, 3, 2), (1, 9, 3, 3, 3)])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_pixel_shuffle_of_row_bands_fills_a_taller_output(n, h, w, c, s, rows):
+    """Bands of `rows` rows shuffled into their place (`row0`) of the whole output give the whole shuffle; a band
+    past the output's end is refused."""
+    g = torch.Generator().manual_seed(h * w * s + rows)
+    x = torch.randn(n, c * s * s, h, w, generator=g)
+    out = torch.full((n, c, h * s, w * s), float("nan"))
+    for i in range(n):
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            band = x[i : i + 1, :, y0:y1].permute(0, 2, 3, 1).contiguous().view(-1, c * s * s)
+            ops.pixel_shuffle(band, 1, y1 - y0, w, s, out[i : i + 1], y0)
+    assert torch.equal(out, F.pixel_shuffle(x, s))
+    with pytest.raises(RuntimeError, match="band"):
+        ops.pixel_shuffle(x[:1, :, :2].permute(0, 2, 3, 1).contiguous().view(-1, c * s * s), 1, 2, w, s, out[:1],
+                          h - 1)
+
+
 @pytest.mark.parametrize("threads", [1, 3, 5])
 def test_row_sharing_gives_every_row_once_at_any_thread_count(threads):
     """The kernels share rows between threads at run time (a thread that finishes early takes rows from the end

@@ -120,7 +120,7 @@ def _kernel_weights(model: nn.Module, x: torch.Tensor) -> dict:
             "blocks": [_kernel_block_weights(b, getattr(model, f"B{i + 1}")) for i, b in enumerate(wts["blocks"])],
             "c1_wt": [_pad_cols(wts["c1_wt"][i * c : (i + 1) * c]) for i in range(model.num_block)],
             "c1_b": wts["c1_b"], "c2_wt": _pad_cols(wts["c2_wt"]),
-            # fea_conv as a GEMM on 3x3 patches, rows (ky, kx, input channel) like `_patches3x3`
+            # fea_conv as a GEMM on 3x3 patches, rows (ky, kx, input channel) like `_kernel_head`'s
             "fea_wt": _pad_cols(model.fea_conv.weight.detach().permute(2, 3, 1, 0).reshape(-1, c).to(x.dtype)),
             "fea_b": model.fea_conv.bias.detach().to(x.dtype).contiguous(),
             "c2_dw": _taps(wts["c2_dw"]), "c2_dwb": wts["c2_dwb"].contiguous(),
@@ -132,43 +132,71 @@ def _kernel_weights(model: nn.Module, x: torch.Tensor) -> dict:
     return wts["kernel"]
 
 
-def _patches3x3(x: torch.Tensor) -> torch.Tensor:
-    """(n, c, h, w) -> (n*h*w, 9c) rows of each pixel's 3x3 neighbourhood (zero padding), ordered (ky, kx, c)."""
-    n, c, h, w = x.shape
-    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
-    return torch.cat([padded[:, ky : ky + h, kx : kx + w] for ky in range(3) for kx in range(3)], -1).view(-1, 9 * c)
+def _band_rows(w: int) -> int:
+    """Rows per band for the passes that run a map a band of rows at a time (the first and last convs): about
+    16 K pixels, a working set that stays in the caches, and no full-size temporary."""
+    return max(1, _BAND_PIXELS // max(w, 1))
+
+
+_BAND_PIXELS = 16384
 
 
 def _kernel_forward(model: nn.Module, ops, x: torch.Tensor, placement: Placement | None) -> torch.Tensor:
     kw = _kernel_weights(model, x)
     n, _, h, w = x.shape
     c = model.c1.out_channels
-    mean = model.rgb_mean.to(x.dtype)
-    # fea_conv as patches @ weights on the kernels' GEMM: PyTorch's conv for 3 input channels sums in an order
-    # that depends on the thread count (an im2col GEMM split over threads), and the output must not
-    f0 = x.new_empty(n * h * w, c)
-    ops.gemm(_patches3x3(x - mean), kw["fea_wt"], f0, False)
-    ops.bias_act(f0, kw["fea_b"], 0, f0)
-    # scratch kept on the model between calls of one size: fresh multi-megabyte buffers cost a page fault
-    # per 4 KiB on first touch, which was a third of the run time at 128 x 128
-    ws = model._workspace if model._workspace is not None and model._workspace.like.shape == f0.shape else None
-    ws = model._workspace = ws or _Workspace(f0)
-    p = f0.shape[0]
+    p = n * h * w
+    # scratch kept on the model between calls and grown, never shrunk, until the run ends
+    # (`AGDNArchitecture.release_scratch`): fresh multi-megabyte buffers cost a page fault per 4 KiB on first
+    # touch, which was a third of the run time at 128 x 128, and tiles of a photo come in a few sizes
+    ws = model._workspace = model._workspace or _Workspace(x)
+    x = x - model.rgb_mean.to(x.dtype)
+    u = _kernel_head(ops, kw, x, ws("out1", p, c))
     acc = ws("c1", p, c)  # c1's output, accumulated block by block
-    u = f0
     for i, bw in enumerate(kw["blocks"]):
         u = _kernel_block(ops, bw, getattr(model, f"B{i + 1}"), u, n, h, w, placement, ws, ws(f"out{i % 2}", p, c))
         ops.gemm(u, kw["c1_wt"][i], acc, i > 0)
     ops.bias_act(acc, kw["c1_b"], 1, acc)
-    t = torch.empty_like(f0)
-    pw = ws("pw", p, c)
+    t, pw = ws("r1", p, c), ws("r0", p, c)
     ops.gemm(acc, kw["c2_wt"], pw, False)
+    f0 = _kernel_head(ops, kw, x, ws("mid", p, c))  # again: cheaper than keeping a map through the blocks
     ops.dwconv3x3(pw, n, h, w, kw["c2_dw"], kw["c2_dwb"], 1, True, f0, 0, 0, t)
-    up = model.upsampler[0]
-    y = F.conv2d(_nhwc(t, n, h, w), up.weight, kw["up_b"], padding=up.padding)  # channels-last like its input
-    s = model.scale
-    out = y.new_empty(n, y.shape[1] // (s * s), h * s, w * s)
-    ops.pixel_shuffle(_rows(y).contiguous(), n, h, w, s, out)  # contiguous: no copy for channels-last y
+    return _kernel_tail(model, ops, kw, t, n, h, w)
+
+
+def _kernel_head(ops, kw: dict, x: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+    """fea_conv (3x3, 3 -> C, zero padding) into the (pixels, C) rows `f0`, as GEMMs of each band's 3x3 patches
+    by the weights on the kernels' GEMM: PyTorch's conv for 3 input channels sums in an order that depends on
+    the thread count (an im2col GEMM split over threads), and the output must not. Band by band, so that the
+    patches (27 floats a pixel) never exist for the whole map."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (n, h + 2, w + 2, 3)
+    rows = _band_rows(w)
+    for i in range(n):
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            patches = torch.cat([padded[i, y0 + ky : y1 + ky, kx : kx + w] for ky in range(3) for kx in range(3)], -1)
+            ops.gemm(patches.view(-1, patches.shape[-1]), kw["fea_wt"], f0[(i * h + y0) * w : (i * h + y1) * w],
+                     False)
+    ops.bias_act(f0, kw["fea_b"], 0, f0)
+    return f0
+
+
+def _kernel_tail(model: nn.Module, ops, kw: dict, t: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """The upsampler: its 3x3 conv (C -> 3 s^2, the RGB mean in its bias) and the pixel shuffle, a band of rows
+    at a time, so that the conv's output (3 s^2 floats a pixel, more than the map) exists for one band only."""
+    up, s = model.upsampler[0], model.scale
+    out = t.new_empty(n, up.out_channels // (s * s), h * s, w * s)
+    t_map = _nhwc(t, n, h, w)  # channels-last view
+    rows = _band_rows(w)
+    for i in range(n):
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            a, b = max(0, y0 - 1), min(h, y1 + 1)  # the band and the rows its 3x3 taps read
+            y = F.conv2d(t_map[i : i + 1, :, a:b], up.weight, kw["up_b"], padding=up.padding)
+            # rows of y outside [y0, y1) saw zero padding where the map goes on: dropped
+            y = _rows(y[:, :, y0 - a : y1 - a]).contiguous()  # channels-last like its input: no copy
+            ops.pixel_shuffle(y, 1, y1 - y0, w, s, out[i : i + 1], y0)
     return out
 
 
@@ -179,7 +207,7 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
     Scratch buffers are shared by stage, to keep the working set small (at 128 x 128 the separate buffers
     added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed):
     "mid" holds c5's input, then q|k|v, then the gated FFN hidden layer; "r0"/"r1" the distillation's r maps,
-    then z and RCCA's t; "wide" MVSA's GEMM output."""
+    then z and RCCA's t. "mid" also holds MVSA's GEMM output and RCCA's per-pixel weights between those uses."""
     p, c = u.shape
     dc = c // 2
     distilled = ws("mid", p, 2 * c)  # [d1 | d2 | d3 | r4] per pixel: c5's input
@@ -229,7 +257,7 @@ def _kernel_mvsa(ops, bw: dict, z: torch.Tensor, n: int, h: int, w: int, placeme
     """MVSA in place on z (which still lacks c5's bias; the kernel adds it)."""
     f = bw["cf_b"].shape[0]
     # [conv_f | conv2_1..conv2_4 pointwise], conv1 folded in
-    cs = ws("wide", z.shape[0], 5 * f)
+    cs = ws("mid", z.shape[0], 5 * f)  # c5's input (mid) is consumed
     ops.gemm(z, bw["mvsa_wt"], cs, False)
     h2, w2 = (h + 1) // 2, (w + 1) // 2
     s2 = z.new_empty(n * h2 * w2, 4 * f)
@@ -283,7 +311,7 @@ def _kernel_rcca(ops, bw: dict, r: RCCA, z: torch.Tensor, n: int, h: int, w: int
         weight = z.new_empty(n, c)
         ops.rcca_weight(t, sums, n, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"], weight)
     else:  # per pixel: statistics over each pixel's neighbourhood (tiles), then conv_du
-        weight = ws("rcca_w", p, c)
+        weight = ws("mid", p, c)  # free until the qkv pass (which reads ln_out)
         ops.rcca_local_weight(t, n, h, w, LOCAL_STATS_WINDOW, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"],
                               weight)
     if ln_out is None:

@@ -26,7 +26,7 @@ class AGDN(StraightAGDN):
         #: built (False: the eager PyTorch version of the fast path, which computes the same values)
         self.use_kernels = True
         self._fast_cache: tuple | None = None  # folded weights, rebuilt when a parameter changes
-        self._workspace: _Workspace | None = None  # the fused-kernel path's scratch for the last input size
+        self._workspace: _Workspace | None = None  # the fused-kernel path's scratch (grown to the largest input, dropped by release_scratch)
         self._module_list: list | None = None  # every submodule, for `_fast_weights`' cache key
         #: TLC windows gathered in a few calls (None: off the CPU; see `forward`)
         self.gathered_windows: bool | None = None

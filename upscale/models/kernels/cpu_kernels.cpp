@@ -1183,116 +1183,114 @@ void rcca_weight(const Tensor& t, const Tensor& sums, int64_t images, const Tens
 // size x size window centred on the pixel, clipped at the map's border (as layers.box_mean: sums in float64,
 // t^2 rounded to float32 first, both means rounded to float32, then std = sqrt(max(E[t^2] - mean^2, 0)) in
 // float32), x = std + mean, then conv_du per pixel. out: (pixels, C) float32.
-// Box sums: a horizontal sliding sum per row, then a vertical sliding sum over a ring of row sums.
+// Box sums: per thread, running vertical sums of t and t^2 per (column, channel) over the rows of the current
+// output row's window (a new output row adds the row entering the window and takes out the row leaving it),
+// then a horizontal sliding sum of those along the row. The window's values are floats and t^2 is rounded to
+// float32 first, so the float64 sums are exact unless a window's values span over ~2^17 in magnitude: then the
+// result is still the same for any band split (each band re-sums its first window). The row's x = std + mean
+// stays in a thread's row buffer, and conv_du and the sigmoid run on it before the next row: one write of out.
 void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, int64_t size, const Tensor& du0,
                        const Tensor& b0, const Tensor& du2, const Tensor& b2, Tensor out) {
   check_map(t, "t");
   check_map(out, "out");
-  const int64_t C = t.size(1), ldt = t.stride(0), hidden = du0.size(0), r = size / 2;
+  const int64_t C = t.size(1), ldt = t.stride(0), ldo = out.stride(0), hidden = du0.size(0), r = size / 2;
   TORCH_CHECK(t.size(0) == images * H * W && out.size(0) == t.size(0) && out.size(1) == C && hidden <= 64 &&
               du0.is_contiguous() && du2.is_contiguous() && C <= kMaxChannels, "rcca_local_weight shapes");
   const float* tp = t.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // phase 1, parallel over bands of rows: x = std + mean into `out` (overwritten in phase 2). Each thread
-  // keeps a ring of the horizontal window sums of the last 2r+2 rows (all channels, float64) and running
-  // vertical sums per (column, channel); a band starts by summing the rows above its first output row.
-  const int64_t slots = 2 * r + 2;
-  at::parallel_for(0, images * H, 16, [&](int64_t begin, int64_t end) {
-    static thread_local std::vector<double> ring, col;  // reused across calls: no fresh pages per call
-    ring.resize(2 * slots * W * C);
-    col.resize(2 * W * C);
-    double* ring1 = ring.data();
-    double* ring2 = ring1 + slots * W * C;
-    double* col1 = col.data();
-    double* col2 = col1 + W * C;
-    std::vector<double> a1(C), a2(C);
-    auto horizontal = [&](int64_t img, int64_t y) {  // clipped window sums along row y, into its ring slot
-      const float* src = tp + (img * H + y) * W * ldt;
-      double* s1 = ring1 + (y % slots) * W * C;
-      double* s2 = ring2 + (y % slots) * W * C;
-      std::fill(a1.begin(), a1.end(), 0.0);
-      std::fill(a2.begin(), a2.end(), 0.0);
-      for (int64_t x = 0; x < std::min(r, W); ++x)
-        for (int64_t c = 0; c < C; ++c) {
-          const float v = src[x * ldt + c];
-          a1[c] += v;
-          a2[c] += static_cast<double>(v * v);
-        }
-      for (int64_t x = 0; x < W; ++x) {
-        if (x + r < W) {
-          const float* v = src + (x + r) * ldt;
-          for (int64_t c = 0; c < C; ++c) a1[c] += v[c], a2[c] += static_cast<double>(v[c] * v[c]);
-        }
-        if (x - r - 1 >= 0) {
-          const float* v = src + (x - r - 1) * ldt;
-          for (int64_t c = 0; c < C; ++c) a1[c] -= v[c], a2[c] -= static_cast<double>(v[c] * v[c]);
-        }
-        std::copy_n(a1.data(), C, s1 + x * C);
-        std::copy_n(a2.data(), C, s2 + x * C);
-      }
-    };
-    auto add_row = [&](int64_t y, double sign) {
-      const double* __restrict s1 = ring1 + (y % slots) * W * C;
-      const double* __restrict s2 = ring2 + (y % slots) * W * C;
-      double* __restrict c1 = col1;
-      double* __restrict c2 = col2;
-      for (int64_t i = 0; i < W * C; ++i) c1[i] += sign * s1[i], c2[i] += sign * s2[i];
-    };
-    int64_t current_img = -1;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t img = row / H, y = row % H;
-      if (img != current_img) {  // start of a band (or of an image within it): the rows above y + r,
-        current_img = img;         // from y - r - 1, which the step below takes out again
-        std::fill(col1, col1 + 2 * W * C, 0.0);
-        for (int64_t yy = std::max<int64_t>(0, y - r - 1); yy < std::min(H, y + r); ++yy) {
-          horizontal(img, yy);
-          add_row(yy, 1.0);
-        }
-      }
-      if (y + r < H) {
-        horizontal(img, y + r);
-        add_row(y + r, 1.0);
-      }
-      if (y - r - 1 >= 0) add_row(y - r - 1, -1.0);
-      const int64_t rows = std::min(H, y + r + 1) - std::max<int64_t>(0, y - r);
-      float* dst = op + row * W * C;
-      for (int64_t x = 0; x < W; ++x) {
-        const int64_t cols = std::min(W, x + r + 1) - std::max<int64_t>(0, x - r);
-        const double inv = 1.0 / static_cast<double>(rows * cols);
-        const double* __restrict m1 = col1 + x * C;
-        const double* __restrict m2 = col2 + x * C;
-        float* __restrict d = dst + x * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const float mean = static_cast<float>(m1[c] * inv);
-          const float sq = static_cast<float>(m2[c] * inv);
-          d[c] = std::sqrt(std::max(sq - mean * mean, 0.0f)) + mean;
-        }
-      }
-    }
-  });
-  // phase 2, parallel over pixels: conv_du (two 1x1 convs) and the sigmoid, in place
   const float *w0 = du0.const_data_ptr<float>(), *w2 = du2.const_data_ptr<float>();
   const float *c0 = b0.const_data_ptr<float>(), *c2 = b2.const_data_ptr<float>();
   std::vector<float> w2t(hidden * (C + kLanes), 0.0f);  // du2 transposed: row j = weights of hidden unit j
   for (int64_t c = 0; c < C; ++c)
     for (int64_t j = 0; j < hidden; ++j) w2t[j * (C + kLanes) + c] = w2[c * hidden + j];
-  at::parallel_for(0, images * H * W, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      float* xr = op + p * C;
-      float h[64];
-      for (int64_t j = 0; j < hidden; ++j) {
-        Vec acc(0.0f);
+  using VecD = at::vec::Vectorized<double>;
+  const int64_t kd = VecD::size();
+  const int64_t ldr = (C + kLanes - 1) / kLanes * kLanes;  // row buffer: whole vectors per pixel
+  const int64_t ldv = (C + kd - 1) / kd * kd;              // vertical sums: whole double vectors per column
+  at::parallel_for(0, images * H, 16, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<double> sums;  // reused across calls: no fresh pages per call
+    static thread_local std::vector<float> xrow;
+    sums.resize(4 * W * ldv + W);
+    xrow.resize(W * ldr);
+    double* __restrict v1 = sums.data();  // vertical sums of t, (column, channel)
+    double* __restrict v2 = v1 + W * ldv;   // and of t^2
+    double* __restrict m1 = v2 + W * ldv;   // the row's window means of t
+    double* __restrict m2 = m1 + W * ldv;   // and of t^2
+    double* __restrict inv = m2 + W * ldv;  // 1 / window size, per column
+    float* __restrict xr = xrow.data();
+    auto add_row = [&](int64_t img, int64_t y, double sign) {
+      const float* src = tp + (img * H + y) * W * ldt;
+      for (int64_t x = 0; x < W; ++x) {
+        const float* __restrict v = src + x * ldt;
+        double* __restrict s1 = v1 + x * ldv;
+        double* __restrict s2 = v2 + x * ldv;
+        for (int64_t c = 0; c < C; ++c) {
+          s1[c] += sign * static_cast<double>(v[c]);
+          s2[c] += sign * static_cast<double>(v[c] * v[c]);
+        }
+      }
+    };
+    int64_t current_img = -1, lo = 0, hi = 0;  // rows [lo, hi) of current_img are in v1, v2
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t img = row / H, y = row % H;
+      const int64_t want_lo = std::max<int64_t>(0, y - r), want_hi = std::min(H, y + r + 1);
+      if (img != current_img) {  // start of a band (or of an image within it): sum the window's rows afresh
+        current_img = img;
+        std::fill(v1, v1 + 2 * W * ldv, 0.0);  // padding lanes stay zero
+        lo = hi = want_lo;
+      }
+      for (; hi < want_hi; ++hi) add_row(img, hi, 1.0);
+      for (; lo < want_lo; ++lo) add_row(img, lo, -1.0);
+      const double rows = static_cast<double>(hi - lo);
+      for (int64_t x = 0; x < W; ++x)
+        inv[x] = 1.0 / (rows * static_cast<double>(std::min(W, x + r + 1) - std::max<int64_t>(0, x - r)));
+      // sliding sums along the row, one vector of channels at a time, in registers
+      for (int64_t c = 0; c < ldv; c += kd) {
+        VecD s1(0.0), s2(0.0);
+        for (int64_t x = 0; x < std::min(r, W); ++x)
+          s1 = s1 + VecD::loadu(v1 + x * ldv + c), s2 = s2 + VecD::loadu(v2 + x * ldv + c);
+        for (int64_t x = 0; x < W; ++x) {
+          if (x + r < W) s1 = s1 + VecD::loadu(v1 + (x + r) * ldv + c), s2 = s2 + VecD::loadu(v2 + (x + r) * ldv + c);
+          if (x - r - 1 >= 0)
+            s1 = s1 - VecD::loadu(v1 + (x - r - 1) * ldv + c), s2 = s2 - VecD::loadu(v2 + (x - r - 1) * ldv + c);
+          const VecD f(inv[x]);
+          (s1 * f).store(m1 + x * ldv + c);
+          (s2 * f).store(m2 + x * ldv + c);
+        }
+      }
+      for (int64_t x = 0; x < W; ++x) {
+        float* __restrict mean = xr + x * ldr;  // mean, then x = std + mean, in place
+        float sq[kMaxChannels + kLanes];
+        const double* __restrict d1 = m1 + x * ldv;
+        const double* __restrict d2 = m2 + x * ldv;
+        for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(d1[c]), sq[c] = static_cast<float>(d2[c]);
         for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
           const int64_t n = std::min(kLanes, C - c0v);
-          acc = at::vec::fmadd(load(xr + c0v, n), load(w0 + j * C + c0v, n), acc);
+          const Vec m = load(mean + c0v, n), e2 = load(sq + c0v, n);
+          store(at::vec::maximum(e2 - m * m, Vec(0.0f)).sqrt() + m, mean + c0v, n);
         }
-        h[j] = std::max(hsum(acc) + c0[j], 0.0f);
       }
-      for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
-        const int64_t n = std::min(kLanes, C - c0v);
-        Vec a = load(c2 + c0v, n);
-        for (int64_t j = 0; j < hidden; ++j) a = at::vec::fmadd(Vec(h[j]), Vec::loadu(w2t.data() + j * (C + kLanes) + c0v), a);
-        store(sigmoid(a), xr + c0v, n);
+      // conv_du (two 1x1 convs) and the sigmoid on the row
+      float* dst_row = op + row * W * ldo;
+      for (int64_t x = 0; x < W; ++x) {
+        const float* xv = xr + x * ldr;
+        float* dst = dst_row + x * ldo;
+        float h[64];
+        for (int64_t j = 0; j < hidden; ++j) {
+          Vec acc(0.0f);
+          for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
+            const int64_t n = std::min(kLanes, C - c0v);
+            acc = at::vec::fmadd(load(xv + c0v, n), load(w0 + j * C + c0v, n), acc);
+          }
+          h[j] = std::max(hsum(acc) + c0[j], 0.0f);
+        }
+        for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
+          const int64_t n = std::min(kLanes, C - c0v);
+          Vec a = load(c2 + c0v, n);
+          for (int64_t j = 0; j < hidden; ++j)
+            a = at::vec::fmadd(Vec(h[j]), Vec::loadu(w2t.data() + j * (C + kLanes) + c0v), a);
+          store(sigmoid(a), dst + c0v, n);
+        }
       }
     }
   });
@@ -2020,20 +2018,23 @@ void mvsa_coarse(const Tensor& s2, int64_t images, int64_t H, int64_t W, const T
 // out (images, C, H*s, W*s) contiguous, out[k, y*s + i, x*s + j] = x[pixel (y, x), k*s*s + i*s + j]. The
 // upsampler's last step: eager PyTorch's 6-D strided copy moved 4-float runs at ~5 GB/s (0.7-1.5 ms of a
 // 128 x 128 x4 forward); here each output row is a sequence of s-float copies, parallel over output rows.
-void pixel_shuffle(const Tensor& x, int64_t images, int64_t H, int64_t W, int64_t s, Tensor out) {
+// Pixel shuffle of a band: x holds rows [row0, row0 + H) of a (pixels, C*s*s) map, written to output rows
+// [row0*s, (row0 + H)*s) of out (images, C, Hout, W*s); row0 = 0 and Hout = H*s for a whole map.
+void pixel_shuffle(const Tensor& x, int64_t images, int64_t H, int64_t W, int64_t s, Tensor out, int64_t row0) {
   check_map(x, "x");
   TORCH_CHECK(s >= 1 && x.size(1) % (s * s) == 0 && x.size(0) == images * H * W, "x: (pixels, C*s*s)");
   const int64_t C = x.size(1) / (s * s), ldx = x.stride(0);
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() == images * C * H * s * W * s,
-              "out: (images, C, H*s, W*s) float32");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.dim() == 4 && out.size(0) == images &&
+                  out.size(1) == C && out.size(3) == W * s && row0 >= 0 && (row0 + H) * s <= out.size(2),
+              "out: (images, C, Hout, W*s) float32 holding the band's rows");
   const float* xp = x.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t Wo = W * s;
+  const int64_t Wo = W * s, Ho = out.size(2);
   at::parallel_for(0, images * C * H * s, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {  // r = ((img * C + k) * H + y) * s + i
       const int64_t i = r % s, y = (r / s) % H, k = (r / (s * H)) % C, img = r / (s * H * C);
       const float* src = xp + (img * H + y) * W * ldx + (k * s + i) * s;
-      float* dst = op + r * Wo;
+      float* dst = op + ((img * C + k) * Ho + (row0 + y) * s + i) * Wo;
       if (s == 4) {
         for (int64_t xx = 0; xx < W; ++xx) std::memcpy(dst + 4 * xx, src + xx * ldx, 4 * sizeof(float));
       } else {
@@ -2373,7 +2374,7 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "int ny, int nx, Tensor out, Tensor? ln_weight=None, Tensor? ln_bias=None, Tensor? ln_out=None, "
         "Tensor? residual=None) -> ()", cell_apply);
   m.def("mvsa_coarse", mvsa_coarse);
-  m.def("pixel_shuffle", pixel_shuffle);
+  m.def("pixel_shuffle(Tensor x, int images, int H, int W, int s, Tensor out, int row0=0) -> ()", pixel_shuffle);
   m.def("window_attention", window_attention);
   m.def("sym_conv", sym_conv);
   m.def("token_attention(Tensor src, int images, int H, int W, bool grid, int d, int q_off, int k_off, int v_off, "
