@@ -9,10 +9,17 @@ from conftest import (
     load_golden,
 )
 
-from upscale import registry
+from upscale import memory, registry
 from upscale.engine import MIN_TILE, EngineOptions, Upscaler
 from upscale.models.base import Placement
-from upscale.tiling import Tile, plan_blocks, plan_halo_tiles, ramp, run_tiles
+from upscale.tiling import (
+    Tile,
+    fit_halo_tiles,
+    plan_blocks,
+    plan_halo_tiles,
+    ramp,
+    run_tiles,
+)
 from upscale.weights import build_model
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # runs AGDN on the CPU
@@ -42,6 +49,48 @@ def test_halo_tiles_partition_the_image_and_start_on_the_alignment():
         assert t.input[0] % 6 == 0 and t.input[2] % 6 == 0
         assert t.input[0] <= max(0, t.core[0] - 36) and t.input[1] >= min(130, t.core[1] + 36)
     assert bool((covered == 1).all())
+
+
+@pytest.mark.parametrize("tile", [(48, 20), (33, 101), (130, 7)])
+def test_rectangular_halo_tiles_partition_the_image_and_start_on_the_alignment(tile):
+    tiles = plan_halo_tiles(130, 101, tile, 36, 6)
+    covered = torch.zeros(130, 101, dtype=torch.int32)
+    for t in tiles:
+        covered[t.core[0] : t.core[1], t.core[2] : t.core[3]] += 1
+        assert t.core[1] - t.core[0] <= tile[0] and t.core[3] - t.core[2] <= tile[1]
+        assert t.input[0] % 6 == 0 and t.input[2] % 6 == 0
+        assert t.input[0] <= max(0, t.core[0] - 36) and t.input[1] >= min(130, t.core[1] + 36)
+        assert t.input[2] <= max(0, t.core[2] - 36) and t.input[3] >= min(101, t.core[3] + 36)
+    assert bool((covered == 1).all())
+
+
+def _inputs(tiles):
+    areas = [(t.input[1] - t.input[0]) * (t.input[3] - t.input[2]) for t in tiles]
+    return max(areas), sum(areas)
+
+
+@pytest.mark.parametrize("size", [(960, 1280), (1280, 960), (3000, 4000), (600, 2000), (97, 130), (40, 900)])
+@pytest.mark.parametrize("budget", [20_000, 120_000, 308_000, 2_000_000])
+def test_fitted_halo_tiles_fit_the_budget_and_compute_no_more_than_any_square(size, budget):
+    """The planned grid's largest input fits the budget, and it computes no more pixels than square tiles of any
+    side that fits (the old plan: the largest such square)."""
+    halo, align = 48, 4
+    rows, cols = fit_halo_tiles(*size, budget, halo, align, min_side=32, max_side=1024)
+    largest, computed = _inputs(plan_halo_tiles(*size, (rows, cols), halo, align))
+    assert largest <= budget
+    for side in range(32, 1025, 7):
+        square_largest, square_computed = _inputs(plan_halo_tiles(*size, side, halo, align))
+        if square_largest <= budget:
+            assert computed <= square_computed, (side, square_computed, computed)
+
+
+def test_fitted_halo_tiles_of_a_photo():
+    # 1280 x 960 at ~300 K px a tile: 3 x 2 tiles of 480 x 428 (1.27x computed), where the largest fitting
+    # square, 458, cuts 3 x 3 (1.39x)
+    rows, cols = fit_halo_tiles(960, 1280, 308_000, 48, 4, min_side=32, max_side=1024)
+    tiles = plan_halo_tiles(960, 1280, (rows, cols), 48, 4)
+    assert (rows, cols) == (480, 428) and len(tiles) == 6
+    assert _inputs(tiles)[1] / (960 * 1280) < 1.28
 
 
 def test_blocks_sit_on_a_grid_anchored_at_the_origin():
@@ -114,13 +163,32 @@ def test_agdn_tiled_equals_whole_at_every_tile_size(agdn2, size):
     agdn2.protocol = "tiled"
     worst = {}
     try:
-        for tile in range(MIN_TILE, 2 * agdn2.model.tlc_window + 1):
+        for tile in [*range(MIN_TILE, 2 * agdn2.model.tlc_window + 1), (32, 80), (96, 40), (50, 33)]:
             agdn2.tile = tile
             worst[tile] = psnr(agdn2.run(x)[0], whole_local)
     finally:
         agdn2.protocol, agdn2.tile = "reference", None
     bad = {tile: round(db, 1) for tile, db in worst.items() if db < 50}
     assert not bad, f"tiled vs whole below 50 dB at tiles {bad}"
+
+
+@pytest.mark.parametrize("pixels", [30_000, 45_000, 60_000])
+def test_agdn_auto_tiles_fit_the_budget_and_equal_whole(agdn2, monkeypatch, pixels):
+    """Without --tile the engine fits the grid to the image and the memory budget (`fit_halo_tiles`): every
+    tile input within the budget, and the output that of the whole image with local statistics."""
+    x = torch.nn.functional.interpolate(photo(), size=(214, 320), mode="bilinear", align_corners=False)
+    whole_local = agdn2.model(x, Placement(tuple(x.shape[-2:])))
+    estimate_bytes = memory.budget(torch.device("cpu")) // pixels
+    monkeypatch.setenv("UPSCALE_BYTES_PER_PIXEL", str(estimate_bytes))
+    agdn2.protocol = "tiled"
+    try:
+        y, stats = agdn2.run(x)
+        tiles, _, _ = agdn2.tile_plan(*x.shape[-2:], stats.tile)
+    finally:
+        agdn2.protocol = "reference"
+    largest = max((t.input[1] - t.input[0]) * (t.input[3] - t.input[2]) for t in tiles)
+    assert stats.tiles == len(tiles) > 1 and largest * estimate_bytes <= memory.budget(torch.device("cpu"))
+    assert psnr(y, whole_local) >= 50
 
 
 @pytest.mark.parametrize("family,case,name", [("esc", "esc_x2", "esc"), ("asid", "asid_x2", "asid")])

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import memory, tiling
 from .models import Architecture, get_architecture
-from .models.base import MemoryEstimate, Placement
+from .models.base import MemoryEstimate, Placement, TilingSpec
 from .models.layers import mirror_pad, pad_to_multiple
 from .options import DEFAULT_OVERLAP, MIN_TILE, EngineOptions, OptionError
 from .registry import ModelEntry
@@ -104,6 +104,17 @@ def float32_matmul_mode(tf32: bool):
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
+def _sides(tile: int | tuple[int, int]) -> tuple[int, int]:
+    return (tile, tile) if isinstance(tile, int) else tuple(tile)
+
+
+def tile_text(tile: int | tuple[int, int] | None) -> str:
+    """A tile size for people: "373", or "427x480" (rows x columns)."""
+    if tile is None or isinstance(tile, int):
+        return str(tile)
+    return f"{tile[0]}x{tile[1]}"
+
+
 @dataclass
 class RunStats:
     """What one `run` did, returned with its output: protocol, tile, tiles per forward call, precision,
@@ -111,7 +122,7 @@ class RunStats:
     reports."""
 
     protocol: str = ""
-    tile: int | None = None
+    tile: int | tuple[int, int] | None = None  # core side, or (rows, columns) when not square
     precision: str = "fp32"
     tiles: int = 1
     fp32_fallbacks: int = 0
@@ -139,7 +150,8 @@ class Upscaler:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     protocol: str = "reference"
     precision: str = "auto"
-    tile: int | None = None  # LR px per tile core; None: from the memory budget
+    #: LR px per tile core side, or (rows, columns); None: from the memory budget and the image
+    tile: int | tuple[int, int] | None = None
     overlap: int = DEFAULT_OVERLAP  # blend width across tile seams, LR px
     #: tiles per forward call (block-mode tiles, ASID's official tiler); None: from the device and the memory
     #: budget (see `_tiles_per_forward`)
@@ -205,12 +217,20 @@ class Upscaler:
             return MemoryEstimate(0, override)
         return self.architecture.memory_estimate(self.model, self.device, self._dtype())
 
-    def _auto_tile(self) -> int:
-        """The largest tile core whose input (core plus halo on both sides) fits the memory budget."""
+    def _auto_tile(self, height: int, width: int) -> int | tuple[int, int]:
+        """Tile cores for an image of height x width (padded to the family's multiple) whose inputs (core plus
+        halo) fit the memory budget. Halo tiles: the grid of near-equal cores that computes the fewest pixels
+        (`tiling.fit_halo_tiles`), (rows, columns), or one side when square; otherwise the largest square."""
         spec = self.architecture.tiling_spec(self.model)
-        context = 2 * max(spec.halo, self.overlap // 2) if spec.local_mode == "placement" else 0
-        side = int(self.memory_estimate().pixels_within(memory.budget(self.device)) ** 0.5) - context
-        return max(MIN_TILE, min(side, 1024))
+        pixels = self.memory_estimate().pixels_within(memory.budget(self.device))
+        if spec.local_mode != "placement":
+            return max(MIN_TILE, min(int(pixels**0.5), 1024))
+        rows, cols = tiling.fit_halo_tiles(height, width, pixels, self._halo(spec), spec.alignment,
+                                           min_side=MIN_TILE, max_side=1024)
+        return rows if rows == cols else (rows, cols)
+
+    def _halo(self, spec: TilingSpec) -> int:
+        return max(spec.halo, -(-self.overlap // 2))
 
     def _tiles_per_forward(self, tile_pixels: int) -> int:
         """How many tiles of `tile_pixels` one forward call takes: `tile_batch` when set; on a GPU as many as the
@@ -289,7 +309,8 @@ class Upscaler:
         return y
 
     def _run_tiled(self, x: torch.Tensor, stats: RunStats, ran_out: str | None = None) -> torch.Tensor:
-        tile = self.tile or self._auto_tile()
+        m = self.architecture.tiling_spec(self.model).pad_multiple
+        tile = self.tile or self._auto_tile(-(-x.shape[-2] // m) * m, -(-x.shape[-1] // m) * m)
         batch = None  # from `tile_plan`
         while True:
             try:
@@ -297,17 +318,19 @@ class Upscaler:
                 break
             except RuntimeError as e:
                 batch = stats.tiles_per_forward  # what the failed pass used
-                if not memory.is_out_of_memory(e) or (batch <= 1 and (self._block_mode or tile <= MIN_TILE)):
+                smallest = self._block_mode or min(_sides(tile)) <= MIN_TILE
+                if not memory.is_out_of_memory(e) or (batch <= 1 and smallest):
                     raise
-                what = f"tiles of {stats.tile}" + (f", {batch} per call" if batch > 1 else "")
+                what = f"tiles of {tile_text(stats.tile)}" + (f", {batch} per call" if batch > 1 else "")
             memory.free_cache(self.device)
             ran_out = ran_out or what
             if batch > 1:
                 batch //= 2
             else:
-                tile = max(MIN_TILE, tile // 2)
+                rows, cols = (max(MIN_TILE, side // 2) for side in _sides(tile))
+                tile = rows if rows == cols else (rows, cols)
         if ran_out:
-            used = f"tiles of {stats.tile}" + (f", {stats.tiles_per_forward} per call" if stats.tiles_per_forward > 1
+            used = f"tiles of {tile_text(stats.tile)}" + (f", {stats.tiles_per_forward} per call" if stats.tiles_per_forward > 1
                                                else "")
             stats.note(f"out of memory with {ran_out}; finished with {used}")
         return y
@@ -316,20 +339,22 @@ class Upscaler:
     def _block_mode(self) -> bool:
         return self.architecture.tiling_spec(self.model).local_mode == "blocks"
 
-    def tile_plan(self, height: int, width: int, tile: int, batch: int | None = None
+    def tile_plan(self, height: int, width: int, tile: int | tuple[int, int], batch: int | None = None
                   ) -> tuple[list[tiling.Tile], int, int]:
         """(tiles, tiles per forward, blend width) for an image padded to the family's multiple."""
         spec = self.architecture.tiling_spec(self.model)
         if spec.local_mode == "placement":
-            halo = max(spec.halo, -(-self.overlap // 2))
+            halo = self._halo(spec)
             tiles = tiling.plan_halo_tiles(height, width, tile, halo, spec.alignment)
             if not spec.batched_placements:
                 return tiles, 1, self.overlap
-            return tiles, batch or self._tiles_per_forward((tile + 2 * halo) ** 2), self.overlap
+            rows, cols = _sides(tile)
+            return tiles, batch or self._tiles_per_forward((rows + 2 * halo) * (cols + 2 * halo)), self.overlap
         batch = batch or self._tiles_per_forward(spec.block**2)
         return tiling.plan_blocks(height, width, spec.block, spec.block_overlap), batch, spec.block_overlap
 
-    def _tiled_pass(self, x: torch.Tensor, tile: int, batch: int | None, stats: RunStats) -> torch.Tensor:
+    def _tiled_pass(self, x: torch.Tensor, tile: int | tuple[int, int], batch: int | None, stats: RunStats
+                    ) -> torch.Tensor:
         arch = self.architecture
         spec = arch.tiling_spec(self.model)
         h, w = x.shape[-2:]

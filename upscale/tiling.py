@@ -25,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-__all__ = ["Tile", "grid_origins", "plan_blocks", "plan_halo_tiles", "plan_tiles", "ramp",
+__all__ = ["Tile", "fit_halo_tiles", "grid_origins", "plan_blocks", "plan_halo_tiles", "plan_tiles", "ramp",
            "run_tiles", "tiled_forward"]
 
 NetworkFn = Callable[[torch.Tensor], torch.Tensor]
@@ -147,19 +148,60 @@ def _spans(size: int, tile: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def plan_halo_tiles(height: int, width: int, tile: int, halo: int, align: int = 1) -> list[Tile]:
-    """Cores of `tile` px on a grid anchored at (0, 0); inputs reach `halo` px past each inner core edge,
-    their start rounded down to a multiple of `align` (so window/stride grids inside coincide)."""
+def _halo_axis(size: int, tile: int, halo: int, align: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(core, input) spans along one axis: cores of `tile`, inputs `halo` past each inner core edge, their start
+    rounded down to a multiple of `align`."""
+    spans = []
+    for a, b in _spans(size, tile):
+        start = max(0, (a - halo) // align * align) if a > 0 else 0
+        spans.append(((a, b), (start, min(size, b + halo))))
+    return spans
 
-    def axis(size):
-        spans = []
-        for a, b in _spans(size, tile):
-            start = max(0, (a - halo) // align * align) if a > 0 else 0
-            spans.append(((a, b), (start, min(size, b + halo))))
-        return spans
 
+def plan_halo_tiles(height: int, width: int, tile: int | tuple[int, int], halo: int, align: int = 1) -> list[Tile]:
+    """Cores of `tile` px (or (rows, columns)) on a grid anchored at (0, 0); inputs reach `halo` px past each
+    inner core edge, their start rounded down to a multiple of `align` (so window/stride grids inside
+    coincide)."""
+    rows, cols = (tile, tile) if isinstance(tile, int) else tile
     return [Tile((r[0], r[1], c[0], c[1]), (ri[0], ri[1], ci[0], ci[1]))
-            for r, ri in axis(height) for c, ci in axis(width)]
+            for r, ri in _halo_axis(height, rows, halo, align) for c, ci in _halo_axis(width, cols, halo, align)]
+
+
+def fit_halo_tiles(height: int, width: int, max_pixels: int, halo: int, align: int = 1, min_side: int = 1,
+                   max_side: int | None = None) -> tuple[int, int]:
+    """The core size (rows, columns) of the halo-tile grid that computes the fewest pixels (cores plus halos)
+    while its largest tile input holds at most `max_pixels`; ties go to fewer tiles. Cores of `min_side` to
+    `max_side` px, chosen per axis (a 1280 x 960 photo under 300 K px a tile: 3 x 2 tiles of 428 x 480, 1.27x
+    its pixels computed, where squares of the largest side that fits, 458, cut it 3 x 3 at 1.39x). When no
+    grid fits, the one with the smallest tile input."""
+
+    def options(size: int) -> list[tuple[int, int, int, int]]:
+        """(largest input, summed inputs, count, core) for each core size that no other beats on both of the
+        first two (the inputs of a grid are the products of its two axes' spans)."""
+        top = size if max_side is None else min(size, max_side)
+        cores = np.arange(min(min_side, top), top + 1)
+        largest, total = np.zeros_like(cores), np.zeros_like(cores)
+        for i in range(-(-size // int(cores[0]))):  # tile i of every core size at once, as `_halo_axis` cuts
+            a, b = i * cores, np.minimum(size, (i + 1) * cores)
+            start = np.maximum(0, (a - halo) // align * align) if i else np.zeros_like(cores)
+            length = np.where(a < size, np.minimum(size, b + halo) - start, 0)
+            largest, total = np.maximum(largest, length), total + length
+        found = zip(largest.tolist(), total.tolist(), (-(-size // cores)).tolist(), cores.tolist())
+        front, best_sum = [], None
+        for option in sorted(found, key=lambda o: (o[0], o[1], o[2])):
+            if best_sum is None or option[1] < best_sum:
+                front.append(option)
+                best_sum = option[1]
+        return front
+
+    best = None
+    for rmax, rsum, rn, rows in options(height):
+        for cmax, csum, cn, cols in options(width):
+            fits = rmax * cmax <= max_pixels
+            key = (not fits, rsum * csum if fits else rmax * cmax, rn * cn)
+            if best is None or key < best[0]:
+                best = (key, (rows, cols))
+    return best[1]
 
 
 def plan_blocks(height: int, width: int, block: int, overlap: int) -> list[Tile]:
