@@ -223,23 +223,25 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
     z = ws("r0", p, c)  # r0 is free again
     ops.gemm(distilled, bw["c5_wt"], z, False)  # c5 without its bias: folded into MVSA
     _kernel_mvsa(ops, bw, z, n, h, w, placement, ws)
-    y = ws("y", p, c)
-    _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws, y)  # also y = LN3(z)
+    _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws)
     qkv = ws("mid", p, 3 * c)
-    ops.pw_dwconv(y, n, h, w, bw["qkv_wt"], 0, bw["qkv_dw"], None, False, None, 0, 0, qkv)  # qkv, qkv_dwconv
-    # out = z + Attn + u, and y = LN4(z + Attn), in one pass
-    _kernel_attention(ops, bw, blk.ea.restormer_attn, qkv.view(n, h, w, 3 * c), z, n, h, w, placement, out, (y, u))
+    # LN3, qkv and qkv_dwconv in one pass: the LayerNorm is the GEMM's prologue, row by row
+    ops.pw_dwconv(z, n, h, w, bw["qkv_wt"], 0, bw["qkv_dw"], None, False, None, 0, 0, qkv, None, None,
+                  bw["ln3_w"], bw["ln3_b"], 1e-5)
+    # z += Attn (in place) and out = z + Attn + u, in one pass
+    _kernel_attention(ops, bw, blk.ea.restormer_attn, qkv.view(n, h, w, 3 * c), z, n, h, w, placement, out, u)
     gated = ws("mid", p, 2 * c)
-    # project_in, dwconv and the gate; the 4C-wide hidden map exists only as three rows per thread
-    ops.pw_dwconv(y, n, h, w, bw["ffin_wt"], 0, bw["ff_dw"], None, False, None, 0, 1, gated)
+    # LN4, project_in, dwconv and the gate; the 4C-wide hidden map exists only as three rows per thread
+    ops.pw_dwconv(z, n, h, w, bw["ffin_wt"], 0, bw["ff_dw"], None, False, None, 0, 1, gated, None, None,
+                  bw["ln4_w"], bw["ln4_b"], 1e-5)
     ops.gemm(gated, bw["ffo_wt"], out, True)
     return out
 
 
 def _kernel_attention(ops, bw: dict, attn: SparseAttention, qkv: torch.Tensor, z: torch.Tensor, n: int, h: int,
-                      w: int, placement, out: torch.Tensor, ln4_and_residual) -> torch.Tensor:
-    """z + project_out(attention) into `out` (pixels, C), one kernel pass for the grams and one for the output,
-    which also writes LN4 of that sum and adds a residual: `ln4_and_residual` = (LN4 output, residual)."""
+                      w: int, placement, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """z + project_out(attention) into `out` (pixels, C), one kernel pass for the grams and one for the output;
+    with `residual`, that sum goes to z (in place) and out = sum + residual."""
     p, c = z.shape
     ry, row_seg, cx, col_seg, to_windows, to_cells = _cell_layout(attn.tlc_window, h, w, placement)
     flat = qkv.view(p, 3 * c)
@@ -248,7 +250,7 @@ def _kernel_attention(ops, bw: dict, attn: SparseAttention, qkv: torch.Tensor, z
     ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, HEADS)
     mats = qkv.new_empty(n, len(ry), len(cx), c, -(-c // _LANES) * _LANES)
     ops.cell_mats(gram, sq, to_windows, to_cells, bw["tau"], bw["proj"], HEADS, mats)  # `_cell_matrices`
-    extra = () if ln4_and_residual is None else (bw["ln4_w"], bw["ln4_b"], *ln4_and_residual)
+    extra = () if residual is None else (None, None, None, residual, z)
     ops.cell_apply(flat[:, 2 * c :], z, mats, n, h, w, row_seg, col_seg, len(ry), len(cx), out, *extra)
     return out
 
@@ -299,8 +301,8 @@ def _mvsa_sampling(h: int, w: int, sizes, placement) -> tuple[torch.Tensor, torc
 
 
 def _kernel_rcca(ops, bw: dict, r: RCCA, z: torch.Tensor, n: int, h: int, w: int, placement,
-                 ws: _Workspace, ln_out: torch.Tensor | None = None) -> None:
-    """RCCA in place on z; with `ln_out`, also LN3(z) (the attention's input) in the same pass."""
+                 ws: _Workspace) -> None:
+    """RCCA in place on z."""
     p, c = z.shape
     t = ws("r1", p, c)  # free after c4
     ops.dwconv3x3(z, n, h, w, bw["cca_dw"], bw["cca_dwb"], 1, False, None, 1, 0, t)
@@ -311,10 +313,7 @@ def _kernel_rcca(ops, bw: dict, r: RCCA, z: torch.Tensor, n: int, h: int, w: int
         weight = z.new_empty(n, c)
         ops.rcca_weight(t, sums, n, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"], weight)
     else:  # per pixel: statistics over each pixel's neighbourhood (tiles), then conv_du
-        weight = ws("mid", p, c)  # free until the qkv pass (which reads ln_out)
+        weight = ws("mid", p, c)  # free until the qkv pass
         ops.rcca_local_weight(t, n, h, w, LOCAL_STATS_WINDOW, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"],
                               weight)
-    if ln_out is None:
-        ops.rcca_combine(z, t, g, bw["sigma"], weight, n)
-    else:
-        ops.rcca_combine(z, t, g, bw["sigma"], weight, n, bw["ln3_w"], bw["ln3_b"], ln_out)
+    ops.rcca_combine(z, t, g, bw["sigma"], weight, n)

@@ -1772,7 +1772,8 @@ struct ApplyArgs {
   const float *lw, *lb;
   float* lo;
   const float* rp;
-  int64_t H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr;
+  float* sp;  // sum_out
+  int64_t H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr, lds;
 };
 
 // cell_apply's work on rows [begin, end), U pixels at a time; NV the vectors of C when it is a template
@@ -1780,10 +1781,10 @@ struct ApplyArgs {
 template <int NV, int U>
 void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
   const float *vp = a.vp, *zp = a.zp, *mp = a.mp, *lw = a.lw, *lb = a.lb, *rp = a.rp;
-  float *op = a.op, *lo = a.lo;
+  float *op = a.op, *lo = a.lo, *sp = a.sp;
   const int64_t *rs = a.rs, *cs = a.cs;
   const int64_t H = a.H, W = a.W, C = a.C, Cp = a.Cp, ny = a.ny, nx = a.nx, ldv = a.ldv, ldz = a.ldz,
-                ldo = a.ldo, ldl = a.ldl, ldr = a.ldr;
+                ldo = a.ldo, ldl = a.ldl, ldr = a.ldr, lds = a.lds;
   const int64_t nv = NV > 0 ? NV : a.nv;
   constexpr int kMaxNV = NV > 0 ? NV : 16;
   for (int64_t row = begin; row < end; ++row) {
@@ -1823,6 +1824,7 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
           for (int64_t j = 0; j < nv; ++j) {
             const int64_t n = std::min(kLanes, C - j * kLanes);
             Vec o = acc[u][j];
+            if (sp) store(o, sp + (p + u) * lds + j * kLanes, n);
             if (rp) o = o + load(rp + (p + u) * ldr + j * kLanes, n);
             store(o, op + (p + u) * ldo + j * kLanes, n);
           }
@@ -1835,11 +1837,13 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
 // cell_apply: out[p] = z[p] + v[p] @ M[cell(p)], M: (images, ny, nx, C, Cp) float32, row i = input channel i
 // (the cell's attention matrix with project_out folded in, transposed and padded).
 // Optional, in the same pass: ln_out = LayerNorm(z + v @ M) (ln_weight, ln_bias, eps 1e-5), and residual
-// added to out after that (out = z + v @ M + residual).
+// added to out after that (out = z + v @ M + residual); sum_out = z + v @ M before the residual (may be z
+// itself: each pixel of z is read before it is written).
 void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t images, int64_t H, int64_t W,
                 const Tensor& row_seg, const Tensor& col_seg, int64_t ny, int64_t nx, Tensor out,
                 const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias,
-                const std::optional<Tensor>& ln_out, const std::optional<Tensor>& residual) {
+                const std::optional<Tensor>& ln_out, const std::optional<Tensor>& residual,
+                const std::optional<Tensor>& sum_out) {
   check_map(v, "v");
   check_map(z, "z");
   check_map(out, "out");
@@ -1859,7 +1863,16 @@ void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t im
   const int64_t ldl = lw ? ln_out->stride(0) : 0;
   const float* rp = opt_ptr(residual);
   const int64_t ldr = rp ? residual->stride(0) : 0;
-  const ApplyArgs args{vp, zp, mp, op, rs, cs, lw, lb, lo, rp, H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr};
+  float* sp = nullptr;
+  int64_t lds = 0;
+  if (sum_out.has_value()) {
+    check_map(*sum_out, "sum_out");
+    TORCH_CHECK(sum_out->size(0) == z.size(0) && sum_out->size(1) == C, "sum_out: the shape of z");
+    sp = sum_out->data_ptr<float>();
+    lds = sum_out->stride(0);
+  }
+  const ApplyArgs args{vp, zp, mp, op, rs, cs, lw, lb, lo, rp, sp, H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr,
+                       lds};
   // U x NV accumulators within the registers (AVX-512: 4 x 3 of 32; AVX2, C = 42: 2 x 6 of 16)
   auto run = [&](auto nv_const, auto u_const) {
     constexpr int NV = decltype(nv_const)::value, U = decltype(u_const)::value;
@@ -2372,7 +2385,7 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("cell_mats", cell_mats);
   m.def("cell_apply(Tensor v, Tensor z, Tensor mats, int images, int H, int W, Tensor row_seg, Tensor col_seg, "
         "int ny, int nx, Tensor out, Tensor? ln_weight=None, Tensor? ln_bias=None, Tensor? ln_out=None, "
-        "Tensor? residual=None) -> ()", cell_apply);
+        "Tensor? residual=None, Tensor? sum_out=None) -> ()", cell_apply);
   m.def("mvsa_coarse", mvsa_coarse);
   m.def("pixel_shuffle(Tensor x, int images, int H, int W, int s, Tensor out, int row0=0) -> ()", pixel_shuffle);
   m.def("window_attention", window_attention);
