@@ -250,7 +250,7 @@ def _kernel_attention(ops, bw: dict, attn: SparseAttention, qkv: torch.Tensor, z
     ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, HEADS)
     mats = qkv.new_empty(n, len(ry), len(cx), c, -(-c // _LANES) * _LANES)
     ops.cell_mats(gram, sq, to_windows, to_cells, bw["tau"], bw["proj"], HEADS, mats)  # `_cell_matrices`
-    extra = () if residual is None else (None, None, None, residual, z)
+    extra = () if residual is None else (residual, z)
     ops.cell_apply(flat[:, 2 * c :], z, mats, n, h, w, row_seg, col_seg, len(ry), len(cx), out, *extra)
     return out
 

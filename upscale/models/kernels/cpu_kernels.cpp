@@ -800,6 +800,11 @@ void gemm_block(const float* x, int64_t ldx, int64_t n, const float* w, int64_t 
 }
 
 ALWAYS_INLINE void layer_norm_pixel(const Vec* v, int64_t C, const float* w, const float* b, double eps, float* dst);
+#if defined(CPU_CAPABILITY_AVX512)
+template <int NV>
+ALWAYS_INLINE void layer_norm_4(const Vec (*v)[NV], int count, int64_t C, const float* w, const float* b, double eps,
+                                float* dst, int64_t ld);
+#endif
 
 // A LayerNorm over the K channels of each of n pixels (rows ldx apart) into dst (rows K apart): the prologue
 // of a GEMM whose input is a LayerNorm's output (ESC and ASID), so that the normalised map never reaches memory
@@ -810,11 +815,32 @@ struct RowNorm {
   void apply(const float* x, int64_t ldx, int64_t n, int64_t K, float* dst) const {
     Vec v[kMaxChannels / kLanes];
     const int64_t nv = (K + kLanes - 1) / kLanes;
+#if defined(CPU_CAPABILITY_AVX512)
+    // four pixels at a time (the statistics as vectors of four), up to 64 channels
+    if (nv == 1) return apply4<1>(x, ldx, n, K, dst);
+    if (nv == 2) return apply4<2>(x, ldx, n, K, dst);
+    if (nv == 3) return apply4<3>(x, ldx, n, K, dst);
+    if (nv == 4) return apply4<4>(x, ldx, n, K, dst);
+#endif
     for (int64_t p = 0; p < n; ++p) {
       for (int64_t j = 0; j < nv; ++j) v[j] = load(x + p * ldx + j * kLanes, std::min(kLanes, K - j * kLanes));
       layer_norm_pixel(v, K, w, b, eps, dst + p * K);
     }
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  template <int NV>
+  void apply4(const float* x, int64_t ldx, int64_t n, int64_t K, float* dst) const {
+    for (int64_t p = 0; p < n; p += 4) {
+      const int count = static_cast<int>(std::min<int64_t>(4, n - p));
+      Vec v[4][NV];
+      for (int u = 0; u < 4; ++u)
+        for (int j = 0; j < NV; ++j)
+          v[u][j] = u < count ? load(x + (p + u) * ldx + j * kLanes, std::min<int64_t>(kLanes, K - j * kLanes))
+                              : Vec(0.0f);
+      layer_norm_4<NV>(v, count, K, w, b, eps, dst + p * K, K);
+    }
+  }
+#endif
 };
 
 RowNorm row_norm(const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps, int64_t K) {
@@ -1299,8 +1325,7 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
 // RCCA output, in place on z: z + t * (sigma + w) - sigma * g, w per channel of each image (w_ld 0 within an
 // image: rows = images) or per pixel (rows = pixels)
 void rcca_combine(Tensor z, const Tensor& t, const Tensor& g, const Tensor& sigma, const Tensor& w,
-                  int64_t images, const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias,
-                  const std::optional<Tensor>& ln_out) {
+                  int64_t images) {
   check_map(z, "z");
   check_map(t, "t");
   check_map(w, "w");
@@ -1314,56 +1339,16 @@ void rcca_combine(Tensor z, const Tensor& t, const Tensor& g, const Tensor& sigm
   const float* sg = sigma.const_data_ptr<float>();
   const float* wp = w.const_data_ptr<float>();
   const int64_t ldw = w.stride(0);
-  const float* lw = opt_ptr(ln_weight);
-  const float* lb = opt_ptr(ln_bias);
-  float* lo = lw ? ln_out->data_ptr<float>() : nullptr;
-  const int64_t ldl = lw ? ln_out->stride(0) : 0;
-  auto combine = [&](int64_t p, int64_t c0, const Vec& gv, const float* wr) __attribute__((always_inline)) {
-    const int64_t n = std::min(kLanes, C - c0);
-    const Vec s = load(sg + c0, n);
-    Vec r = at::vec::fmadd(load(tp + p * ldt + c0, n), s + load(wr + c0, n), load(zp + p * ldz + c0, n));
-    r = r - s * gv;
-    store(r, zp + p * ldz + c0, n);
-    return r;
-  };
-#if defined(CPU_CAPABILITY_AVX512)
-  const int64_t nv = (C + kLanes - 1) / kLanes;
-  if (lw && nv <= 4) {  // four pixels at a time, for the vectorised LayerNorm (AGDN: 3 vectors, AGDN-S: 2)
-    auto run = [&](auto nv_const) {
-      constexpr int NV = decltype(nv_const)::value;
-      constexpr int64_t kRows = 256;  // pixels per unit of work
-      parallel_rows((P + kRows - 1) / kRows, [&] { return [&](int64_t r) {
-        const int64_t begin = r * kRows, end = std::min(P, begin + kRows);
-        for (int64_t p = begin; p < end; p += 4) {
-          const int count = static_cast<int>(std::min<int64_t>(4, end - p));
-          Vec row[4][NV];
-          for (int u = 0; u < 4; ++u) {
-            if (u >= count) {  // past the end (z is updated in place: never twice), not stored
-              for (int j = 0; j < NV; ++j) row[u][j] = Vec(0.0f);
-              continue;
-            }
-            const Vec gv(gp[p + u]);
-            const float* wr = wp + (per_pixel ? p + u : (p + u) / per_image) * ldw;
-            for (int j = 0; j < NV; ++j) row[u][j] = combine(p + u, j * kLanes, gv, wr);
-          }
-          layer_norm_4<NV>(row, count, C, lw, lb, 1e-5, lo + p * ldl, ldl);
-        }
-      }; });
-    };
-    if (nv == 1) run(std::integral_constant<int, 1>{});
-    else if (nv == 2) run(std::integral_constant<int, 2>{});
-    else if (nv == 3) run(std::integral_constant<int, 3>{});
-    else run(std::integral_constant<int, 4>{});
-    return;
-  }
-#endif
   at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
-    Vec row[kMaxChannels / kLanes];
     for (int64_t p = begin; p < end; ++p) {
       const float* wr = wp + (per_pixel ? p : p / per_image) * ldw;
       const Vec gv(gp[p]);
-      for (int64_t c0 = 0, j = 0; c0 < C; c0 += kLanes, ++j) row[j] = combine(p, c0, gv, wr);
-      if (lw) layer_norm_pixel(row, C, lw, lb, 1e-5, lo + p * ldl);  // the next op's LayerNorm, same pass
+      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+        const int64_t n = std::min(kLanes, C - c0);
+        const Vec s = load(sg + c0, n);
+        Vec r = at::vec::fmadd(load(tp + p * ldt + c0, n), s + load(wr + c0, n), load(zp + p * ldz + c0, n));
+        store(r - s * gv, zp + p * ldz + c0, n);
+      }
     }
   });
 }
@@ -1769,22 +1754,20 @@ struct ApplyArgs {
   const float *vp, *zp, *mp;
   float* op;
   const int64_t *rs, *cs;
-  const float *lw, *lb;
-  float* lo;
   const float* rp;
   float* sp;  // sum_out
-  int64_t H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr, lds;
+  int64_t H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldr, lds;
 };
 
 // cell_apply's work on rows [begin, end), U pixels at a time; NV the vectors of C when it is a template
 // argument (0: a run-time count, up to 16)
 template <int NV, int U>
 void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
-  const float *vp = a.vp, *zp = a.zp, *mp = a.mp, *lw = a.lw, *lb = a.lb, *rp = a.rp;
-  float *op = a.op, *lo = a.lo, *sp = a.sp;
+  const float *vp = a.vp, *zp = a.zp, *mp = a.mp, *rp = a.rp;
+  float *op = a.op, *sp = a.sp;
   const int64_t *rs = a.rs, *cs = a.cs;
   const int64_t H = a.H, W = a.W, C = a.C, Cp = a.Cp, ny = a.ny, nx = a.nx, ldv = a.ldv, ldz = a.ldz,
-                ldo = a.ldo, ldl = a.ldl, ldr = a.ldr, lds = a.lds;
+                ldo = a.ldo, ldr = a.ldr, lds = a.lds;
   const int64_t nv = NV > 0 ? NV : a.nv;
   constexpr int kMaxNV = NV > 0 ? NV : 16;
   for (int64_t row = begin; row < end; ++row) {
@@ -1811,16 +1794,7 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
             for (int u = 0; u < U; ++u) acc[u][j] = at::vec::fmadd(b[u], mv, acc[u][j]);
           }
         }
-#if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (NV > 0 && U == 4) {
-          if (lw) layer_norm_4<NV>(acc, static_cast<int>(m), C, lw, lb, 1e-5, lo + p * ldl, ldl);
-        }
-        constexpr bool kLn4 = NV > 0 && U == 4;
-#else
-        constexpr bool kLn4 = false;
-#endif
         for (int u = 0; u < m; ++u) {
-          if (lw && !kLn4) layer_norm_pixel(acc[u], C, lw, lb, 1e-5, lo + (p + u) * ldl);
           for (int64_t j = 0; j < nv; ++j) {
             const int64_t n = std::min(kLanes, C - j * kLanes);
             Vec o = acc[u][j];
@@ -1836,14 +1810,11 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
 
 // cell_apply: out[p] = z[p] + v[p] @ M[cell(p)], M: (images, ny, nx, C, Cp) float32, row i = input channel i
 // (the cell's attention matrix with project_out folded in, transposed and padded).
-// Optional, in the same pass: ln_out = LayerNorm(z + v @ M) (ln_weight, ln_bias, eps 1e-5), and residual
-// added to out after that (out = z + v @ M + residual); sum_out = z + v @ M before the residual (may be z
-// itself: each pixel of z is read before it is written).
+// Optional, in the same pass: a residual added to out (out = z + v @ M + residual), and sum_out = z + v @ M
+// without it (may be z itself: each pixel of z is read before it is written).
 void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t images, int64_t H, int64_t W,
                 const Tensor& row_seg, const Tensor& col_seg, int64_t ny, int64_t nx, Tensor out,
-                const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias,
-                const std::optional<Tensor>& ln_out, const std::optional<Tensor>& residual,
-                const std::optional<Tensor>& sum_out) {
+                const std::optional<Tensor>& residual, const std::optional<Tensor>& sum_out) {
   check_map(v, "v");
   check_map(z, "z");
   check_map(out, "out");
@@ -1857,10 +1828,6 @@ void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t im
   const float* mp = mats.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t ldv = v.stride(0), ldz = z.stride(0), ldo = out.stride(0);
-  const float* lw = opt_ptr(ln_weight);
-  const float* lb = opt_ptr(ln_bias);
-  float* lo = lw ? ln_out->data_ptr<float>() : nullptr;
-  const int64_t ldl = lw ? ln_out->stride(0) : 0;
   const float* rp = opt_ptr(residual);
   const int64_t ldr = rp ? residual->stride(0) : 0;
   float* sp = nullptr;
@@ -1871,8 +1838,7 @@ void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t im
     sp = sum_out->data_ptr<float>();
     lds = sum_out->stride(0);
   }
-  const ApplyArgs args{vp, zp, mp, op, rs, cs, lw, lb, lo, rp, sp, H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldl, ldr,
-                       lds};
+  const ApplyArgs args{vp, zp, mp, op, rs, cs, rp, sp, H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldr, lds};
   // U x NV accumulators within the registers (AVX-512: 4 x 3 of 32; AVX2, C = 42: 2 x 6 of 16)
   auto run = [&](auto nv_const, auto u_const) {
     constexpr int NV = decltype(nv_const)::value, U = decltype(u_const)::value;
@@ -2377,15 +2343,13 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("rcca_stats", rcca_stats);
   m.def("rcca_weight", rcca_weight);
   m.def("rcca_local_weight", rcca_local_weight);
-  m.def("rcca_combine(Tensor z, Tensor t, Tensor g, Tensor sigma, Tensor w, int images, Tensor? ln_weight=None, "
-        "Tensor? ln_bias=None, Tensor? ln_out=None) -> ()", rcca_combine);
+  m.def("rcca_combine", rcca_combine);
   m.def("mvsa_tail", mvsa_tail);
   m.def("cell_gram(Tensor qk, int images, int H, int W, int C, Tensor row_seg, Tensor col_seg, int ny, int nx, "
         "Tensor gram, Tensor sq, int heads=1) -> ()", cell_gram);
   m.def("cell_mats", cell_mats);
   m.def("cell_apply(Tensor v, Tensor z, Tensor mats, int images, int H, int W, Tensor row_seg, Tensor col_seg, "
-        "int ny, int nx, Tensor out, Tensor? ln_weight=None, Tensor? ln_bias=None, Tensor? ln_out=None, "
-        "Tensor? residual=None, Tensor? sum_out=None) -> ()", cell_apply);
+        "int ny, int nx, Tensor out, Tensor? residual=None, Tensor? sum_out=None) -> ()", cell_apply);
   m.def("mvsa_coarse", mvsa_coarse);
   m.def("pixel_shuffle(Tensor x, int images, int H, int W, int s, Tensor out, int row0=0) -> ()", pixel_shuffle);
   m.def("window_attention", window_attention);
