@@ -88,6 +88,30 @@ def test_uint8_rgb_matches_the_engine(model, crop, engine_out):
     assert np.abs(small - crop).mean() < 6
 
 
+@pytest.mark.parametrize("protocol", ["reference", "tiled"])
+def test_engine_takes_read_only_strided_and_float64_arrays_as_they_are(model, crop, protocol):
+    """The engine reads the caller's array through a CHW view (no second copy of a photo): read-only arrays
+    (no warning from torch), reversed strides and float64 give what a fresh float32 copy gives, whole or tiled,
+    and the caller's array is left as it was."""
+    import warnings
+
+    rgb = crop.astype(np.float32) / 255
+    model.protocol, model.tile = protocol, (32 if protocol == "tiled" else None)
+    try:
+        want = model.upscale_array(rgb.copy())[0].copy()
+        read_only = rgb.copy()
+        read_only.flags.writeable = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            np.testing.assert_array_equal(model.upscale_array(read_only)[0], want)
+        np.testing.assert_array_equal(read_only, rgb)
+        flipped = np.ascontiguousarray(rgb[:, ::-1])[:, ::-1]  # the same pixels through negative strides
+        np.testing.assert_array_equal(model.upscale_array(flipped)[0], want)
+        np.testing.assert_array_equal(model.upscale_array(rgb.astype(np.float64))[0], want)
+    finally:
+        model.protocol, model.tile = "auto", None
+
+
 def test_float_and_uint16_inputs(model, crop, engine_out):
     f = crop.astype(np.float64) / 255
     out = upscale.upscale_image(model, f)

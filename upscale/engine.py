@@ -295,7 +295,7 @@ class Upscaler:
                 return arch.reference_forward(self.model, t, batch) if protocol == "reference" else self.model(t)
 
             try:
-                y = self._forward(fn, x.to(self.device), stats).cpu()
+                y = self._forward(fn, x.to(self.device).contiguous(), stats).cpu()
                 break
             except RuntimeError as e:
                 if not memory.is_out_of_memory(e):
@@ -390,7 +390,10 @@ class Upscaler:
 
     def upscale_array(self, rgb: np.ndarray) -> tuple[np.ndarray, RunStats]:
         """HxWx3 float32 in [0, 1] -> ((s*H)x(s*W)x3 float32 clamped to [0, 1], a channels-last view; stats)."""
-        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+        # a CHW view of the caller's array, not a copy beside it (a 12 MP photo: 144 MB): tiles are cut from it,
+        # and a whole-image pass makes its own contiguous copy
+        a = np.ascontiguousarray(rgb, dtype=np.float32)
+        x = torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)[None]  # read-only: torch warns
         with torch.inference_mode():
             y, stats = self.run(x)
             y = y[0].clamp_(0, 1)  # in place: the output of a photo is gigabytes

@@ -269,7 +269,8 @@ def run_tiles(fn: Callable[[torch.Tensor, list[Tile]], torch.Tensor], x: torch.T
             top, bottom, left, right = (v * scale for v in t.input)
             wr = row_ramps[t.core[:2], t.input[:2]].to(out.device, torch.float32)
             wc = col_ramps[t.core[2:], t.input[2:]].to(out.device, torch.float32)
-            out[..., top:bottom, left:right] += pieces[j * n : (j + 1) * n] * (wr[:, None] * wc[None, :])
+            piece = pieces[j * n : (j + 1) * n]  # the forward's own output: weighted in place, no temporaries
+            out[..., top:bottom, left:right] += piece.mul_(wr[:, None]).mul_(wc[None, :])
 
     pending = None
     for same_shape in groups.values():

@@ -1205,13 +1205,38 @@ void rcca_weight(const Tensor& t, const Tensor& sums, int64_t images, const Tens
   }
 }
 
+// n <= kd floats at p as doubles, and their squares rounded to float32 first, as doubles (zeros past n)
+ALWAYS_INLINE void floats_as_doubles(const float* p, int64_t n, at::vec::Vectorized<double>& v,
+                                     at::vec::Vectorized<double>& sq) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256 f = _mm256_maskz_loadu_ps(static_cast<__mmask8>((1u << n) - 1), p);
+  v = _mm512_cvtps_pd(f);
+  sq = _mm512_cvtps_pd(_mm256_mul_ps(f, f));
+#else
+  const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(n)), _mm_setr_epi32(0, 1, 2, 3));
+  const __m128 f = _mm_maskload_ps(p, m);
+  v = _mm256_cvtps_pd(f);
+  sq = _mm256_cvtps_pd(_mm_mul_ps(f, f));
+#endif
+}
+
+// a vector of doubles rounded to float32, stored (8 floats under AVX-512, 4 under AVX2)
+ALWAYS_INLINE void store_as_floats(const at::vec::Vectorized<double>& v, float* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm256_storeu_ps(p, _mm512_cvtpd_ps(v));
+#else
+  _mm_storeu_ps(p, _mm256_cvtpd_ps(v));
+#endif
+}
+
 // RCCA's channel weights with local statistics (tiles): per pixel and channel, mean and E[t^2] over the
 // size x size window centred on the pixel, clipped at the map's border (as layers.box_mean: sums in float64,
 // t^2 rounded to float32 first, both means rounded to float32, then std = sqrt(max(E[t^2] - mean^2, 0)) in
 // float32), x = std + mean, then conv_du per pixel. out: (pixels, C) float32.
 // Box sums: per thread, running vertical sums of t and t^2 per (column, channel) over the rows of the current
-// output row's window (a new output row adds the row entering the window and takes out the row leaving it),
-// then a horizontal sliding sum of those along the row. The window's values are floats and t^2 is rounded to
+// output row's window, and a horizontal sliding sum of those along the row, in one pass over them per row: a
+// column's vertical sums take the row entering the window and lose the one leaving it just before the
+// horizontal window reaches the column. The window's values are floats and t^2 is rounded to
 // float32 first, so the float64 sums are exact unless a window's values span over ~2^17 in magnitude: then the
 // result is still the same for any band split (each band re-sums its first window). The row's x = std + mean
 // stays in a thread's row buffer, and conv_du and the sigmoid run on it before the next row: one write of out.
@@ -1231,19 +1256,19 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
     for (int64_t j = 0; j < hidden; ++j) w2t[j * (C + kLanes) + c] = w2[c * hidden + j];
   using VecD = at::vec::Vectorized<double>;
   const int64_t kd = VecD::size();
-  const int64_t ldr = (C + kLanes - 1) / kLanes * kLanes;  // row buffer: whole vectors per pixel
+  const int64_t ldr = (C + kLanes - 1) / kLanes * kLanes;  // row buffers: whole vectors per pixel
   const int64_t ldv = (C + kd - 1) / kd * kd;              // vertical sums: whole double vectors per column
+  TORCH_CHECK(ldv <= ldr, "rcca_local_weight layout");
   at::parallel_for(0, images * H, 16, [&](int64_t begin, int64_t end) {
     static thread_local std::vector<double> sums;  // reused across calls: no fresh pages per call
-    static thread_local std::vector<float> xrow;
-    sums.resize(4 * W * ldv + W);
-    xrow.resize(W * ldr);
+    static thread_local std::vector<float> rows_buf;
+    sums.resize(2 * W * ldv + W);
+    rows_buf.resize(2 * W * ldr);
     double* __restrict v1 = sums.data();  // vertical sums of t, (column, channel)
     double* __restrict v2 = v1 + W * ldv;   // and of t^2
-    double* __restrict m1 = v2 + W * ldv;   // the row's window means of t
-    double* __restrict m2 = m1 + W * ldv;   // and of t^2
-    double* __restrict inv = m2 + W * ldv;  // 1 / window size, per column
-    float* __restrict xr = xrow.data();
+    double* __restrict inv = v2 + W * ldv;  // 1 / window size, per column
+    float* __restrict xr = rows_buf.data();  // the row's window means, then x = std + mean, in place
+    float* __restrict sq = xr + W * ldr;     // the row's window means of t^2
     auto add_row = [&](int64_t img, int64_t y, double sign) {
       const float* src = tp + (img * H + y) * W * ldt;
       for (int64_t x = 0; x < W; ++x) {
@@ -1264,35 +1289,64 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
         current_img = img;
         std::fill(v1, v1 + 2 * W * ldv, 0.0);  // padding lanes stay zero
         lo = hi = want_lo;
+        for (; hi < want_hi; ++hi) add_row(img, hi, 1.0);
       }
-      for (; hi < want_hi; ++hi) add_row(img, hi, 1.0);
+      // the row entering the window and the one leaving it (one each at most, after a band's first row),
+      // applied column by column inside the sliding pass below
+      const float* enter = nullptr;
+      const float* leave = nullptr;
+      if (hi < want_hi) enter = tp + (img * H + hi++) * W * ldt;
+      if (lo < want_lo) leave = tp + (img * H + lo++) * W * ldt;
+      for (; hi < want_hi; ++hi) add_row(img, hi, 1.0);  // (not reached with one row per step)
       for (; lo < want_lo; ++lo) add_row(img, lo, -1.0);
       const double rows = static_cast<double>(hi - lo);
       for (int64_t x = 0; x < W; ++x)
         inv[x] = 1.0 / (rows * static_cast<double>(std::min(W, x + r + 1) - std::max<int64_t>(0, x - r)));
-      // sliding sums along the row, one vector of channels at a time, in registers
+      // one vector of channels at a time: bring column x + r's vertical sums up to this row, then slide the
+      // row's window sums along x in registers; the means go to the row buffers as float32
       for (int64_t c = 0; c < ldv; c += kd) {
+        const int64_t n = std::max<int64_t>(0, std::min(kd, C - c));
+        auto update = [&](int64_t x, VecD& a, VecD& b) __attribute__((always_inline)) {
+          a = VecD::loadu(v1 + x * ldv + c);
+          b = VecD::loadu(v2 + x * ldv + c);
+          if (enter) {
+            VecD t1, t2;
+            floats_as_doubles(enter + x * ldt + c, n, t1, t2);
+            a = a + t1, b = b + t2;
+          }
+          if (leave) {
+            VecD t1, t2;
+            floats_as_doubles(leave + x * ldt + c, n, t1, t2);
+            a = a - t1, b = b - t2;
+          }
+          a.store(v1 + x * ldv + c);
+          b.store(v2 + x * ldv + c);
+        };
         VecD s1(0.0), s2(0.0);
-        for (int64_t x = 0; x < std::min(r, W); ++x)
-          s1 = s1 + VecD::loadu(v1 + x * ldv + c), s2 = s2 + VecD::loadu(v2 + x * ldv + c);
+        for (int64_t x = 0; x < std::min(r, W); ++x) {
+          VecD a, b;
+          update(x, a, b);
+          s1 = s1 + a, s2 = s2 + b;
+        }
         for (int64_t x = 0; x < W; ++x) {
-          if (x + r < W) s1 = s1 + VecD::loadu(v1 + (x + r) * ldv + c), s2 = s2 + VecD::loadu(v2 + (x + r) * ldv + c);
+          if (x + r < W) {
+            VecD a, b;
+            update(x + r, a, b);
+            s1 = s1 + a, s2 = s2 + b;
+          }
           if (x - r - 1 >= 0)
             s1 = s1 - VecD::loadu(v1 + (x - r - 1) * ldv + c), s2 = s2 - VecD::loadu(v2 + (x - r - 1) * ldv + c);
           const VecD f(inv[x]);
-          (s1 * f).store(m1 + x * ldv + c);
-          (s2 * f).store(m2 + x * ldv + c);
+          store_as_floats(s1 * f, xr + x * ldr + c);
+          store_as_floats(s2 * f, sq + x * ldr + c);
         }
       }
       for (int64_t x = 0; x < W; ++x) {
-        float* __restrict mean = xr + x * ldr;  // mean, then x = std + mean, in place
-        float sq[kMaxChannels + kLanes];
-        const double* __restrict d1 = m1 + x * ldv;
-        const double* __restrict d2 = m2 + x * ldv;
-        for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(d1[c]), sq[c] = static_cast<float>(d2[c]);
+        float* __restrict mean = xr + x * ldr;
+        const float* __restrict e2p = sq + x * ldr;
         for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
           const int64_t n = std::min(kLanes, C - c0v);
-          const Vec m = load(mean + c0v, n), e2 = load(sq + c0v, n);
+          const Vec m = load(mean + c0v, n), e2 = load(e2p + c0v, n);
           store(at::vec::maximum(e2 - m * m, Vec(0.0f)).sqrt() + m, mean + c0v, n);
         }
       }
