@@ -18,7 +18,7 @@ from PIL import Image
 
 from upscale import registry
 from upscale.engine import Upscaler
-from upscale.models import get_architecture, kernels
+from upscale.models import base, get_architecture, kernels
 from upscale.models.agdn.network import tlc_origins
 from upscale.models.base import Placement
 from upscale.weights import load_model, resolve_weights
@@ -250,11 +250,12 @@ def test_head_and_upsampler_by_bands_equal_one_band(agdn_models, monkeypatch, ba
 
 
 @pytest.mark.usefixtures("cpu_kernels")
-def test_fused_scratch_grows_to_the_largest_tile_and_goes_when_the_run_ends(agdn_models):
+def test_fused_scratch_grows_to_the_largest_tile_and_goes_when_the_run_ends(agdn_models, monkeypatch):
     """Tiles of a photo come in a few sizes: the fused path's maps are kept and grown, not made afresh for each
-    size (fresh pages fault on first touch), and the engine drops them when the run ends."""
+    size (fresh pages fault on first touch); when a run ends the engine keeps them if small (the next image
+    reuses them) and drops them if large."""
     model = agdn_models[2]
-    ARCH.release_scratch(model)  # whatever an earlier test left
+    model._workspace = None  # whatever an earlier test left
     with torch.inference_mode():
         model(_random_smooth(48, 40, 1))
         buffers = {k: (v.data_ptr(), v.numel()) for k, v in model._workspace.buffers.items()}
@@ -263,6 +264,12 @@ def test_fused_scratch_grows_to_the_largest_tile_and_goes_when_the_run_ends(agdn
         model(_random_smooth(64, 40, 3))  # larger: grown
         assert all(model._workspace.buffers[k].numel() > n for k, (_, n) in buffers.items())
         up = Upscaler(registry.resolve("agdn", 2), model, torch.device("cpu"), "tiled", tile=32)
+        up.run(_random_smooth(50, 70, 4))
+        kept = model._workspace
+        assert kept is not None and kept.nbytes() < base.KEEP_SCRATCH_BYTES
+        up.run(_random_smooth(50, 70, 4))
+        assert model._workspace is kept  # reused by the next image
+        monkeypatch.setattr(base, "KEEP_SCRATCH_BYTES", kept.nbytes() - 1)
         up.run(_random_smooth(50, 70, 4))
     assert model._workspace is None
 

@@ -301,8 +301,11 @@ def test_straight_modules_run_where_the_fast_path_does_not_apply(monkeypatch):
 
 
 @needs_kernels
-def test_scratch_maps_are_reused_between_forwards_and_dropped_after_a_run():
+def test_scratch_maps_are_reused_between_forwards_and_dropped_after_a_run(monkeypatch):
+    """Reused from one forward to the next; kept after a run while small, dropped when large
+    (`base.KEEP_SCRATCH_BYTES`)."""
     from upscale.engine import Upscaler
+    from upscale.models import base
 
     entry = registry.resolve("asid", 2)
     model = ARCHITECTURE.build("asid", 2, entry.hparams)
@@ -313,5 +316,9 @@ def test_scratch_maps_are_reused_between_forwards_and_dropped_after_a_run():
         model.forward_raw(x)
         again = {key: [t.data_ptr() for t in ts] for key, ts in model._scratch.buffers.items()}
     assert first == again  # the same buffers, none added
-    Upscaler(entry, model, torch.device("cpu"), "auto", "fp32").run(torch.rand(1, 3, 40, 40))
+    up = Upscaler(entry, model, torch.device("cpu"), "auto", "fp32")
+    up.run(torch.rand(1, 3, 40, 40))
+    assert model._scratch is not None and 0 < model._scratch.nbytes() < base.KEEP_SCRATCH_BYTES
+    monkeypatch.setattr(base, "KEEP_SCRATCH_BYTES", 0)
+    up.run(torch.rand(1, 3, 40, 40))
     assert model._scratch is None

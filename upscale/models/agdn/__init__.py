@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..base import KB, MB, Architecture, MemoryEstimate, TilingSpec
+from ..base import KB, MB, Architecture, MemoryEstimate, TilingSpec, drop_large_scratch
 from .model import AGDN
 from .network import MVSA_STRIDE, StraightAGDN
 
@@ -52,7 +52,7 @@ class AGDNArchitecture(Architecture):
         return model(x, placement)
 
     def release_scratch(self, model):
-        model._workspace = None  # the fused path's maps, grown to the largest tile of the run
+        drop_large_scratch(model, "_workspace")  # the fused path's maps, grown to the largest tile of the run
 
     def straight_twin(self, model):
         twin = StraightAGDN(model.scale, model.fea_conv.out_channels, model.num_block, model.tlc_window)

@@ -82,6 +82,9 @@ class _Workspace:
         self.like = like
         self.buffers: dict[str, torch.Tensor] = {}
 
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.buffers.values())
+
     def __call__(self, name: str, rows: int, cols: int) -> torch.Tensor:
         """A (rows, cols) matrix in the buffer `name`; names whose contents are never live at the same time may
         share a buffer (the fused-kernel path does: a smaller working set stays in the caches)."""

@@ -229,7 +229,8 @@ class BufferPool:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "BufferPool":
-        """The pool kept on `model` (as `_scratch`; `Architecture.release_scratch` drops it), made on first use."""
+        """The pool kept on `model` (as `_scratch`; `Architecture.release_scratch` drops it when large), made on
+        first use."""
         if getattr(model, "_scratch", None) is None:
             model._scratch = cls()
         return model._scratch
@@ -239,6 +240,9 @@ class BufferPool:
         if key != self.key:
             self.key, self.buffers = key, {}
         return self
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for ts in self.buffers.values() for t in ts)
 
     def empty(self, *shape: int) -> torch.Tensor:
         free = self.buffers.setdefault(shape, [])
