@@ -219,8 +219,9 @@ class Upscaler:
 
     def _auto_tile(self, height: int, width: int) -> int | tuple[int, int]:
         """Tile cores for an image of height x width (padded to the family's multiple) whose inputs (core plus
-        halo) fit the memory budget. Halo tiles: the grid of near-equal cores that computes the fewest pixels
-        (`tiling.fit_halo_tiles`), (rows, columns), or one side when square; otherwise the largest square."""
+        halo) fit the memory budget. Halo tiles: the grid that computes the fewest pixels, its cores chosen per
+        axis (`tiling.fit_halo_tiles`), as (rows, columns), or one side when square; block tiles: the largest
+        square."""
         spec = self.architecture.tiling_spec(self.model)
         pixels = self.memory_estimate().pixels_within(memory.budget(self.device))
         if spec.local_mode != "placement":
@@ -330,8 +331,8 @@ class Upscaler:
                 rows, cols = (max(MIN_TILE, side // 2) for side in _sides(tile))
                 tile = rows if rows == cols else (rows, cols)
         if ran_out:
-            used = f"tiles of {tile_text(stats.tile)}" + (f", {stats.tiles_per_forward} per call" if stats.tiles_per_forward > 1
-                                               else "")
+            per_call = stats.tiles_per_forward
+            used = f"tiles of {tile_text(stats.tile)}" + (f", {per_call} per call" if per_call > 1 else "")
             stats.note(f"out of memory with {ran_out}; finished with {used}")
         return y
 

@@ -171,9 +171,9 @@ def fit_halo_tiles(height: int, width: int, max_pixels: int, halo: int, align: i
                    max_side: int | None = None) -> tuple[int, int]:
     """The core size (rows, columns) of the halo-tile grid that computes the fewest pixels (cores plus halos)
     while its largest tile input holds at most `max_pixels`; ties go to fewer tiles. Cores of `min_side` to
-    `max_side` px, chosen per axis (a 1280 x 960 photo under 300 K px a tile: 3 x 2 tiles of 428 x 480, 1.27x
-    its pixels computed, where squares of the largest side that fits, 458, cut it 3 x 3 at 1.39x). When no
-    grid fits, the one with the smallest tile input."""
+    `max_side` px, chosen per axis (a 1280 x 960 photo under 300 K px a tile: 2 rows of 3 tiles, cores 480 x 428,
+    1.27x its pixels computed, where squares of the largest side that fits, 458, cut it 3 x 3 at 1.39x). When
+    no grid fits, the one with the smallest tile input."""
 
     def options(size: int) -> list[tuple[int, int, int, int]]:
         """(largest input, summed inputs, count, core) for each core size that no other beats on both of the

@@ -146,8 +146,8 @@ def _kernel_forward(model: nn.Module, ops, x: torch.Tensor, placement: Placement
     n, _, h, w = x.shape
     c = model.c1.out_channels
     p = n * h * w
-    # scratch kept on the model between calls and grown, never shrunk, until the run ends
-    # (`AGDNArchitecture.release_scratch`): fresh multi-megabyte buffers cost a page fault per 4 KiB on first
+    # scratch kept on the model between calls and grown, never shrunk (dropped when a run ends with it large:
+    # `AGDNArchitecture.release_scratch`): fresh multi-megabyte buffers cost a page fault per 4 KiB on first
     # touch, which was a third of the run time at 128 x 128, and tiles of a photo come in a few sizes
     ws = model._workspace = model._workspace or _Workspace(x)
     x = x - model.rgb_mean.to(x.dtype)
