@@ -534,6 +534,34 @@ def test_token_attention_matches_grouped_softmax(grid, n, h, w, d):
     _close(shared, _rows(asid._ungroup_tokens(attn @ vt, (n, d, h, w), grid)), what="shared")
 
 
+@pytest.mark.parametrize("mode,c", [(1, 168), (1, 48), (0, 42), (0, 21)])
+@pytest.mark.parametrize("n,h,w", [(1, 9, 13), (2, 5, 3), (1, 1, 40)])
+def test_pw_dwconv_epilogue_equals_its_gemm_after(mode, c, n, h, w):
+    """pw_dwconv's epilogue (each output row times epi_w, added to epi_out: AGDN's FFN project_out) gives what
+    a separate accumulating GEMM over the whole output gives, bit for bit, with and without a LayerNorm prologue;
+    a residual or a side output with it is refused."""
+    g = torch.Generator().manual_seed(c + 7 * h + w)
+    k, co = 42, (c if mode == 0 else c // 2)
+    x = torch.randn(n * h * w, k, generator=g)
+    wpw = torch.randn(k, -(-c // 16) * 16, generator=g)
+    taps = torch.randn(9, c + 16, generator=g)
+    epi_w = torch.zeros(co, 48)
+    epi_w[:, :42] = torch.randn(co, 42, generator=g)
+    for ln in ((), (torch.randn(k, generator=g), torch.randn(k, generator=g), 1e-5)):
+        start = torch.randn(n * h * w, 42, generator=g)
+        mid = torch.empty(n * h * w, co)
+        ops.pw_dwconv(x, n, h, w, wpw, 0, taps, None, False, None, 0, mode, mid, None, None, *ln)
+        want = start.clone()
+        ops.gemm(mid, epi_w, want, True)
+        got = start.clone()
+        ops.pw_dwconv(x, n, h, w, wpw, 0, taps, None, False, None, 0, mode, x.new_empty(0, co), None, None,
+                      *(ln or (None, None, 0.0)), epi_w, got)
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="epilogue"):
+        ops.pw_dwconv(x, n, h, w, wpw, 0, taps, None, False, x[:, :co], 0, 0, x.new_empty(0, co), None, None,
+                      None, None, 0.0, epi_w, torch.zeros(n * h * w, 42))
+
+
 @pytest.mark.parametrize("k,c", [(48, 144), (36, 40), (12, 48), (64, 192), (42, 126), (42, 168), (80, 32)])
 def test_gemm_and_pw_dwconv_with_a_layer_norm_prologue(k, c):
     g = torch.Generator().manual_seed(k + c)

@@ -30,7 +30,8 @@ from .network import (
 # else `_fast_forward` runs). Same algebra as `_fast_forward` plus these exact rearrangements:
 # - a 1x1 conv that feeds a depthwise conv runs inside the depthwise kernel, a few image rows at a time
 #   (`pw_dwconv`): the distillation's c{k}_d + c{k}_r (one GEMM, d_k finished in the same pass), qkv +
-#   qkv_dwconv, and the FFN's project_in + dwconv + gate; their wide intermediate maps never reach memory;
+#   qkv_dwconv, and the FFN's project_in + dwconv + gate (+ project_out, per row); their wide intermediate maps
+#   never reach memory;
 # - GEMMs are written without their bias, which is added by the kernel that reads the result, or folded
 #   forward (c5's bias into MVSA, exactly: every consumer of z is affine in it before MVSA's product; a bias
 #   before a reflect-padded depthwise conv becomes bias * sum of its taps); GEMM weights are padded to whole
@@ -230,11 +231,10 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
                   bw["ln3_w"], bw["ln3_b"], 1e-5)
     # z += Attn (in place) and out = z + Attn + u, in one pass
     _kernel_attention(ops, bw, blk.ea.restormer_attn, qkv.view(n, h, w, 3 * c), z, n, h, w, placement, out, u)
-    gated = ws("mid", p, 2 * c)
-    # LN4, project_in, dwconv and the gate; the 4C-wide hidden map exists only as three rows per thread
-    ops.pw_dwconv(z, n, h, w, bw["ffin_wt"], 0, bw["ff_dw"], None, False, None, 0, 1, gated, None, None,
-                  bw["ln4_w"], bw["ln4_b"], 1e-5)
-    ops.gemm(gated, bw["ffo_wt"], out, True)
+    # LN4, project_in, dwconv, the gate and project_out (added to out) in one pass: the 4C-wide hidden map exists
+    # only as three rows per thread, the 2C-wide gated one as one row
+    ops.pw_dwconv(z, n, h, w, bw["ffin_wt"], 0, bw["ff_dw"], None, False, None, 0, 1, z.new_empty(0, 2 * c), None,
+                  None, bw["ln4_w"], bw["ln4_b"], 1e-5, bw["ffo_wt"], out)
     return out
 
 

@@ -856,7 +856,7 @@ RowNorm row_norm(const std::optional<Tensor>& weight, const std::optional<Tensor
 }
 
 // out (P x C) [+]= x (P x K) @ w (K x Cm), Cm >= C a multiple of 16 (zero columns beyond C): the 1x1 convs
-// that no depthwise conv follows (AGDN's c5, MVSA's input, the FFN's output, c1, c2), parallel over blocks
+// that no depthwise conv follows (AGDN's c5, MVSA's input, c1, c2), parallel over blocks
 // of pixels. With ln_weight/ln_bias, x is first LayerNorm-ed per pixel (eps ln_eps), block by block.
 void gemm(const Tensor& x, const Tensor& w, Tensor out, bool accumulate, const std::optional<Tensor>& ln_weight,
           const std::optional<Tensor>& ln_bias, double ln_eps) {
@@ -889,15 +889,19 @@ void gemm(const Tensor& x, const Tensor& w, Tensor out, bool accumulate, const s
 
 // pw_dwconv: y = x @ wpw (a 1x1 conv), then dwconv3x3 on columns [conv_off, conv_off + C) of y (stride 1),
 // without y ever reaching memory: each thread computes y one image row at a time into a ring of three rows
-// (the rows a 3x3 conv needs) that stays in its L2 cache. The side job reads columns [0, side_c) of y.
+// (the rows a 3x3 conv needs) that stays in its L2 cache. The side job reads columns [0, side_c) of y. With
+// epi_w/epi_out, the output does not reach memory either: each finished row goes through a 1x1 conv into
+// epi_out (AGDN's FFN: project_in, dwconv, gate and project_out in one pass).
 // wpw: (Cin, Cm) row-major, Cm a multiple of 16 covering every column used.
 void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tensor& wpw, int64_t conv_off,
                const Tensor& weight, const std::optional<Tensor>& bias, bool reflect,
                const std::optional<Tensor>& residual, int64_t act, int64_t mode, Tensor out,
                const std::optional<Tensor>& side_bias, const std::optional<Tensor>& side_out,
-               const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias, double ln_eps) {
+               const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias, double ln_eps,
+               const std::optional<Tensor>& epi_w, const std::optional<Tensor>& epi_out) {
   check_map(x, "x");
-  check_map(out, "out");
+  const bool epi = epi_w.has_value() && epi_w->defined();
+  if (!epi) check_map(out, "out");
   TORCH_CHECK(wpw.is_contiguous() && wpw.dim() == 2 && wpw.size(0) == x.size(1), "wpw: (Cin, Cm)");
   const RowNorm norm = row_norm(ln_weight, ln_bias, ln_eps, x.size(1));
   TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == 9, "weight: (9, C + 16) expected");
@@ -906,11 +910,29 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   const int64_t side_c = side_out.has_value() && side_out->defined() ? side_out->size(1) : 0;
   TORCH_CHECK(conv_off + C <= Cm && side_c <= Cm && C + kLanes <= weight.size(1) && C <= kMaxChannels,
               "channel count mismatch");
-  TORCH_CHECK(x.size(0) == images * H * W && out.size(0) == images * H * W, "pixel count mismatch");
+  TORCH_CHECK(x.size(0) == images * H * W && (epi || out.size(0) == images * H * W), "pixel count mismatch");
   const float* res = opt_ptr(residual);
   if (res) check_map(*residual, "residual");
   if (side_c) check_map(*side_out, "side_out");
   TORCH_CHECK(act != kGeluRes || (res && mode == 0), "act GELU-then-residual needs a residual, mode 0");
+  // epilogue: each finished output row (out.size(1) channels, in a thread's row buffer; `out` only gives the
+  // width) times epi_w (out.size(1) x Cm2, zero columns past epi_out's) is added to epi_out's row
+  const int64_t Co = out.size(1);
+  float* eo = nullptr;
+  int64_t lde = 0, Ce = 0, Cm2 = 0;
+  const float* ew = nullptr;
+  if (epi) {
+    TORCH_CHECK(epi_out.has_value() && !res && !side_c, "epilogue: epi_out, and no residual or side output");
+    check_map(*epi_out, "epi_out");
+    TORCH_CHECK(epi_w->is_contiguous() && epi_w->dim() == 2 && epi_w->size(0) == Co &&
+                    epi_out->size(0) == images * H * W && epi_out->size(1) <= epi_w->size(1),
+                "epilogue: epi_w (out channels, >= epi_out's), epi_out (pixels, C)");
+    eo = epi_out->data_ptr<float>();
+    lde = epi_out->stride(0);
+    Ce = epi_out->size(1);
+    Cm2 = epi_w->size(1);
+    ew = epi_w->const_data_ptr<float>();
+  }
   DwArgs base{nullptr, weight.const_data_ptr<float>(), opt_ptr(bias), res, out.data_ptr<float>(),
               nullptr, opt_ptr(side_bias), side_c ? side_out->data_ptr<float>() : nullptr, nullptr,
               H, W, H, W, C, C / 2, side_c, Cm, weight.size(1), res ? residual->stride(0) : 0, out.stride(0), Cm,
@@ -920,7 +942,7 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   const int64_t ldx = x.stride(0);
   TORCH_CHECK(Cm < (1 << 30) && W < (1 << 30) && ldx < (1 << 30), "too large for BLAS int");
   struct Ring {  // a thread's three rows of y
-    std::vector<float> rows, zero_row, normed;
+    std::vector<float> rows, zero_row, normed, out_row;
     int64_t held[3] = {-1, -1, -1};  // which image row each slot holds
   };
   parallel_rows(images * H, [&] {
@@ -928,6 +950,7 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
     ring->rows.assign(3 * W * Cm + kLanes, 0.0f);
     ring->zero_row.assign((W + 2) * Cm + kLanes, 0.0f);
     if (norm) ring->normed.assign(W * Cin, 0.0f);
+    if (epi) ring->out_row.assign(W * Co + kLanes, 0.0f);
     auto row_of = [&, ring](int64_t img, int64_t iy) -> const float* {
       const int64_t key = img * H + iy, slot = iy % 3;
       float* dst = ring->rows.data() + slot * W * Cm;
@@ -953,13 +976,16 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
       args.zero_row = ring->zero_row.data();
       args.side = row_of(img, oy);  // columns [0, side_c) of this row of y
       args.side_base = row * W;
+      int64_t at = row;  // the output row's index in args.op
+      if (epi) args.op = ring->out_row.data(), args.ldo = Co, at = 0;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-      dw_row_s1(args, src, row);
+      dw_row_s1(args, src, at);
 #else
       int64_t ox = 0;
-      for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, row, ox);
-      for (; ox < W; ++ox) dw_pixels<1>(args, src, row, ox);
+      for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, at, ox);
+      for (; ox < W; ++ox) dw_pixels<1>(args, src, at, ox);
 #endif
+      if (epi) gemm_block(ring->out_row.data(), Co, W, ew, Cm2, Co, eo + row * W * lde, lde, Ce, true);
     };
   });
 }
@@ -2390,7 +2416,8 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "Tensor? side_out=None) -> ()", dwconv3x3);
   m.def("pw_dwconv(Tensor x, int images, int H, int W, Tensor wpw, int conv_off, Tensor weight, Tensor? bias, "
         "bool reflect, Tensor? residual, int act, int mode, Tensor out, Tensor? side_bias=None, "
-        "Tensor? side_out=None, Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=0.0) -> ()", pw_dwconv);
+        "Tensor? side_out=None, Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=0.0, Tensor? epi_w=None, "
+        "Tensor? epi_out=None) -> ()", pw_dwconv);
   m.def("bias_act", bias_act);
   m.def("gemm(Tensor x, Tensor w, Tensor out, bool accumulate, Tensor? ln_weight=None, Tensor? ln_bias=None, "
         "float ln_eps=0.0) -> ()", gemm);
