@@ -52,12 +52,12 @@ def test_dwconv_bias_residual_gelu(n, h, w, c, stride, reflect):
     res = torch.randn_like(ref)
     out = torch.full((ref.shape[0], c + 2), float("nan"))[:, 1 : 1 + c]
     for act in (0, 1):
-        ops.dwconv3x3(x, n, h, w, fused._taps(weight), bias, stride, reflect, res, act, 0, out)
+        ops.dwconv3x3(x, n, h, w, kernels.depthwise_taps(weight), bias, stride, reflect, res, act, 0, out)
         want = ref + res
         _close(out, F.gelu(want) if act else want, what=f"act {act}")
-    ops.dwconv3x3(x, n, h, w, fused._taps(weight), bias, stride, reflect, res, 2, 0, out)  # ESC's ConvFFN
+    ops.dwconv3x3(x, n, h, w, kernels.depthwise_taps(weight), bias, stride, reflect, res, 2, 0, out)  # ESC's ConvFFN
     _close(out, F.gelu(ref) + res, what="GELU, then the residual")
-    ops.dwconv3x3(x, n, h, w, fused._taps(weight), None, stride, reflect, None, 0, 0, out)
+    ops.dwconv3x3(x, n, h, w, kernels.depthwise_taps(weight), None, stride, reflect, None, 0, 0, out)
     _close(out, ref - bias, what="no bias")
 
 
@@ -68,7 +68,7 @@ def test_dwconv_gate_and_pair_modes():
     weight = torch.randn(168, 1, 3, 3, generator=g)
     conv = _rows(_eager_dw(x, n, h, w, weight, None, 1, False))
     out = torch.empty(n * h * w, 84)
-    ops.dwconv3x3(x, n, h, w, fused._taps(weight), None, 1, False, None, 0, 1, out)
+    ops.dwconv3x3(x, n, h, w, kernels.depthwise_taps(weight), None, 1, False, None, 0, 1, out)
     _close(out, F.gelu(conv[:, :84]) * conv[:, 84:], what="gate")
     # pair: AGDN's c4, a grouped 3x3 conv with two input channels per output
     x = torch.randn(n * h * w, 42, generator=g)
@@ -76,7 +76,7 @@ def test_dwconv_gate_and_pair_modes():
     xn = x.reshape(n, h, w, 42).permute(0, 3, 1, 2)
     ref = F.gelu(_rows(F.conv2d(xn, grouped, bias, 1, 1, 1, 21)))
     out = torch.empty(n * h * w, 21)
-    ops.dwconv3x3(x, n, h, w, fused._taps(grouped.reshape(42, 1, 3, 3)), bias, 1, False, None, 1, 2, out)
+    ops.dwconv3x3(x, n, h, w, kernels.depthwise_taps(grouped.reshape(42, 1, 3, 3)), bias, 1, False, None, 1, 2, out)
     _close(out, ref, what="pair")
 
 
@@ -285,7 +285,7 @@ def test_dwconv_side_job_in_the_same_pass():
     both = torch.randn(n * h * w, 63, generator=g)  # [c_d output (21) | c_r pointwise output (42)]
     weight, bias, side_bias = torch.randn(42, 1, 3, 3, generator=g), torch.randn(42, generator=g), torch.randn(21)
     out, distilled = torch.empty(n * h * w, 42), torch.zeros(n * h * w, 84)
-    ops.dwconv3x3(both[:, 21:], n, h, w, fused._taps(weight), bias, 1, True, None, 1, 0, out,
+    ops.dwconv3x3(both[:, 21:], n, h, w, kernels.depthwise_taps(weight), bias, 1, True, None, 1, 0, out,
                   both[:, :21], side_bias, distilled[:, 21:42])
     _close(out, F.gelu(_rows(_eager_dw(both[:, 21:], n, h, w, weight, bias, 1, True))))
     _close(distilled[:, 21:42], F.gelu(both[:, :21] + side_bias))
@@ -346,7 +346,7 @@ def test_pw_dwconv_equals_gemm_then_dwconv(n, h, w, cm, off, c, mode, reflect, s
     whole map followed by dwconv3x3 (including the side job reading the GEMM's first columns)."""
     g = torch.Generator().manual_seed(n * h * w + cm)
     x, wpw = torch.randn(n * h * w, 42, generator=g), torch.randn(42, cm, generator=g)
-    weight = fused._taps(torch.randn(c, 1, 3, 3, generator=g))
+    weight = kernels.depthwise_taps(torch.randn(c, 1, 3, 3, generator=g))
     bias = torch.randn(c, generator=g) if mode == 0 else None
     res = torch.randn(n * h * w, c, generator=g) if mode == 0 else None
     out_c = c if mode == 0 else c // 2
@@ -421,7 +421,7 @@ def test_row_sharing_gives_every_row_once_at_any_thread_count(threads):
     g = torch.Generator().manual_seed(threads)
     n, h, w, c = 2, 23, 17, 42
     x, wpw = torch.randn(n * h * w, c, generator=g), torch.randn(c, 64, generator=g)
-    weight, bias = fused._taps(torch.randn(c, 1, 3, 3, generator=g)), torch.randn(c, generator=g)
+    weight, bias = kernels.depthwise_taps(torch.randn(c, 1, 3, 3, generator=g)), torch.randn(c, generator=g)
     res = torch.randn(n * h * w, c, generator=g)
     ry, row_seg, cx, col_seg, _, _ = fast._cell_layout(8, h, w, None)
     qk = torch.randn(n * h * w, 2 * c, generator=g)

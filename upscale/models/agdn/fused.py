@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import Placement
+from ..kernels import depthwise_taps, pad_columns
 from .fast import _cell_layout, _fast_weights, _nhwc, _rows, _Workspace
 from .network import (
     AGDB,
@@ -35,7 +36,7 @@ from .network import (
 # - GEMMs are written without their bias, which is added by the kernel that reads the result, or folded
 #   forward (c5's bias into MVSA, exactly: every consumer of z is affine in it before MVSA's product; a bias
 #   before a reflect-padded depthwise conv becomes bias * sum of its taps); GEMM weights are padded to whole
-#   16-float vectors of output columns (`_pad_cols`), as the kernels' GEMM reads them;
+#   16-float vectors of output columns (`kernels.pad_columns`), as the kernels' GEMM reads them;
 # - c1 reads the block outputs as they come (c1 = sum over blocks of W_i F_i), no concatenated buffer;
 # - RCCA's mean and std come from shifted sums in float64, computed in the pass that makes GELU(decompose(t));
 #   LN3 is computed in RCCA's last pass, LN4 and the block residual in the attention's last pass;
@@ -50,46 +51,29 @@ from .network import (
 _LANES = 16  # weights padded to whole vectors of the widest SIMD the kernels use (AVX-512: 16 floats)
 
 
-def _taps(dw: torch.Tensor) -> torch.Tensor:
-    """(C, 1, 3, 3) depthwise weight -> (9, C + padding) tap-major, zero beyond C, as the kernels read it."""
-    c = dw.shape[0]
-    out = dw.new_zeros(9, -(-c // _LANES) * _LANES + _LANES)  # a vector of slack: loads may run past C
-    out[:, :c] = dw.reshape(c, 9).t()
-    return out.contiguous()
-
-
-def _pad_cols(w: torch.Tensor) -> torch.Tensor:
-    """A GEMM's weight (K, C) with zero columns up to a multiple of 16: the kernels' GEMM loads whole vectors
-    of weights and stores only the real output columns."""
-    cols = w.shape[1]
-    out = w.new_zeros(w.shape[0], -(-cols // 16) * 16)
-    out[:, :cols] = w
-    return out
-
-
 def _kernel_block_weights(bw: dict, blk: "AGDB") -> dict:
     f32 = torch.float32
     c = bw["c5_wt"].shape[1]
     out: dict = {}
     for k in (1, 2, 3):
-        out[f"dr{k}"] = _pad_cols(torch.cat([bw[f"d{k}_w"].t(), bw[f"r{k}_wt"]], dim=1).to(f32))
+        out[f"dr{k}"] = pad_columns(torch.cat([bw[f"d{k}_w"].t(), bw[f"r{k}_wt"]], dim=1).to(f32))
         out[f"d{k}_b"] = bw[f"d{k}_b"].flatten().to(f32)
-        out[f"r{k}_dw"], out[f"r{k}_dwb"] = _taps(bw[f"r{k}_dw"].float()), bw[f"r{k}_dwb"].float()
-    out["c4_dw"], out["c4_b"] = _taps(bw["c4_dw"].float()), bw["c4_b"].flatten().to(f32)
-    out["c5_wt"] = _pad_cols(bw["c5_wt"].to(f32))
+        out[f"r{k}_dw"], out[f"r{k}_dwb"] = depthwise_taps(bw[f"r{k}_dw"].float()), bw[f"r{k}_dwb"].float()
+    out["c4_dw"], out["c4_b"] = depthwise_taps(bw["c4_dw"].float()), bw["c4_b"].flatten().to(f32)
+    out["c5_wt"] = pad_columns(bw["c5_wt"].to(f32))
     b5 = bw["c5_b"].double()
     cf_wt, s2_wt = bw["cf_wt"].double(), bw["s2_wt"].double()
-    out["mvsa_wt"] = _pad_cols(torch.cat([cf_wt, s2_wt], dim=1).to(f32))
+    out["mvsa_wt"] = pad_columns(torch.cat([cf_wt, s2_wt], dim=1).to(f32))
     out["cf_b"] = (bw["cf_b"].double() + b5 @ cf_wt).to(f32)
     s2_dw = bw["s2_dw"].double()
     s2_bias = bw["s2_b"].double() + b5 @ s2_wt  # constant per channel before a reflect-padded conv
-    out["s2_dw"] = _taps(s2_dw.float())
+    out["s2_dw"] = depthwise_taps(s2_dw.float())
     out["s2_dwb"] = (bw["s2_dwb"].double() + s2_bias * s2_dw.flatten(1).sum(1)).to(f32)
     w4 = bw["c4m_wt"].float()
     out["w4"] = w4.new_zeros(w4.shape[0], -(-c // _LANES) * _LANES)
     out["w4"][:, :c] = w4
     out["b4"], out["z_bias"] = bw["c4m_b"].float(), b5.to(f32)
-    out["cca_dw"], out["cca_dwb"] = _taps(bw["cca_dw"].float()), bw["cca_dwb"].float()
+    out["cca_dw"], out["cca_dwb"] = depthwise_taps(bw["cca_dw"].float()), bw["cca_dwb"].float()
     out["dec_w"], out["dec_b"] = bw["dec_w"].float().contiguous(), float(bw["dec_b"].item())
     out["sigma"] = bw["sigma"].float().contiguous()
     du0, du2 = blk.cca.cca.conv_du[0], blk.cca.cca.conv_du[2]
@@ -97,10 +81,10 @@ def _kernel_block_weights(bw: dict, blk: "AGDB") -> dict:
     out["du2_w"], out["du2_b"] = du2.weight.detach().flatten(1).float().contiguous(), du2.bias.detach().float()
     for k in ("ln3_w", "ln3_b", "ln4_w", "ln4_b"):
         out[k] = bw[k].float().contiguous()
-    out["qkv_wt"], out["qkv_dw"] = _pad_cols(bw["qkv_wt"].float()), _taps(bw["qkv_dw"].float())
-    out["ffin_wt"] = _pad_cols(torch.cat([bw["ffa_wt"], bw["ffb_wt"]], dim=1).float())
-    out["ff_dw"] = _taps(torch.cat([bw["ffa_dw"], bw["ffb_dw"]]).float())
-    out["ffo_wt"] = _pad_cols(bw["ffo_wt"].float())
+    out["qkv_wt"], out["qkv_dw"] = pad_columns(bw["qkv_wt"].float()), depthwise_taps(bw["qkv_dw"].float())
+    out["ffin_wt"] = pad_columns(torch.cat([bw["ffa_wt"], bw["ffb_wt"]], dim=1).float())
+    out["ff_dw"] = depthwise_taps(torch.cat([bw["ffa_dw"], bw["ffb_dw"]]).float())
+    out["ffo_wt"] = pad_columns(bw["ffo_wt"].float())
     for k in ("tau", "heads", "proj"):  # the attention core is shared with the fast path
         out[k] = bw[k]
     m = blk.esa.body[0]  # MVSA's coarse-branch BSConvs, as `mvsa_coarse` reads them
@@ -119,12 +103,12 @@ def _kernel_weights(model: nn.Module, x: torch.Tensor) -> dict:
         c = model.c1.out_channels
         wts["kernel"] = {
             "blocks": [_kernel_block_weights(b, getattr(model, f"B{i + 1}")) for i, b in enumerate(wts["blocks"])],
-            "c1_wt": [_pad_cols(wts["c1_wt"][i * c : (i + 1) * c]) for i in range(model.num_block)],
-            "c1_b": wts["c1_b"], "c2_wt": _pad_cols(wts["c2_wt"]),
+            "c1_wt": [pad_columns(wts["c1_wt"][i * c : (i + 1) * c]) for i in range(model.num_block)],
+            "c1_b": wts["c1_b"], "c2_wt": pad_columns(wts["c2_wt"]),
             # fea_conv as a GEMM on 3x3 patches, rows (ky, kx, input channel) like `_kernel_head`'s
-            "fea_wt": _pad_cols(model.fea_conv.weight.detach().permute(2, 3, 1, 0).reshape(-1, c).to(x.dtype)),
+            "fea_wt": pad_columns(model.fea_conv.weight.detach().permute(2, 3, 1, 0).reshape(-1, c).to(x.dtype)),
             "fea_b": model.fea_conv.bias.detach().to(x.dtype).contiguous(),
-            "c2_dw": _taps(wts["c2_dw"]), "c2_dwb": wts["c2_dwb"].contiguous(),
+            "c2_dw": depthwise_taps(wts["c2_dw"]), "c2_dwb": wts["c2_dwb"].contiguous(),
             # the mean added back after the pixel shuffle, as the upsampler conv's bias instead: output channel
             # k comes from conv channels k*s*s .. (k+1)*s*s - 1; saves a pass over the full-size output
             "up_b": (model.upsampler[0].bias.detach().double()

@@ -184,7 +184,12 @@ NO_ACT, GELU, GELU_THEN_RESIDUAL = 0, 1, 2  # the last: GELU(conv + bias) + resi
 def gemm_operand(weight: torch.Tensor) -> torch.Tensor:
     """A 1x1 conv or linear weight (out, in[, 1, 1]) as `gemm` / `pw_dwconv` read it: (in, out), the columns
     padded with zeros to a multiple of 16."""
-    w = weight.detach().reshape(weight.shape[0], -1).t()
+    return pad_columns(weight.detach().reshape(weight.shape[0], -1).t())
+
+
+def pad_columns(w: torch.Tensor) -> torch.Tensor:
+    """A GEMM's (in, out) matrix with zero columns up to a multiple of 16: the kernels' GEMM loads whole vectors
+    of weights and stores only the real output columns."""
     return torch.nn.functional.pad(w, (0, -w.shape[1] % 16)).contiguous()
 
 
