@@ -534,6 +534,48 @@ def test_token_attention_matches_grouped_softmax(grid, n, h, w, d):
     _close(shared, _rows(asid._ungroup_tokens(attn @ vt, (n, d, h, w), grid)), what="shared")
 
 
+def _regrouped(x, n, h, w, p, back=False):
+    """(n*h*w, c) rows -> the map regrouped by offset in p x p windows (pixel (p*i + u, p*j + v) at
+    (u*h/p + i, v*w/p + j)); `back` undoes it."""
+    c = x.shape[1]
+    if back:
+        t = x.view(n, p, h // p, p, w // p, c).permute(0, 2, 1, 4, 3, 5)
+    else:
+        t = x.view(n, h // p, p, w // p, p, c).permute(0, 2, 1, 4, 3, 5)
+    return t.reshape(-1, c)
+
+
+@pytest.mark.parametrize("p,n,h,w,c", [(8, 1, 64, 64, 48), (8, 2, 16, 40, 48), (8, 1, 8, 24, 24), (4, 1, 12, 20, 42),
+                                       (2, 2, 6, 10, 60), (8, 1, 72, 8, 16)])
+@pytest.mark.parametrize("cells", ["blocks", "finer", "across"])
+def test_cell_kernels_read_a_map_regrouped_by_offset_in_place(p, n, h, w, c, cells):
+    """cell_gram and cell_apply with `offsets` = p read the map as if regrouped by offset in p x p windows (ASID's
+    grid channel attention): the same as on a regrouped copy, with out written at the pixels' own places. Cells
+    as the blocks of one offset (ASID), finer than the blocks, and across the blocks' edges."""
+    g = torch.Generator().manual_seed(p * h + w + c)
+    qkv = torch.randn(n * h * w, 3 * c + 2, generator=g)[:, 1:-1]  # a column slice of a wider map
+    if cells == "blocks":
+        rows, cols = torch.arange(h) // (h // p), torch.arange(w) // (w // p)
+    elif cells == "finer":
+        rows, cols = torch.arange(h) // max(1, h // p // 2), torch.arange(w) // max(1, w // p // 3)
+    else:
+        rows, cols = torch.arange(h) * 3 // h, torch.arange(w) * 2 // w
+    ny, nx = int(rows[-1]) + 1, int(cols[-1]) + 1
+    cp = -(-c // 16) * 16
+    mats = torch.randn(n, ny, nx, c, cp, generator=g)
+    z = torch.randn(n * h * w, c, generator=g)
+    results = []
+    for offsets, src, acc in ((p, qkv, z), (0, _regrouped(qkv, n, h, w, p), _regrouped(z, n, h, w, p))):
+        gram = torch.full((n, ny, nx, c, c), float("nan"))
+        sq = torch.full((n, ny, nx, 2 * c), float("nan"))
+        ops.cell_gram(src, n, h, w, c, rows, cols, ny, nx, gram, sq, 1, offsets)
+        out = torch.full((n * h * w, c), float("nan"))
+        ops.cell_apply(src[:, 2 * c :], acc, mats, n, h, w, rows, cols, ny, nx, out, None, None, offsets)
+        results.append((gram, sq, out if offsets else _regrouped(out, n, h, w, p, back=True)))
+    for got, want, what in zip(results[0], results[1], ("gram", "norms", "apply")):
+        _close(got, want, rel=1e-5, what=what)
+
+
 @pytest.mark.parametrize("mode,c", [(1, 168), (1, 48), (0, 42), (0, 21)])
 @pytest.mark.parametrize("n,h,w", [(1, 9, 13), (2, 5, 3), (1, 1, 40)])
 def test_pw_dwconv_epilogue_equals_its_gemm_after(mode, c, n, h, w):

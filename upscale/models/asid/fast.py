@@ -13,8 +13,8 @@ kernels' layout, where a channel slice is a view the kernels read in place:
   tokens from the map and writes the result back in place (no grouped copies), and returns the attention map
   that the later groups share;
 - the channel attention runs on AGDN's cell kernels (`cell_gram`, `cell_apply`): in window mode each 8x8 window
-  is a cell; in grid mode (one group per offset in the window, the windows its tokens) the map is regrouped by
-  offset first, which makes each group a block of pixels.
+  is a cell; in grid mode (one group per offset in the window, the windows its tokens) the kernels read the map
+  as if regrouped by offset, which makes each group a block of pixels (in place: no regrouped copies).
 The shallow conv, ESA's small strided branch and the upsampler stay the network's modules. Sums are formed in
 another order than the straight modules, so outputs differ by float rounding (the golden tests bound it).
 """
@@ -141,41 +141,29 @@ def _spatial_attention(m: _Map, block: nn.Module, x: torch.Tensor, attn: torch.T
     return out, attn
 
 
-def _cells_channel_attention(m: _Map, ca: nn.Module, qkv: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor,
-                             cols: torch.Tensor, ny: int, nx: int) -> torch.Tensor:
+def _cells_channel_attention(m: _Map, ca: nn.Module, qkv: torch.Tensor, acc: torch.Tensor, offsets: int,
+                             rows: torch.Tensor, cols: torch.Tensor, ny: int, nx: int) -> torch.Tensor:
     """acc + project_out of the channel attention with each cell of the map a group (rows / cols: each row's and
-    column's cell index), on AGDN's cell kernels: per cell the (C x C) product and the channels' squared norms in
-    one pass over the map, then per cell M = (project_out @ softmax(...))ᵀ, then acc + v @ M in one pass; a new
-    map."""
+    column's cell index; of the map regrouped by offset in `offsets` x `offsets` windows when not 0), on AGDN's
+    cell kernels: per cell the (C x C) product and the channels' squared norms in one pass over the map, then per
+    cell M = (project_out @ softmax(...))ᵀ, then acc + v @ M in one pass; a new map. The map's channels are
+    k, q, v (see `_channel_attention`), so the product comes transposed, k qᵀ, and so does the softmax: its
+    columns are normalised, and Mᵀ's batch is one matrix product with project_outᵀ."""
     c = qkv.shape[1] // 3
-    gram = torch.empty(m.n, ny, nx, c, c)
+    gram_t = torch.empty(m.n, ny, nx, c, c)
     sq = torch.empty(m.n, ny, nx, 2 * c)
-    m.ops.cell_gram(qkv, m.n, m.h, m.w, c, rows, cols, ny, nx, gram, sq, 1)
+    m.ops.cell_gram(qkv, m.n, m.h, m.w, c, rows, cols, ny, nx, gram_t, sq, 1, offsets)
     # q and k L2-normalised along the tokens (F.normalize: divided by max(norm, 1e-12)) only scale the rows and
-    # columns of q kᵀ: the (C x C) product is scaled instead
+    # columns of k qᵀ: the (C x C) product is scaled instead
     inv = sq.sqrt_().clamp_(min=1e-12).reciprocal_()
-    gram.mul_(inv[..., :c, None] * ca.temperature).mul_(inv[..., None, c:])
-    attn = gram.softmax(dim=-1)
-    w_out = m.weights(ca, "out_t", lambda: ca.project_out.weight.detach().reshape(c, c).t().contiguous())
-    mats = torch.matmul(attn.transpose(-2, -1), w_out)  # (project_out @ attn)ᵀ, per cell
-    if c % 16:
-        mats = F.pad(mats, (0, -c % 16))  # the kernel's rows are whole 16-float vectors
+    gram_t.mul_(inv[..., :c, None] * ca.temperature).mul_(inv[..., None, c:])
+    attn_t = gram_t.softmax(dim=-2)  # attnᵀ: softmax over each query's keys, a column here
+    # the kernel's rows are whole 16-float vectors: project_outᵀ comes with zero columns up to one
+    w_out = m.weights(ca, "out_t", lambda: gemm_operand(ca.project_out.weight))
+    mats = torch.empty(m.n, ny, nx, c, w_out.shape[1])  # (project_out @ attn)ᵀ
+    m.ops.gemm(attn_t.view(-1, c), w_out, mats.view(-1, w_out.shape[1]), False)
     out = m.empty(c)
-    m.ops.cell_apply(qkv[:, 2 * c :], acc, mats, m.n, m.h, m.w, rows, cols, ny, nx, out)
-    return out
-
-
-def _by_offset(x: torch.Tensor, m: _Map, back: bool = False) -> torch.Tensor:
-    """The map with each image's pixels regrouped by their offset in the 8x8 window: pixel (8i + u, 8j + v) moves
-    to (u * h/8 + i, v * w/8 + j), so that the grid mode's groups (one per offset) become blocks of h/8 x w/8
-    pixels, cells for the cell kernels; `back` undoes it."""
-    nh, nw, c = m.h // WINDOW, m.w // WINDOW, x.shape[1]
-    if back:
-        t = x.view(m.n, WINDOW, nh, WINDOW, nw, c).permute(0, 2, 1, 4, 3, 5)
-    else:
-        t = x.view(m.n, nh, WINDOW, nw, WINDOW, c).permute(0, 2, 1, 4, 3, 5)
-    out = m.empty(c)
-    out.view(m.n, m.h, m.w, c).copy_(t.reshape(m.n, m.h, m.w, c))
+    m.ops.cell_apply(qkv[:, 2 * c :], acc, mats, m.n, m.h, m.w, rows, cols, ny, nx, out, None, None, offsets)
     return out
 
 
@@ -183,16 +171,18 @@ def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tenso
     """acc + project_out of the (C x C) attention of norm(x) inside windows (or across them, grid mode): a new
     map."""
     c = x.shape[1]
-    w_qkv = m.weights(ca, "qkv", lambda: gemm_operand(ca.qkv.weight))
-    w_dw = m.weights(ca, "dw", lambda: depthwise_taps(ca.qkv_dwconv.weight))
+    kqv = torch.cat((torch.arange(c, 2 * c), torch.arange(c), torch.arange(2 * c, 3 * c)))  # k first: see above
+    w_qkv = m.weights(ca, "kqv", lambda: gemm_operand(ca.qkv.weight[kqv]))
+    w_dw = m.weights(ca, "dw", lambda: depthwise_taps(ca.qkv_dwconv.weight[kqv]))
     qkv = m.empty(3 * c)
     m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, NO_ACT, 0, qkv, None, None, *layer_norm_args(norm))
     if not ca.grid:
         rows, cols = m.segments(WINDOW, WINDOW)
-        return _cells_channel_attention(m, ca, qkv, acc, rows, cols, m.h // WINDOW, m.w // WINDOW)
+        return _cells_channel_attention(m, ca, qkv, acc, 0, rows, cols, m.h // WINDOW, m.w // WINDOW)
+    # grid mode: the kernels read the map regrouped by offset in the window (pixel (8i + u, 8j + v) at
+    # (u * h/8 + i, v * w/8 + j)), where each group, one offset, is a block of h/8 x w/8 pixels
     rows, cols = m.segments(m.h // WINDOW, m.w // WINDOW)
-    out = _cells_channel_attention(m, ca, _by_offset(qkv, m), _by_offset(acc, m), rows, cols, WINDOW, WINDOW)
-    return _by_offset(out, m, back=True)
+    return _cells_channel_attention(m, ca, qkv, acc, WINDOW, rows, cols, WINDOW, WINDOW)
 
 
 def _channel_transformer(m: _Map, bc: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1580,27 +1580,48 @@ ALWAYS_INLINE void for_each_run(const int64_t* seg_of, int64_t W, Fn&& fn) {
   }
 }
 
+// A block of pixels the gram kernels sum over: `rows` runs of `count` pixels, the pixels of a run `ld` floats
+// apart, the runs `rld` floats apart (a cell's part of a band of rows, summed in one go: 8 x 8 cells ran 8
+// pixels per tile, and loading and storing the tile's accumulators cost as much as the sums).
+struct PixelBlock {
+  const float* p;
+  int64_t ld, count, rld, rows;
+};
+
 // One register tile of a cell's G: q channels [i0, i0 + R) x k vectors [j0, j0 + NVB) (k channels
-// j0 * kLanes ...), summed over `count` pixels from `p` (`ld` floats apart; q at [0, C), k at [C, 2C)) and
-// added into g (row pitch Cp). The accumulators stay in registers for the whole run of pixels (R is a
-// compile-time constant for that: with a runtime row count they were kept on the stack, 3x slower).
+// j0 * kLanes ...), summed over the pixels of `b` (q at [0, C), k at [C, 2C)) and added into g (row pitch
+// Cp). The accumulators stay in registers for the whole block (R is a compile-time constant for that: with a
+// runtime row count they were kept on the stack, 3x slower).
 template <int NVB, int R>
-ALWAYS_INLINE void gram_tile(const float* p, int64_t ld, int64_t count, int64_t C, int64_t i0, int64_t j0, float* g,
-                             int64_t Cp) {
+ALWAYS_INLINE void gram_tile(const PixelBlock& b, int64_t C, int64_t i0, int64_t j0, float* g, int64_t Cp) {
+  // every loop over the tile unrolled in full: one left as a loop indexes the accumulators at run time, which
+  // puts them in memory (GCC then stored all 24 of a large tile every pixel)
   Vec acc[R][NVB];
   LaneMask mask[NVB];
+#pragma GCC unroll 4
   for (int v = 0; v < NVB; ++v) mask[v] = lane_mask(C - (j0 + v) * kLanes);
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int v = 0; v < NVB; ++v) acc[r][v] = Vec(0.0f);
-  for (int64_t x = 0; x < count; ++x, p += ld) {
+  const float* p = b.p;  // one loop over the block's pixels: runs of `count`, `rld` apart
+  const int64_t next_row = b.rld - b.count * b.ld;
+  for (int64_t k = 0, x = 0, n = b.rows * b.count; k < n; ++k) {
     Vec kv[NVB];
+#pragma GCC unroll 4
     for (int v = 0; v < NVB; ++v) kv[v] = load_lanes(p + C + (j0 + v) * kLanes, mask[v]);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const Vec q(p[i0 + r]);
+#pragma GCC unroll 4
       for (int v = 0; v < NVB; ++v) acc[r][v] = at::vec::fmadd(q, kv[v], acc[r][v]);
     }
+    p += b.ld;
+    if (++x == b.count) x = 0, p += next_row;
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int v = 0; v < NVB; ++v) {
       float* dst = g + (i0 + r) * Cp + (j0 + v) * kLanes;
       (Vec::loadu(dst) + acc[r][v]).store(dst);
@@ -1619,18 +1640,17 @@ constexpr int kGramRows = NVB == 1 ? 16 : NVB == 2 ? 12 : NVB == 3 ? 8 : 6;
 
 // gram_tile with the row count `rows` (1 .. kGramRows<NVB>) as its template argument
 template <int NVB, int R = 1>
-void gram_tile_rows(int rows, const float* p, int64_t ld, int64_t count, int64_t C, int64_t i0, int64_t j0,
-                    float* g, int64_t Cp) {
+void gram_tile_rows(int rows, const PixelBlock& b, int64_t C, int64_t i0, int64_t j0, float* g, int64_t Cp) {
   if constexpr (R < kGramRows<NVB>) {
-    if (rows != R) return gram_tile_rows<NVB, R + 1>(rows, p, ld, count, C, i0, j0, g, Cp);
+    if (rows != R) return gram_tile_rows<NVB, R + 1>(rows, b, C, i0, j0, g, Cp);
   }
-  gram_tile<NVB, R>(p, ld, count, C, i0, j0, g, Cp);
+  gram_tile<NVB, R>(b, C, i0, j0, g, Cp);
 }
 
-// G rows [i0, i1) x k vectors [j0, j1) over a run of pixels, in register tiles: vector groups of up to 4,
+// G rows [i0, i1) x k vectors [j0, j1) over a block of pixels, in register tiles: vector groups of up to 4,
 // rows split evenly into chunks within the group's budget.
-inline void gram_block(const float* p, int64_t ld, int64_t count, int64_t C, int64_t i0, int64_t i1, int64_t j0,
-                       int64_t j1, float* g, int64_t Cp) {
+inline void gram_block(const PixelBlock& b, int64_t C, int64_t i0, int64_t i1, int64_t j0, int64_t j1, float* g,
+                       int64_t Cp) {
   for (int64_t jv = j0; jv < j1; jv += 4) {
     const int64_t nvb = std::min<int64_t>(4, j1 - jv);
     const int64_t rmax = nvb == 1 ? kGramRows<1> : nvb == 2 ? kGramRows<2> : nvb == 3 ? kGramRows<3> : kGramRows<4>;
@@ -1638,48 +1658,68 @@ inline void gram_block(const float* p, int64_t ld, int64_t count, int64_t C, int
     for (int64_t i = i0; i < i1; i += step) {
       const int rows = static_cast<int>(std::min(step, i1 - i));
       switch (nvb) {
-        case 1: gram_tile_rows<1>(rows, p, ld, count, C, i, jv, g, Cp); break;
-        case 2: gram_tile_rows<2>(rows, p, ld, count, C, i, jv, g, Cp); break;
-        case 3: gram_tile_rows<3>(rows, p, ld, count, C, i, jv, g, Cp); break;
-        default: gram_tile_rows<4>(rows, p, ld, count, C, i, jv, g, Cp); break;
+        case 1: gram_tile_rows<1>(rows, b, C, i, jv, g, Cp); break;
+        case 2: gram_tile_rows<2>(rows, b, C, i, jv, g, Cp); break;
+        case 3: gram_tile_rows<3>(rows, b, C, i, jv, g, Cp); break;
+        default: gram_tile_rows<4>(rows, b, C, i, jv, g, Cp); break;
       }
     }
   }
 }
 
-// cell_gram's work on rows [begin, end) of one band of cells (rows of one image and one row segment),
-// accumulating into `band` (its nx cells): per run of one cell's pixels along a row, each head's diagonal block
-// of G (the vectors covering its k channels), then the squared norms.
-void gram_rows(const float* base, int64_t ld, int64_t W, int64_t C, int64_t Cp, int64_t heads, const int64_t* cs,
-               int64_t cell_size, float* band, int64_t begin, int64_t end) {
+// Where the cell kernels' pixel (y, x) of an image lies: at (y, x), or, with offset windows P > 0, in the map
+// regrouped by offset in P x P windows, where row u * H/P + i is row P * i + u (columns likewise). Regrouped,
+// the groups of a dilated grid (one per offset) are blocks of pixels, cells, read in place (a regrouped copy
+// of each map cost more than the attention). Consecutive rows (columns) of one block of H/P (W/P) are P apart.
+struct CellLayout {
+  int64_t H, W, P;
+  int64_t row(int64_t y) const { return P ? P * (y % (H / P)) + y / (H / P) : y; }
+  int64_t col(int64_t x) const { return P ? P * (x % (W / P)) + x / (W / P) : x; }
+  int64_t step() const { return P ? P : 1; }
+  int64_t row_block(int64_t y) const { return P ? y / (H / P) : 0; }
+  // the end of the run of columns from x that are consecutive in memory (at the step): the block's end
+  int64_t run_end(int64_t x, int64_t end) const { return P ? std::min(end, (x / (W / P) + 1) * (W / P)) : end; }
+};
+
+// cell_gram's work on rows [begin, end) (of one image, one band of cells and, with offset windows, one block of
+// rows), accumulating into `band` (its nx cells): per run of one cell's columns, each head's diagonal block of
+// G (the vectors covering its k channels) over all the rows at once, then the squared norms.
+void gram_rows(const float* base, int64_t ld, const CellLayout& L, int64_t C, int64_t Cp, int64_t heads,
+               const int64_t* cs, int64_t cell_size, float* band, int64_t begin, int64_t end) {
   const int64_t ch = C / heads, nv = (C + kLanes - 1) / kLanes;
-  for (int64_t row = begin; row < end; ++row) {
-    for_each_run(cs, W, [&](int64_t seg, int64_t x_begin, int64_t x_end) {
-      float* g = band + seg * cell_size;
-      const float* p = base + (row * W + x_begin) * ld;
-      const int64_t count = x_end - x_begin;
+  const int64_t img = begin / L.H, y0 = begin % L.H;
+  const float* row0 = base + (img * L.H + L.row(y0)) * L.W * ld;
+  for_each_run(cs, L.W, [&](int64_t seg, int64_t run_begin, int64_t run_end) {
+    float* g = band + seg * cell_size;
+    for (int64_t x0 = run_begin; x0 < run_end;) {
+      const int64_t x1 = L.run_end(x0, run_end);
+      const PixelBlock b{row0 + L.col(x0) * ld, L.step() * ld, x1 - x0, L.step() * L.W * ld, end - begin};
+      x0 = x1;
       for (int64_t h = 0; h < heads; ++h)
-        gram_block(p, ld, count, C, h * ch, (h + 1) * ch, h * ch / kLanes, ((h + 1) * ch - 1) / kLanes + 1, g, Cp);
+        gram_block(b, C, h * ch, (h + 1) * ch, h * ch / kLanes, ((h + 1) * ch - 1) / kLanes + 1, g, Cp);
       float* sq_q = g + C * Cp;
       float* sq_k = sq_q + Cp;
       for (int64_t j = 0; j < nv; ++j) {
         const LaneMask mask = lane_mask(C - j * kLanes);
         Vec aq[2] = {Vec(0.0f), Vec(0.0f)}, ak[2] = {Vec(0.0f), Vec(0.0f)};  // two chains each: FMA latency
-        const float* px = p + j * kLanes;
-        for (int64_t x = 0; x < count; ++x, px += ld) {
-          const Vec qv = load_lanes(px, mask), kv = load_lanes(px + C, mask);
-          aq[x & 1] = at::vec::fmadd(qv, qv, aq[x & 1]);
-          ak[x & 1] = at::vec::fmadd(kv, kv, ak[x & 1]);
+        for (int64_t y = 0; y < b.rows; ++y) {
+          const float* px = b.p + y * b.rld + j * kLanes;
+          for (int64_t x = 0; x < b.count; ++x, px += b.ld) {
+            const Vec qv = load_lanes(px, mask), kv = load_lanes(px + C, mask);
+            aq[x & 1] = at::vec::fmadd(qv, qv, aq[x & 1]);
+            ak[x & 1] = at::vec::fmadd(kv, kv, ak[x & 1]);
+          }
         }
         (Vec::loadu(sq_q + j * kLanes) + (aq[0] + aq[1])).store(sq_q + j * kLanes);
         (Vec::loadu(sq_k + j * kLanes) + (ak[0] + ak[1])).store(sq_k + j * kLanes);
       }
-    });
-  }
+    }
+  });
 }
 
 // Channel attention over cells. A cell is a block of pixels (a segment of rows x a segment of columns) that
-// one fixed set of TLC windows covers; row_seg[y] / col_seg[x] give each row's / column's segment.
+// one fixed set of TLC windows covers; row_seg[y] / col_seg[x] give each row's / column's segment (of the
+// regrouped map with `offsets` > 0: see CellLayout).
 // cell_gram: per cell, G = sum over its pixels of q k^T (C x C, row = q channel) and the squared norms of the
 // q and k channels, from a map whose columns [0, C) are q and [C, 2C) are k. With `heads` > 1 only the heads'
 // diagonal blocks of G are computed (the attention never reads the rest), the others are written as zeros.
@@ -1688,30 +1728,37 @@ void gram_rows(const float* base, int64_t ld, int64_t W, int64_t C, int64_t Cp, 
 // which unit, nor on the thread count, so the same input gives the same bits on every run (per-thread sums
 // under run-time row sharing did not).
 void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C, const Tensor& row_seg,
-               const Tensor& col_seg, int64_t ny, int64_t nx, Tensor gram, Tensor sq, int64_t heads) {
+               const Tensor& col_seg, int64_t ny, int64_t nx, Tensor gram, Tensor sq, int64_t heads,
+               int64_t offsets) {
   check_map(qk, "qk");
   TORCH_CHECK(qk.size(1) >= 2 * C && qk.size(0) == images * H * W && C <= 256, "qk: (pixels, >= 2C)");
   TORCH_CHECK(heads >= 1 && C % heads == 0, "cell_gram: C must split into the heads");
   TORCH_CHECK(gram.is_contiguous() && gram.numel() == images * ny * nx * C * C, "gram: (images, ny, nx, C, C)");
   TORCH_CHECK(sq.is_contiguous() && sq.numel() == images * ny * nx * 2 * C, "sq: (images, ny, nx, 2C)");
+  TORCH_CHECK(offsets >= 0 && (!offsets || (H % offsets == 0 && W % offsets == 0)), "offsets: sides its multiples");
+  const CellLayout layout{H, W, offsets};
   const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes;
   const int64_t cells = images * ny * nx, cell_size = C * Cp + 2 * Cp;
   const int64_t* rs = row_seg.const_data_ptr<int64_t>();
   const int64_t* cs = col_seg.const_data_ptr<int64_t>();
   const float* base = qk.const_data_ptr<float>();
   const int64_t ld = qk.stride(0);
-  // units: runs of rows of one image and one row segment, at most kUnitRows long
+  // units: runs of rows of one image, one row segment and one block of rows, at most kUnitRows long
   constexpr int64_t kUnitRows = 16;
   std::vector<int64_t> first_row;
   for (int64_t r = 0; r < images * H;) {
     first_row.push_back(r);
     const int64_t end_of_image = (r / H + 1) * H;
     int64_t e = r + 1;
-    while (e < end_of_image && e - r < kUnitRows && rs[e % H] == rs[r % H]) ++e;
+    while (e < end_of_image && e - r < kUnitRows && rs[e % H] == rs[r % H] &&
+           layout.row_block(e % H) == layout.row_block(r % H))
+      ++e;
     r = e;
   }
   const int64_t units = static_cast<int64_t>(first_row.size());
   first_row.push_back(images * H);
+  std::vector<std::vector<int64_t>> band_units(images * ny);  // each band's units, in unit order
+  for (int64_t u = 0; u < units; ++u) band_units[first_row[u] / H * ny + rs[first_row[u] % H]].push_back(u);
   const int64_t band_size = nx * cell_size;
   // kept between calls (per calling thread): a fresh buffer of this size is a new mapping from the OS on
   // every call, page-faulted in 4 KiB at a time
@@ -1719,30 +1766,35 @@ void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C
   const size_t need = static_cast<size_t>(units) * band_size;
   if (partial_buffer.size() < need) partial_buffer.resize(need);
   float* const partial = partial_buffer.data();  // (the worker threads must not name the thread_local)
-  std::fill_n(partial, need, 0.0f);
   parallel_rows(units, [&] {
     return [&](int64_t u) {
-      gram_rows(base, ld, W, C, Cp, heads, cs, cell_size, partial + u * band_size, first_row[u], first_row[u + 1]);
+      float* band = partial + u * band_size;
+      std::fill_n(band, band_size, 0.0f);
+      gram_rows(base, ld, layout, C, Cp, heads, cs, cell_size, band, first_row[u], first_row[u + 1]);
     };
   });
+  // per cell, the sums of its band's units in unit order (a fixed order of the additions)
   float* gp = gram.data_ptr<float>();
   float* sp = sq.data_ptr<float>();
-  std::fill_n(gp, cells * C * C, 0.0f);
-  std::fill_n(sp, cells * 2 * C, 0.0f);
   const int64_t ch = C / heads;
-  for (int64_t u = 0; u < units; ++u) {  // in unit order: a fixed order of the additions
-    const int64_t img = first_row[u] / H, band = rs[first_row[u] % H];
-    for (int64_t seg = 0; seg < nx; ++seg) {
-      const int64_t cell = (img * ny + band) * nx + seg;
-      const float* src = partial + u * band_size + seg * cell_size;
-      for (int64_t i = 0; i < C; ++i) {
-        float* dst = gp + (cell * C + i) * C;
-        const int64_t j0 = i / ch * ch;  // the head's block; zeros elsewhere
-        for (int64_t j = j0; j < j0 + ch; ++j) dst[j] += src[i * Cp + j];
+  parallel_rows(cells, [&] {
+    return [&](int64_t cell) {
+      const int64_t seg = cell % nx;
+      float* g = gp + cell * C * C;
+      float* s2 = sp + cell * 2 * C;
+      std::fill_n(g, C * C, 0.0f);  // the heads' off-diagonal blocks stay zero
+      std::fill_n(s2, 2 * C, 0.0f);
+      for (const int64_t u : band_units[cell / nx]) {
+        const float* src = partial + u * band_size + seg * cell_size;
+        for (int64_t i = 0; i < C; ++i) {
+          const int64_t j0 = i / ch * ch;  // the head's block
+          for (int64_t j = j0; j < j0 + ch; ++j) g[i * C + j] += src[i * Cp + j];
+        }
+        for (int64_t j = 0; j < C; ++j) s2[j] += src[C * Cp + j];
+        for (int64_t j = 0; j < C; ++j) s2[C + j] += src[C * Cp + Cp + j];
       }
-      for (int64_t j = 0; j < 2 * C; ++j) sp[cell * 2 * C + j] += src[C * Cp + (j < C ? j : Cp + j - C)];
-    }
-  }
+    };
+  });
 }
 
 // cell_mats: from cell_gram's G and squared norms, per cell the C x C matrix M with out = z + v @ M (what
@@ -1837,6 +1889,7 @@ struct ApplyArgs {
   const float* rp;
   float* sp;  // sum_out
   int64_t H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldr, lds;
+  CellLayout layout;
 };
 
 // cell_apply's work on rows [begin, end), U pixels at a time; NV the vectors of C when it is a template
@@ -1850,19 +1903,21 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
                 ldo = a.ldo, ldr = a.ldr, lds = a.lds;
   const int64_t nv = NV > 0 ? NV : a.nv;
   constexpr int kMaxNV = NV > 0 ? NV : 16;
+  const CellLayout& L = a.layout;
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t img = row / H, y = row % H;
+    const int64_t img = row / H, y = row % H, row_start = (img * H + L.row(y)) * W;
     for_each_run(cs, W, [&](int64_t seg, int64_t x_begin, int64_t x_end) {
       const float* M = mp + ((img * ny + rs[y]) * nx + seg) * C * Cp;
       for (int64_t x = x_begin; x < x_end; x += U) {
         const int64_t m = std::min<int64_t>(U, x_end - x);
-        const int64_t p = row * W + x;
+        int64_t px[U];  // the U pixels' indices (the last repeated past the run's end)
+        for (int u = 0; u < U; ++u) px[u] = row_start + L.col(x + std::min<int64_t>(u, m - 1));
         Vec acc[U][kMaxNV];
         for (int u = 0; u < U; ++u)
           for (int64_t j = 0; j < nv; ++j)
-            acc[u][j] = u < m ? load(zp + (p + u) * ldz + j * kLanes, std::min(kLanes, C - j * kLanes)) : Vec(0.0f);
+            acc[u][j] = u < m ? load(zp + px[u] * ldz + j * kLanes, std::min(kLanes, C - j * kLanes)) : Vec(0.0f);
         const float* vr[U];
-        for (int u = 0; u < U; ++u) vr[u] = vp + (p + std::min<int64_t>(u, m - 1)) * ldv;
+        for (int u = 0; u < U; ++u) vr[u] = vp + px[u] * ldv;
         for (int64_t i = 0; i < C; ++i) {
           Vec b[U];
 #pragma GCC unroll 4
@@ -1878,9 +1933,9 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
           for (int64_t j = 0; j < nv; ++j) {
             const int64_t n = std::min(kLanes, C - j * kLanes);
             Vec o = acc[u][j];
-            if (sp) store(o, sp + (p + u) * lds + j * kLanes, n);
-            if (rp) o = o + load(rp + (p + u) * ldr + j * kLanes, n);
-            store(o, op + (p + u) * ldo + j * kLanes, n);
+            if (sp) store(o, sp + px[u] * lds + j * kLanes, n);
+            if (rp) o = o + load(rp + px[u] * ldr + j * kLanes, n);
+            store(o, op + px[u] * ldo + j * kLanes, n);
           }
         }
       }
@@ -1891,10 +1946,10 @@ void apply_rows(const ApplyArgs a, int64_t begin, int64_t end) {
 // cell_apply: out[p] = z[p] + v[p] @ M[cell(p)], M: (images, ny, nx, C, Cp) float32, row i = input channel i
 // (the cell's attention matrix with project_out folded in, transposed and padded).
 // Optional, in the same pass: a residual added to out (out = z + v @ M + residual), and sum_out = z + v @ M
-// without it (may be z itself: each pixel of z is read before it is written).
+// without it (may be z itself: each pixel of z is read before it is written). `offsets`: as for cell_gram.
 void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t images, int64_t H, int64_t W,
                 const Tensor& row_seg, const Tensor& col_seg, int64_t ny, int64_t nx, Tensor out,
-                const std::optional<Tensor>& residual, const std::optional<Tensor>& sum_out) {
+                const std::optional<Tensor>& residual, const std::optional<Tensor>& sum_out, int64_t offsets) {
   check_map(v, "v");
   check_map(z, "z");
   check_map(out, "out");
@@ -1918,7 +1973,9 @@ void cell_apply(const Tensor& v, const Tensor& z, const Tensor& mats, int64_t im
     sp = sum_out->data_ptr<float>();
     lds = sum_out->stride(0);
   }
-  const ApplyArgs args{vp, zp, mp, op, rs, cs, rp, sp, H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldr, lds};
+  TORCH_CHECK(offsets >= 0 && (!offsets || (H % offsets == 0 && W % offsets == 0)), "offsets: sides its multiples");
+  const ApplyArgs args{vp, zp, mp, op, rs, cs, rp, sp, H, W, C, Cp, nv, ny, nx, ldv, ldz, ldo, ldr, lds,
+                       CellLayout{H, W, offsets}};
   // U x NV accumulators within the registers (AVX-512: 4 x 3 of 32; AVX2, C = 42: 2 x 6 of 16)
   auto run = [&](auto nv_const, auto u_const) {
     constexpr int NV = decltype(nv_const)::value, U = decltype(u_const)::value;
@@ -2283,6 +2340,18 @@ void sym_conv(const Tensor& x, int64_t images, int64_t H, int64_t W, int64_t C, 
 // later groups share). Sharing: S = attn_in[g]. Then out[token i] = sum_j S[i, j] v[token j], v the columns
 // [v_off, v_off + d) of src. Groups are independent: the result does not depend on the thread count.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Query rows per register block: each product sums one dependent chain of FMAs per accumulator, so a lone row
+// (4 vectors for 64 keys, NVD for d values) waits on FMA latency; R rows at a time keep R times as many chains
+// in flight, each loaded vector feeding R FMAs (3/4 of the registers: the rest hold loads and broadcasts).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTokenAccumulators = 24;  // of 32 registers
+#else
+constexpr int kTokenAccumulators = 12;  // of 16
+#endif
+template <int N>
+constexpr int kTokenRows = N * 8 <= kTokenAccumulators ? 8 : N * 4 <= kTokenAccumulators ? 4
+                           : N * 2 <= kTokenAccumulators ? 2 : 1;
+
 template <int NVD>
 void token_group(const float* src, int64_t ld, const int64_t* pix, int64_t d, int64_t q_off, int64_t k_off,
                  int64_t v_off, const float* bias, float scale, const float* attn_in, float* attn_out, float* op,
@@ -2293,29 +2362,40 @@ void token_group(const float* src, int64_t ld, const int64_t* pix, int64_t d, in
   constexpr int64_t Dp = NVD * kW;
   const float* P = attn_in;
   if (!P) {
+    constexpr int RQ = kTokenRows<NK>;
     for (int t = 0; t < T; ++t)
       for (int64_t c = 0; c < d; ++c) kt[c * T + t] = src[pix[t] * ld + k_off + c];
-    for (int i = 0; i < T; ++i) {
-      V acc[NK];
-      for (int v = 0; v < NK; ++v) acc[v] = S_::zero();
-      const float* q = src + pix[i] * ld + q_off;
+    for (int i0 = 0; i0 < T; i0 += RQ) {
+      V acc[RQ][NK];
+      const float* q[RQ];
+      for (int r = 0; r < RQ; ++r) {
+        q[r] = src + pix[i0 + r] * ld + q_off;
+        for (int v = 0; v < NK; ++v) acc[r][v] = S_::zero();
+      }
       for (int64_t c = 0; c < d; ++c) {
-        const V qc = S_::set1(q[c]);
-        for (int v = 0; v < NK; ++v) acc[v] = S_::fmadd(qc, S_::load(kt + c * T + v * kW), acc[v]);
+        V kv[NK];
+        for (int v = 0; v < NK; ++v) kv[v] = S_::load(kt + c * T + v * kW);
+        for (int r = 0; r < RQ; ++r) {
+          const V qc = S_::set1(q[r][c]);
+          for (int v = 0; v < NK; ++v) acc[r][v] = S_::fmadd(qc, kv[v], acc[r][v]);
+        }
       }
-      V mx = S_::set1(-INFINITY);
-      for (int v = 0; v < NK; ++v) {
-        acc[v] = S_::fmadd(acc[v], S_::set1(scale), S_::load(bias + i * T + v * kW));
-        mx = S_::max(mx, acc[v]);
+      for (int r = 0; r < RQ; ++r) {
+        const int i = i0 + r;
+        V mx = S_::set1(-INFINITY);
+        for (int v = 0; v < NK; ++v) {
+          acc[r][v] = S_::fmadd(acc[r][v], S_::set1(scale), S_::load(bias + i * T + v * kW));
+          mx = S_::max(mx, acc[r][v]);
+        }
+        const V m = S_::set1(S_::hmax(mx));
+        V sum = S_::zero();
+        for (int v = 0; v < NK; ++v) {
+          acc[r][v] = exp_fast(S_::sub(acc[r][v], m));
+          sum = S_::add(sum, acc[r][v]);
+        }
+        const V inv = S_::set1(1.0f / S_::hsum(sum));
+        for (int v = 0; v < NK; ++v) S_::store(S + i * T + v * kW, S_::mul(acc[r][v], inv));
       }
-      const V m = S_::set1(S_::hmax(mx));
-      V sum = S_::zero();
-      for (int v = 0; v < NK; ++v) {
-        acc[v] = exp_fast(S_::sub(acc[v], m));
-        sum = S_::add(sum, acc[v]);
-      }
-      const V inv = S_::set1(1.0f / S_::hsum(sum));
-      for (int v = 0; v < NK; ++v) S_::store(S + i * T + v * kW, S_::mul(acc[v], inv));
     }
     if (attn_out) std::memcpy(attn_out, S, sizeof(float) * T * T);
     P = S;
@@ -2326,16 +2406,24 @@ void token_group(const float* src, int64_t ld, const int64_t* pix, int64_t d, in
     for (int64_t c = d; c < Dp; ++c) vl[t * Dp + c] = 0.0f;
   }
   const auto tail = S_::mask(d - (NVD - 1) * kW);
-  for (int i = 0; i < T; ++i) {
-    V o[NVD];
-    for (int n = 0; n < NVD; ++n) o[n] = S_::zero();
+  constexpr int RO = kTokenRows<NVD>;
+  for (int i0 = 0; i0 < T; i0 += RO) {
+    V o[RO][NVD];
+    for (int r = 0; r < RO; ++r)
+      for (int n = 0; n < NVD; ++n) o[r][n] = S_::zero();
     for (int j = 0; j < T; ++j) {
-      const V p = S_::set1(P[i * T + j]);
-      for (int n = 0; n < NVD; ++n) o[n] = S_::fmadd(p, S_::load(vl + j * Dp + n * kW), o[n]);
+      V vv[NVD];
+      for (int n = 0; n < NVD; ++n) vv[n] = S_::load(vl + j * Dp + n * kW);
+      for (int r = 0; r < RO; ++r) {
+        const V p = S_::set1(P[(i0 + r) * T + j]);
+        for (int n = 0; n < NVD; ++n) o[r][n] = S_::fmadd(p, vv[n], o[r][n]);
+      }
     }
-    float* dst = op + pix[i] * ldo;
-    for (int n = 0; n < NVD - 1; ++n) S_::store(dst + n * kW, o[n]);
-    S_::store(dst + (NVD - 1) * kW, tail, o[NVD - 1]);
+    for (int r = 0; r < RO; ++r) {
+      float* dst = op + pix[i0 + r] * ldo;
+      for (int n = 0; n < NVD - 1; ++n) S_::store(dst + n * kW, o[r][n]);
+      S_::store(dst + (NVD - 1) * kW, tail, o[r][NVD - 1]);
+    }
   }
 }
 #endif
@@ -2427,10 +2515,10 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("rcca_combine", rcca_combine);
   m.def("mvsa_tail", mvsa_tail);
   m.def("cell_gram(Tensor qk, int images, int H, int W, int C, Tensor row_seg, Tensor col_seg, int ny, int nx, "
-        "Tensor gram, Tensor sq, int heads=1) -> ()", cell_gram);
+        "Tensor gram, Tensor sq, int heads=1, int offsets=0) -> ()", cell_gram);
   m.def("cell_mats", cell_mats);
   m.def("cell_apply(Tensor v, Tensor z, Tensor mats, int images, int H, int W, Tensor row_seg, Tensor col_seg, "
-        "int ny, int nx, Tensor out, Tensor? residual=None, Tensor? sum_out=None) -> ()", cell_apply);
+        "int ny, int nx, Tensor out, Tensor? residual=None, Tensor? sum_out=None, int offsets=0) -> ()", cell_apply);
   m.def("mvsa_coarse", mvsa_coarse);
   m.def("pixel_shuffle(Tensor x, int images, int H, int W, int s, Tensor out, int row0=0) -> ()", pixel_shuffle);
   m.def("window_attention", window_attention);
