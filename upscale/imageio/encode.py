@@ -4,6 +4,7 @@ frames or a document's pages to one GIF, APNG, animated WebP or multi-page TIFF.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from typing import Any, Mapping
@@ -111,6 +112,75 @@ def _to_pillow(pixels: np.ndarray) -> Image.Image:
 # (measured on AGDN x4 outputs and Set14 images: cat_x4 640x424 89 ms -> 31 ms, +3.3%; baboon 40 -> 30 ms,
 # +0.7%); in a folder run on a fast device the encoder is the bottleneck, so 4 it is. Lossless either way.
 PNG_COMPRESS_LEVEL = 4
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Bytes of filtered rows per deflate band: a larger image is compressed band by band on every core
+_PNG_BAND_BYTES = 4 << 20
+_PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey + alpha, RGB, RGBA
+
+
+def _png_samples(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """The rows of a PNG's samples as bytes (big-endian at 16 bits), (rows, bytes per row)."""
+    samples = pixels.astype(">u2", copy=False) if bits == 16 else pixels
+    return np.ascontiguousarray(samples).view(np.uint8).reshape(pixels.shape[0], -1)
+
+
+def _png_filtered(rows: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of a PNG's image data: each after its filter byte, filtered with Up (the difference from the
+    row above, byte by byte, modulo 256; above the first row are zeros). One fixed filter costs a subtraction,
+    and on upscaled photos it gave smaller files than Pillow's choice per row (a 5120x3840 AGDN output at level
+    4: 15.3 MB against 16.2 MB)."""
+    out = np.empty((r1 - r0, rows.shape[1] + 1), dtype=np.uint8)
+    out[:, 0] = 2
+    if r0 == 0:
+        out[0, 1:] = rows[0]
+        np.subtract(rows[1:r1], rows[: r1 - 1], out=out[1:, 1:])  # uint8 arithmetic wraps: the filter's modulo
+    else:
+        np.subtract(rows[r0:r1], rows[r0 - 1 : r1 - 1], out=out[:, 1:])
+    return out
+
+
+def _adler32_joined(first: int, second: int, second_length: int) -> int:
+    """The Adler-32 of two byte strings joined, from theirs: A = 1 + the sum of the bytes, B = the sum of A after
+    each byte, so A = A1 + A2 - 1 and B = B1 + B2 + n2 (A1 - 1), modulo 65521."""
+    base = 65521
+    a1, b1, a2, b2 = first & 0xFFFF, first >> 16, second & 0xFFFF, second >> 16
+    return (a1 + a2 - 1) % base | (b1 + b2 + second_length * (a1 - 1)) % base << 16
+
+
+def _png_idat(pixels: np.ndarray, bits: int, level: int) -> list[bytes]:
+    """The zlib stream of a PNG's image data, in pieces to concatenate. Bands of about _PNG_BAND_BYTES are
+    filtered and compressed on all cores at once (zlib lets go of the GIL), each as raw deflate primed with the
+    32 KiB before it (so its matches reach back across the seam as in one pass) and ended on a byte boundary by
+    a sync flush; one zlib header goes before them and the Adler-32 of the whole after. No copy of the whole
+    image is made."""
+    rows = _png_samples(pixels, bits)
+    h, row_bytes = rows.shape[0], rows.shape[1] + 1
+    per_band = max(1, _PNG_BAND_BYTES // row_bytes)
+    if h <= per_band:
+        return [zlib.compress(_png_filtered(rows, 0, h), level)]
+    starts = list(range(0, h, per_band))
+    primer_rows = -(-32768 // row_bytes)
+
+    def band(i: int) -> tuple[bytes, int, int]:
+        r0, r1 = starts[i], min(h, starts[i] + per_band)
+        data = _png_filtered(rows, r0, r1)
+        primer = {"zdict": _png_filtered(rows, max(0, r0 - primer_rows), r0).tobytes()[-32768:]} if r0 else {}
+        c = zlib.compressobj(level, zlib.DEFLATED, -15, **primer)
+        piece = c.compress(data) + c.flush(zlib.Z_FINISH if r1 == h else zlib.Z_SYNC_FLUSH)
+        return piece, zlib.adler32(data), data.size
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(min(len(starts), cores, 8)) as pool:
+        bands = list(pool.map(band, range(len(starts))))
+    adler = bands[0][1]
+    for _, band_adler, length in bands[1:]:
+        adler = _adler32_joined(adler, band_adler, length)
+    pieces = [piece for piece, _, _ in bands]
+    pieces[0] = b"\x78\x5e" + pieces[0]  # deflate, 32 KiB window, the "fast" levels; check bits: 0x785e % 31 == 0
+    pieces[-1] += struct.pack(">I", adler)
+    return pieces
 
 
 def _png_options(img: LoadedImage, icc, prov, size: tuple[int, int]) -> dict[str, Any]:
@@ -134,20 +204,16 @@ def _png_options(img: LoadedImage, icc, prov, size: tuple[int, int]) -> dict[str
 
 
 def _encode_png(pixels: np.ndarray, bits: int, img: LoadedImage, icc, prov) -> bytes:
-    size = (pixels.shape[1], pixels.shape[0])
-    if bits == 8:
-        buf = io.BytesIO()
-        _to_pillow(pixels).save(buf, format="PNG", **_png_options(img, icc, prov, size))
-        return buf.getvalue()
+    """Our own PNG writer, 8 and 16 bits alike: the metadata chunks (ICC, EXIF, XMP, text) after IHDR, then the
+    pixels filtered and compressed by `_png_idat` on every core (Pillow's encoder runs on one: a
+    20 MP output took 1.6 s)."""
+    h, w, channels = pixels.shape
+    size = (w, h)
     exif = _exif_out(img.exif, _software_line(prov) if prov else None, size, create=False)
     exif_bytes = _exif_bytes(exif) if exif is not None else None
     xmp = _xmp_out(img.xmp, prov, size)
     text = _png_text(img.text, prov)
-    import imagecodecs
-
-    data = imagecodecs.png_encode(np.ascontiguousarray(pixels if pixels.shape[2] > 1 else pixels[..., 0]),
-                                  level=PNG_COMPRESS_LEVEL)
-    chunks = []
+    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, _PNG_COLOUR_TYPE[channels], 0, 0, 0))]
     if icc:
         chunks.append(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
     if exif_bytes:
@@ -159,10 +225,9 @@ def _encode_png(pixels: np.ndarray, bits: int, img: LoadedImage, icc, prov) -> b
             chunks.append(_png_chunk(b"tEXt", k.encode("latin-1") + b"\x00" + v.encode("latin-1")))
         except UnicodeEncodeError:
             chunks.append(_png_itxt(k, v))
-    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR (length, type, 13 bytes, CRC)
-    if data[12:16] != b"IHDR":
-        raise ImageError("unexpected PNG layout from the encoder")
-    return data[:ihdr_end] + b"".join(chunks) + data[ihdr_end:]
+    chunks += [_png_chunk(b"IDAT", piece) for piece in _png_idat(pixels, bits, PNG_COMPRESS_LEVEL)]
+    chunks.append(_png_chunk(b"IEND", b""))
+    return PNG_SIGNATURE + b"".join(chunks)
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
