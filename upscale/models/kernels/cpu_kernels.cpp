@@ -1681,37 +1681,55 @@ struct CellLayout {
   int64_t run_end(int64_t x, int64_t end) const { return P ? std::min(end, (x / (W / P) + 1) * (W / P)) : end; }
 };
 
+// Pixels per block of cell_gram's sums: every head's tiles and the norms run over one block before the next, so
+// that its qk rows are read from memory once (head by head over a whole run of a large tile's cell, the map
+// came from memory once per head)
+constexpr int64_t kGramBlockPixels = 64;
+
 // cell_gram's work on rows [begin, end) (of one image, one band of cells and, with offset windows, one block of
-// rows), accumulating into `band` (its nx cells): per run of one cell's columns, each head's diagonal block of
-// G (the vectors covering its k channels) over all the rows at once, then the squared norms.
+// rows), accumulating into `band` (its nx cells): per run of one cell's columns, in blocks of about
+// kGramBlockPixels (whole rows of the run, or parts of one row), each head's diagonal block of G (the vectors
+// covering its k channels), then the squared norms.
 void gram_rows(const float* base, int64_t ld, const CellLayout& L, int64_t C, int64_t Cp, int64_t heads,
                const int64_t* cs, int64_t cell_size, float* band, int64_t begin, int64_t end) {
   const int64_t ch = C / heads, nv = (C + kLanes - 1) / kLanes;
-  const int64_t img = begin / L.H, y0 = begin % L.H;
+  const int64_t img = begin / L.H, y0 = begin % L.H, rows = end - begin, rld = L.step() * L.W * ld;
   const float* row0 = base + (img * L.H + L.row(y0)) * L.W * ld;
+  auto block_sums = [&](const PixelBlock& b, float* g) {
+    for (int64_t h = 0; h < heads; ++h)
+      gram_block(b, C, h * ch, (h + 1) * ch, h * ch / kLanes, ((h + 1) * ch - 1) / kLanes + 1, g, Cp);
+    float* sq_q = g + C * Cp;
+    float* sq_k = sq_q + Cp;
+    for (int64_t j = 0; j < nv; ++j) {
+      const LaneMask mask = lane_mask(C - j * kLanes);
+      Vec aq[2] = {Vec(0.0f), Vec(0.0f)}, ak[2] = {Vec(0.0f), Vec(0.0f)};  // two chains each: FMA latency
+      for (int64_t y = 0; y < b.rows; ++y) {
+        const float* px = b.p + y * b.rld + j * kLanes;
+        for (int64_t x = 0; x < b.count; ++x, px += b.ld) {
+          const Vec qv = load_lanes(px, mask), kv = load_lanes(px + C, mask);
+          aq[x & 1] = at::vec::fmadd(qv, qv, aq[x & 1]);
+          ak[x & 1] = at::vec::fmadd(kv, kv, ak[x & 1]);
+        }
+      }
+      (Vec::loadu(sq_q + j * kLanes) + (aq[0] + aq[1])).store(sq_q + j * kLanes);
+      (Vec::loadu(sq_k + j * kLanes) + (ak[0] + ak[1])).store(sq_k + j * kLanes);
+    }
+  };
   for_each_run(cs, L.W, [&](int64_t seg, int64_t run_begin, int64_t run_end) {
     float* g = band + seg * cell_size;
     for (int64_t x0 = run_begin; x0 < run_end;) {
-      const int64_t x1 = L.run_end(x0, run_end);
-      const PixelBlock b{row0 + L.col(x0) * ld, L.step() * ld, x1 - x0, L.step() * L.W * ld, end - begin};
+      const int64_t x1 = L.run_end(x0, run_end), count = x1 - x0;
+      const float* p = row0 + L.col(x0) * ld;
+      const int64_t step = L.step() * ld;
       x0 = x1;
-      for (int64_t h = 0; h < heads; ++h)
-        gram_block(b, C, h * ch, (h + 1) * ch, h * ch / kLanes, ((h + 1) * ch - 1) / kLanes + 1, g, Cp);
-      float* sq_q = g + C * Cp;
-      float* sq_k = sq_q + Cp;
-      for (int64_t j = 0; j < nv; ++j) {
-        const LaneMask mask = lane_mask(C - j * kLanes);
-        Vec aq[2] = {Vec(0.0f), Vec(0.0f)}, ak[2] = {Vec(0.0f), Vec(0.0f)};  // two chains each: FMA latency
-        for (int64_t y = 0; y < b.rows; ++y) {
-          const float* px = b.p + y * b.rld + j * kLanes;
-          for (int64_t x = 0; x < b.count; ++x, px += b.ld) {
-            const Vec qv = load_lanes(px, mask), kv = load_lanes(px + C, mask);
-            aq[x & 1] = at::vec::fmadd(qv, qv, aq[x & 1]);
-            ak[x & 1] = at::vec::fmadd(kv, kv, ak[x & 1]);
-          }
-        }
-        (Vec::loadu(sq_q + j * kLanes) + (aq[0] + aq[1])).store(sq_q + j * kLanes);
-        (Vec::loadu(sq_k + j * kLanes) + (ak[0] + ak[1])).store(sq_k + j * kLanes);
+      if (count >= kGramBlockPixels) {  // a long run: parts of one row at a time
+        for (int64_t y = 0; y < rows; ++y)
+          for (int64_t c0 = 0; c0 < count; c0 += kGramBlockPixels)
+            block_sums(PixelBlock{p + y * rld + c0 * step, step, std::min(kGramBlockPixels, count - c0), rld, 1}, g);
+      } else {  // a short one: whole rows of it
+        const int64_t per_block = kGramBlockPixels / count;
+        for (int64_t y = 0; y < rows; y += per_block)
+          block_sums(PixelBlock{p + y * rld, step, count, rld, std::min(per_block, rows - y)}, g);
       }
     }
   });
