@@ -534,6 +534,31 @@ def test_token_attention_matches_grouped_softmax(grid, n, h, w, d):
     _close(shared, _rows(asid._ungroup_tokens(attn @ vt, (n, d, h, w), grid)), what="shared")
 
 
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("widths,heights", [((150, 64, 63, 1), (5, 1, 20)), ((7, 9, 130), (16, 17)), ((64,), (3,))])
+def test_cell_gram_over_runs_longer_and_shorter_than_its_blocks(widths, heights, heads):
+    """cell_gram sums about 64 pixels per block: whole rows of a short run, parts of one row of a long one
+    (150 = 64 + 64 + 22); cells as given (rows and columns of any width), against per-cell matmuls."""
+    c, n = 42, 2
+    h, w = sum(heights), sum(widths)
+    g = torch.Generator().manual_seed(h * w + heads)
+    qk = torch.randn(n * h * w, 2 * c + 3, generator=g)[:, :2 * c]  # a column slice of a wider map
+    rows = torch.repeat_interleave(torch.arange(len(heights)), torch.tensor(heights))
+    cols = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+    gram = torch.full((n, len(heights), len(widths), c, c), float("nan"))
+    sq = torch.empty(n, len(heights), len(widths), 2 * c)
+    ops.cell_gram(qk, n, h, w, c, rows, cols, len(heights), len(widths), gram, sq, heads)
+    head = torch.arange(c) // (c // heads)
+    blocks = (head[:, None] == head[None, :]).float()
+    maps = qk.view(n, h, w, 2 * c)
+    for i in range(n):
+        for yi in range(len(heights)):
+            for xi in range(len(widths)):
+                cell = maps[i, rows == yi][:, cols == xi].reshape(-1, 2 * c)
+                _close(gram[i, yi, xi], (cell[:, :c].t() @ cell[:, c:]) * blocks, rel=1e-5, what=f"gram {yi},{xi}")
+                _close(sq[i, yi, xi], cell.square().sum(0), rel=1e-5, what=f"norms {yi},{xi}")
+
+
 def _regrouped(x, n, h, w, p, back=False):
     """(n*h*w, c) rows -> the map regrouped by offset in p x p windows (pixel (p*i + u, p*j + v) at
     (u*h/p + i, v*w/p + j)); `back` undoes it."""

@@ -15,7 +15,7 @@ kernels' layout, where a channel slice is a view the kernels read in place:
 - the channel attention runs on AGDN's cell kernels (`cell_gram`, `cell_apply`): in window mode each 8x8 window
   is a cell; in grid mode (one group per offset in the window, the windows its tokens) the kernels read the map
   as if regrouped by offset, which makes each group a block of pixels (in place: no regrouped copies).
-The shallow conv, ESA's small strided branch and the upsampler stay the network's modules. Sums are formed in
+The shallow conv, ESA's small strided branch and the upsampler's convs stay the network's modules. Sums are formed in
 another order than the straight modules, so outputs differ by float rounding (the golden tests bound it).
 """
 
@@ -248,11 +248,25 @@ def _group(m: _Map, group: nn.Module, x: torch.Tensor, shared):
 def forward_raw(model: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
     """`model.forward_raw(x)` on the kernels `ops` (float32, CPU, no autograd)."""
     h, w = x.shape[-2:]
-    f0 = model.input(model.pad_raw(x))
+    # channels-last from the first conv on (oneDNN keeps its input's layout), so that f0 is already the groups'
+    # (pixels, C) matrix and the tail adds it without a layout change
+    f0 = model.input(model.pad_raw(x).contiguous(memory_format=torch.channels_last))
     n, c, hp, wp = f0.shape
     m = _Map(ops, cached_on(model, _Weights), BufferPool.of(model), n, hp, wp)
-    y = f0.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
+    y = f0.permute(0, 2, 3, 1).reshape(-1, c).clone()  # a copy: the groups update their input, f0 is the skip
     y, maps = _group(m, model.block0, y, None)
     for k in range(1, model.groups):
         y, _ = _group(m, getattr(model, f"block{k}"), y, maps)
-    return model.tail(y.view(n, hp, wp, c).permute(0, 3, 1, 2), f0, h, w)
+    return _tail(m, model, y, f0, h, w)
+
+
+def _tail(m: _Map, model: nn.Module, y: torch.Tensor, f0: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`model.tail` on channels-last maps: the output conv plus f0, the upsampler's conv, and the kernels' pixel
+    shuffle from its channels-last rows to the NCHW output (PyTorch's mixed-layout add and 6-D shuffle copy cost
+    3 ms of a 4-tile forward)."""
+    n, hp, wp, s = m.n, m.h, m.w, model.scale
+    z = model.output(y.view(n, hp, wp, -1).permute(0, 3, 1, 2)).add_(f0)
+    u = model.up[0](z)
+    out = torch.empty(n, u.shape[1] // (s * s), s * hp, s * wp)
+    m.ops.pixel_shuffle(u.permute(0, 2, 3, 1).reshape(n * hp * wp, -1), n, hp, wp, s, out)
+    return out[..., : h * s, : w * s]
