@@ -151,8 +151,8 @@ def _png_idat(pixels: np.ndarray, bits: int, level: int) -> list[bytes]:
     """The zlib stream of a PNG's image data, in pieces to concatenate. Bands of about _PNG_BAND_BYTES are
     filtered and compressed on all cores at once (zlib lets go of the GIL), each as raw deflate primed with the
     32 KiB before it (so its matches reach back across the seam as in one pass) and ended on a byte boundary by
-    a sync flush; one zlib header goes before them and the Adler-32 of the whole after. No copy of the whole
-    image is made."""
+    a sync flush; one zlib header goes before them and the Adler-32 of the whole after. No filtered copy of the
+    whole image is made (16-bit samples are byte-swapped into one big-endian copy first)."""
     rows = _png_samples(pixels, bits)
     h, row_bytes = rows.shape[0], rows.shape[1] + 1
     per_band = max(1, _PNG_BAND_BYTES // row_bytes)

@@ -2361,6 +2361,7 @@ void sym_conv(const Tensor& x, int64_t images, int64_t H, int64_t W, int64_t C, 
 // Query rows per register block: each product sums one dependent chain of FMAs per accumulator, so a lone row
 // (4 vectors for 64 keys, NVD for d values) waits on FMA latency; R rows at a time keep R times as many chains
 // in flight, each loaded vector feeding R FMAs (3/4 of the registers: the rest hold loads and broadcasts).
+// Measured on ASID's shapes: 0-25% per call (the products were already near the FMA units' peak).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kTokenAccumulators = 24;  // of 32 registers
 #else
