@@ -171,9 +171,12 @@ def _channel_attention(m: _Map, ca: nn.Module, x: torch.Tensor, acc: torch.Tenso
     """acc + project_out of the (C x C) attention of norm(x) inside windows (or across them, grid mode): a new
     map."""
     c = x.shape[1]
-    kqv = torch.cat((torch.arange(c, 2 * c), torch.arange(c), torch.arange(2 * c, 3 * c)))  # k first: see above
-    w_qkv = m.weights(ca, "kqv", lambda: gemm_operand(ca.qkv.weight[kqv]))
-    w_dw = m.weights(ca, "dw", lambda: depthwise_taps(ca.qkv_dwconv.weight[kqv]))
+
+    def kqv(weight: torch.Tensor) -> torch.Tensor:  # the output channels in the order k, q, v: see above
+        return torch.cat((weight[c : 2 * c], weight[:c], weight[2 * c :]))
+
+    w_qkv = m.weights(ca, "kqv", lambda: gemm_operand(kqv(ca.qkv.weight)))
+    w_dw = m.weights(ca, "dw", lambda: depthwise_taps(kqv(ca.qkv_dwconv.weight)))
     qkv = m.empty(3 * c)
     m.ops.pw_dwconv(x, m.n, m.h, m.w, w_qkv, 0, w_dw, None, False, None, NO_ACT, 0, qkv, None, None, *layer_norm_args(norm))
     if not ca.grid:
