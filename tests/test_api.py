@@ -271,3 +271,48 @@ def test_fp32_fallbacks_of_both_passes_of_an_rgba_image_are_counted():
     assert out.shape == (40, 48, 4) and np.isfinite(out).all()
     assert stats.fp32_fallbacks == 1 and stats.tiles == 2 and stats.notes == [
         "non-finite bf16 output, recomputed in fp32"]
+
+
+@pytest.fixture(scope="module")
+def tiled_model():
+    return upscale.load_model("agdn", 2, device="cpu", protocol="tiled", tile=32)
+
+
+@pytest.mark.parametrize("fmt,depth,grey", [("PNG", 8, False), ("PNG", 16, False), ("PNG", 8, True),
+                                            ("PNG", 16, True), ("TIFF", 16, False), ("JPEG", 8, True),
+                                            ("WEBP", 8, False), ("PNG", 8, None)])
+def test_quantised_as_finished_writes_what_the_float_result_writes(tiled_model, fmt, depth, grey):
+    # The command line asks for the colour quantised band by band as the engine finishes it (no float output
+    # held whole); the file must be byte for byte the one the float result gives. Tiles of 32 px on 90 x 70:
+    # several bands. None: an alpha plane, which keeps the float path.
+    from upscale.imageio import encode_image, output_bits
+
+    with Image.open(EXAMPLES / "coffee.png") as im:
+        rgb = np.asarray(im.convert("RGB").crop((10, 10, 80, 100)), dtype=np.float32) / 255
+    if grey:
+        rgb = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
+    alpha = np.linspace(0.2, 1, rgb.shape[0] * rgb.shape[1], dtype=np.float32).reshape(rgb.shape[:2])
+    image = LoadedImage(rgb=rgb, grayscale=bool(grey), bit_depth=depth, alpha=alpha if grey is None else None)
+    bits = output_bits(image, fmt)
+    assert bits == (depth if fmt in ("PNG", "TIFF") else 8)
+    floats, stats = upscale_image_with_stats(tiled_model, image)
+    quantised, q_stats = upscale_image_with_stats(tiled_model, image, bits=bits)
+    assert stats.tiles > 2 and q_stats.tiles == stats.tiles
+    if grey is None:
+        assert quantised.rgb.dtype == np.float32 and quantised.alpha is not None
+    else:
+        assert quantised.rgb.dtype == (np.uint16 if bits == 16 else np.uint8) and quantised.alpha is None
+        assert quantised.rgb.shape == floats.rgb.shape
+    assert encode_image(quantised, fmt) == encode_image(floats, fmt)
+
+
+def test_encoders_take_quantised_colour_at_either_depth(tmp_path):
+    from upscale.imageio import ImageError, encode_image
+
+    eight = np.arange(24 * 20 * 3, dtype=np.uint32).reshape(24, 20, 3).astype(np.uint8)
+    deep = imagecodecs.png_decode(encode_image(LoadedImage(rgb=eight, bit_depth=16), "PNG"))
+    assert deep.dtype == np.uint16 and np.array_equal(deep, eight.astype(np.uint16) * 257)
+    wide = eight.astype(np.uint16) * 257
+    assert np.array_equal(imagecodecs.png_decode(encode_image(LoadedImage(rgb=wide), "PNG")), eight)
+    with pytest.raises(ImageError, match="alpha"):
+        encode_image(LoadedImage(rgb=eight, alpha=np.ones((24, 20), np.float32)), "PNG")

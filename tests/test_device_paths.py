@@ -280,3 +280,61 @@ def test_asid_reference_out_of_memory_first_takes_fewer_tiles_per_call_and_stays
     up.model.forward_raw = lambda t: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(torch.OutOfMemoryError):  # the tiled fallback runs the network too: nothing fits
         up.run(x)
+
+
+def streamed(up: Upscaler, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """`up.run(x, on_rows)`'s bands put together at their rows, and the top of every band in order."""
+    out = torch.full((x.shape[0], 3, x.shape[-2] * up.scale, x.shape[-1] * up.scale), float("nan"))
+    tops = []
+
+    def on_rows(top, band):
+        assert band.device.type == "cpu" and band.dtype == torch.float32
+        out[..., top : top + band.shape[-2], :] = band
+        tops.append(top)
+
+    assert up.run(x, on_rows)[0] is None
+    return out, tops
+
+
+@pytest.mark.parametrize("family,protocol,tile,size,several", [
+    ("agdn", "tiled", 48, (100, 140), True), ("agdn", "tiled", (40, 64), (61, 97), False),
+    ("agdn", "reference", None, (61, 97), False), ("asid", "tiled", None, (150, 97), True),
+    ("asid", "reference", None, (70, 90), False), ("esc", "tiled", None, (70, 150), False)])
+def test_rows_handed_over_as_they_are_finished_make_the_same_image(family, protocol, tile, size, several):
+    # `several`: a tile row whose input starts below the top (AGDN's halo is 48 px; ESC's 70 px are one row
+    # of blocks), so the rows above it leave before the rest is computed
+    if family == "agdn":
+        up = agdn(protocol=protocol)
+        up.tile = tile  # (rows, columns) too, as the auto tiler picks
+    elif family == "asid":
+        up = asid_upscaler(protocol)
+    else:
+        golden = load_golden("esc", "esc_x2")
+        model = build_model(registry.resolve("esc", 2))
+        model.load_state_dict(golden.weights)
+        up = Upscaler(registry.resolve("esc", 2), model, protocol=protocol)
+    x = photo(*size)
+    whole, stats = up.run(x)
+    got, tops = streamed(up, x)
+    assert torch.equal(got, whole)
+    assert tops == sorted(set(tops)) and (len(tops) > 1) == several
+
+
+def test_rows_are_handed_over_again_from_the_top_when_tiles_run_out_of_memory_halfway():
+    up = agdn(protocol="tiled", tile=64)
+    x = photo(200, 260)
+    calls = {"n": 0}
+
+    def tenth_call_fails_once(module, args):
+        calls["n"] += 1
+        if calls["n"] == 10:  # the second row of 64-px tiles: the first rows are out
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    handle = up.model.register_forward_pre_hook(tenth_call_fails_once)
+    try:
+        got, tops = streamed(up, x)
+    finally:
+        handle.remove()
+    assert calls["n"] > 10 and tops[0] == 0 and 0 in tops[1:]  # bands before the failure, then all again
+    direct, _ = Upscaler(up.entry, up.model, up.device, "tiled", tile=32).run(x)
+    assert torch.equal(got, direct)

@@ -128,6 +128,43 @@ def test_run_tiles_is_exact_for_a_pointwise_network_at_every_tile_size(size, hal
         assert torch.allclose(y, expected, atol=1e-6), f"tile {tile}"
 
 
+def _positional(inputs: torch.Tensor, chunk: list[Tile]) -> torch.Tensor:
+    """A stand-in network whose tiles disagree (each adds its own offset), so that blending order shows."""
+    y = torch.nn.functional.interpolate(inputs, scale_factor=2, mode="nearest")
+    offsets = torch.tensor([1e-3 * (t.input[0] + 3 * t.input[2] + 1) for t in chunk]).repeat_interleave(
+        inputs.shape[0] // len(chunk))
+    return y + offsets[:, None, None, None]
+
+
+@pytest.mark.parametrize("size,n", [((15, 20), 1), ((40, 97), 2), ((61, 130), 1), ((130, 61), 1)])
+@pytest.mark.parametrize("plan", ["halo", "blocks"])
+def test_streamed_rows_are_the_buffered_output_and_leave_as_soon_as_they_are_finished(size, n, plan):
+    # Every tile size and batch: the bands, put together, are the whole buffer bit for bit; they come from the
+    # top down, each row once; and when a tile is computed, every row above the input of the call before it
+    # has already been handed over (only the rows later tiles reach are held).
+    x = torch.rand(n, 3, *size)
+    for tile in range(MIN_TILE, 70, 7):
+        tiles = plan_halo_tiles(*size, tile, 12, 4) if plan == "halo" else plan_blocks(*size, tile, 6)
+        for batch in (1, 2, 5):
+            expected = run_tiles(_positional, x, tiles, 2, blend=8, batch=batch)
+            got = torch.full_like(expected, float("nan"))
+            handed, tops_when_called, previous_top = [0], [], [0]
+
+            def fn(inputs, chunk):
+                tops_when_called.append((previous_top[0], handed[0]))
+                previous_top[0] = chunk[0].input[0]
+                return _positional(inputs, chunk)
+
+            def on_rows(top, band):
+                assert top == handed[0] and band.shape[-2] > 0, "rows out of order, or twice"
+                got[..., top : top + band.shape[-2], :] = band
+                handed[0] = top + band.shape[-2]
+
+            assert run_tiles(fn, x, tiles, 2, blend=8, batch=batch, on_rows=on_rows) is None
+            assert handed[0] == 2 * size[0] and torch.equal(got, expected), f"tile {tile}, batch {batch}"
+            assert all(done >= 2 * before for before, done in tops_when_called[1:]), f"tile {tile}, batch {batch}"
+
+
 # -- quality against the reference protocol (the measurement `upscale eval --tile 64 --overlap 16` prints) --
 
 @pytest.mark.parametrize("dataset,scale", [("Set5", 2), ("Set5", 4), ("Set14", 2), ("Set14", 4)])

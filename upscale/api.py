@@ -84,15 +84,19 @@ def upscale_planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None 
     return out, out_alpha
 
 
-def _planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None,
-            grayscale: bool) -> tuple[np.ndarray, np.ndarray | None, "RunStats"]:
-    """`upscale_planes` with what the engine did, summed over the colour and alpha passes."""
+def _planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None, grayscale: bool,
+            bits: int | None = None) -> tuple[np.ndarray, np.ndarray | None, "RunStats"]:
+    """`upscale_planes` with what the engine did, summed over the colour and alpha passes. With `bits` (8 or 16)
+    and no alpha, the colour comes back quantised instead (see `_quantised`)."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
         raise ValueError(f"expected a non-empty H x W x 3 colour array, got shape {rgb.shape}")
     rgb = np.ascontiguousarray(unit_floats(rgb))
     if alpha is not None:
         alpha = unit_floats(alpha)
+    if bits is not None and alpha is None:
+        out, stats = _quantised(model, rgb, grayscale, bits)
+        return out, None, stats
     if alpha is None or bool((alpha >= 1.0).all()):
         out, stats = model.upscale_array(rgb)
         out_alpha = None if alpha is None else np.ones(out.shape[:2], np.float32)
@@ -110,6 +114,22 @@ def _planes(model: "Upscaler", rgb: np.ndarray, alpha: np.ndarray | None,
     if grayscale:
         out = np.repeat(out.mean(axis=2, keepdims=True), 3, axis=2)
     return out.astype(np.float32, copy=False), out_alpha, stats
+
+
+def _quantised(model: "Upscaler", rgb: np.ndarray, grey: bool, bits: int) -> tuple[np.ndarray, "RunStats"]:
+    """The upscaled colour as it will be written, `bits` per sample (uint8 or uint16, three channels, equal for a
+    grey image), quantised band by band as the engine finishes them: the float output (a 12 MP photo at x2:
+    576 MB) is never held whole. Each pixel gets exactly what quantising the float result would give."""
+    s = model.scale
+    out = np.empty((rgb.shape[0] * s, rgb.shape[1] * s, 3), np.uint16 if bits == 16 else np.uint8)
+
+    def store(top: int, rows: np.ndarray) -> None:
+        if grey:  # as the float path gives the encoders that keep grey: the mean, replicated, then their mean
+            rows = np.repeat(rows.mean(axis=2, keepdims=True), 3, axis=2).mean(axis=2, keepdims=True)
+        out[top : top + rows.shape[0]] = quantise(rows.astype(np.float32, copy=False), bits)
+
+    _, stats = model.upscale_array(rgb, on_rows=store)
+    return out, stats
 
 
 def _nearest(x: np.ndarray, s: int) -> np.ndarray:
@@ -159,16 +179,20 @@ def upscale_image(model: "Upscaler", image: Any) -> Any:
     return upscale_image_with_stats(model, image)[0]
 
 
-def upscale_image_with_stats(model: "Upscaler", image: Any,
-                             on_frame: Callable[[int, int], None] | None = None) -> tuple[Any, "RunStats"]:
+def upscale_image_with_stats(model: "Upscaler", image: Any, on_frame: Callable[[int, int], None] | None = None,
+                             bits: int | None = None) -> tuple[Any, "RunStats"]:
     """:func:`upscale_image`, and what the engine did (protocol, tiles, precision, fp32 fallbacks, notes).
 
     A LoadedImage with several frames (an animation, a multi-page TIFF) has every frame upscaled;
-    `on_frame(done, total)` is called after each (progress on long files), and the stats add up over them."""
+    `on_frame(done, total)` is called after each (progress on long files), and the stats add up over them.
+    `bits` (8 or 16; LoadedImage of one frame without alpha only, else ignored): the result's ``rgb`` comes
+    back quantised to that depth, ready for an encoder that writes it (`upscale.imageio.output_bits`), and the
+    float output is never held whole (see `_quantised`)."""
     if isinstance(image, LoadedImage) or (dataclasses.is_dataclass(image) and hasattr(image, "rgb")
                                           and hasattr(image, "alpha")):
         frames = getattr(image, "pages", [])
-        rgb, alpha, stats = _planes(model, image.rgb, image.alpha, bool(getattr(image, "grayscale", False)))
+        rgb, alpha, stats = _planes(model, image.rgb, image.alpha, bool(getattr(image, "grayscale", False)),
+                                    None if frames else bits)
         done = []
         if on_frame is not None and frames:
             on_frame(1, 1 + len(frames))

@@ -279,7 +279,7 @@ def _image_run(up, path: str, repeats: int, warmup: int, earlier: list[dict], co
     import torch
 
     from .batch import UpscaleStages, plan_jobs, run_jobs
-    from .imageio import ImageError, read_image
+    from .imageio import KEEP_KIND, ImageError, read_image
     from .memory import PeakMemory
 
     loaded = read_image(path)
@@ -290,7 +290,8 @@ def _image_run(up, path: str, repeats: int, warmup: int, earlier: list[dict], co
         stages = UpscaleStages(up, None, overwrite=True, provenance={"model": up.entry.name, "scale": up.scale})
 
         def end_to_end(r: int) -> None:
-            jobs = plan_jobs([path], str(Path(tmp, f"out{r}{Path(path).suffix or '.png'}")), up.scale).jobs
+            name = f"out{r}{KEEP_KIND.get(Path(path).suffix.lower(), '.png')}"  # what `upscale FILE` writes
+            jobs = plan_jobs([path], str(Path(tmp, name)), up.scale).jobs
             outcomes = run_jobs(jobs, stages, overwrite=True, skip_existing=False, on_outcome=lambda o: None,
                                 errors=(ImageError, OSError))
             if outcomes[0].status != "ok":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -253,9 +254,15 @@ class Upscaler:
 
     # -- execution -----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, lr: torch.Tensor) -> tuple[torch.Tensor, RunStats]:
+    def run(self, lr: torch.Tensor, on_rows: tiling.RowSink | None = None) -> tuple[torch.Tensor | None, RunStats]:
         """(N, 3, h, w) float in [0, 1] -> ((N, 3, s*h, s*w) on the [0, 1] scale, unclamped, on the CPU; what
         the run did).
+
+        With `on_rows` the output is handed over in bands of rows as they are finished instead, and None is
+        returned in its place: `on_rows(top, band)` gets rows [top, top + band rows) as an (N, 3, rows, s*w)
+        float32 CPU tensor, valid only during the call, from the top down; a tiled run holds only the rows its
+        later tiles reach, not the whole output (a 12 MP photo at x2: 576 MB). A pass restarted after running
+        out of memory hands its rows over again from the top, so a consumer stores each band at its rows.
 
         Out of memory never fails an image while a smaller tile exists: a whole-image pass that runs out is
         redone in tiles, and tiles that run out are halved (fewer per call first, then smaller), down to the
@@ -264,6 +271,14 @@ class Upscaler:
         if h == 0 or w == 0:
             raise ValueError(f"empty image ({h} x {w} pixels): nothing to upscale")
         x = pad_to_min_size(lr.to(torch.float32), self.architecture.min_size)
+        out_h, out_w = h * self.scale, w * self.scale
+        sink = None
+        if on_rows is not None:
+
+            def sink(top: int, band: torch.Tensor) -> None:  # the image's own rows and columns, on the CPU
+                if top < out_h:
+                    on_rows(top, band[..., : out_h - top, :out_w].to("cpu", torch.float32))
+
         protocol = self.protocol
         if protocol == "auto":
             fits = self.memory_estimate().bytes_for(x.shape[-2] * x.shape[-1]) <= memory.budget(self.device)
@@ -275,11 +290,14 @@ class Upscaler:
             if y is None:  # out of memory even one tile per call: tiles with local statistics
                 memory.free_cache(self.device)
                 stats.protocol = "tiled"
-                y = self._run_tiled(x, stats, ran_out=f"the whole image ({protocol})")
+                y = self._run_tiled(x, stats, sink, ran_out=f"the whole image ({protocol})")
+            elif sink is not None:
+                sink(0, y)
+                y = None
         else:
-            y = self._run_tiled(x, stats)
+            y = self._run_tiled(x, stats, sink)
         self.architecture.release_scratch(self.model)
-        return y[..., : h * self.scale, : w * self.scale].float(), stats
+        return (None if y is None else y[..., :out_h, :out_w].float()), stats
 
     def _run_whole(self, x: torch.Tensor, protocol: str, stats: RunStats) -> torch.Tensor | None:
         """One pass over the whole image (or the family's official procedure); None when it ran out of memory.
@@ -309,13 +327,14 @@ class Upscaler:
             stats.note(f"out of memory with {first} of its {side}-px tiles per call; finished with {batch}")
         return y
 
-    def _run_tiled(self, x: torch.Tensor, stats: RunStats, ran_out: str | None = None) -> torch.Tensor:
+    def _run_tiled(self, x: torch.Tensor, stats: RunStats, sink: tiling.RowSink | None = None,
+                   ran_out: str | None = None) -> torch.Tensor | None:
         m = self.architecture.tiling_spec(self.model).pad_multiple
         tile = self.tile or self._auto_tile(-(-x.shape[-2] // m) * m, -(-x.shape[-1] // m) * m)
         batch = None  # from `tile_plan`
         while True:
             try:
-                y = self._tiled_pass(x, tile, batch, stats)
+                y = self._tiled_pass(x, tile, batch, stats, sink)
                 break
             except RuntimeError as e:
                 batch = stats.tiles_per_forward  # what the failed pass used
@@ -354,8 +373,8 @@ class Upscaler:
         batch = batch or self._tiles_per_forward(spec.block**2)
         return tiling.plan_blocks(height, width, spec.block, spec.block_overlap), batch, spec.block_overlap
 
-    def _tiled_pass(self, x: torch.Tensor, tile: int | tuple[int, int], batch: int | None, stats: RunStats
-                    ) -> torch.Tensor:
+    def _tiled_pass(self, x: torch.Tensor, tile: int | tuple[int, int], batch: int | None, stats: RunStats,
+                    sink: tiling.RowSink | None = None) -> torch.Tensor | None:
         arch = self.architecture
         spec = arch.tiling_spec(self.model)
         h, w = x.shape[-2:]
@@ -386,16 +405,22 @@ class Upscaler:
         stats.tiles, stats.tiles_per_forward = len(tiles), batch
         output_bytes = x.shape[0] * 3 * big_h * big_w * self.scale**2 * 4
         out_device = self.device if self._blend_on_device(output_bytes) else torch.device("cpu")
-        y = tiling.run_tiles(fn, x, tiles, self.scale, blend, batch=batch, out_device=out_device)
-        return y[..., : h * self.scale, : w * self.scale].cpu()
+        y = tiling.run_tiles(fn, x, tiles, self.scale, blend, batch=batch, out_device=out_device, on_rows=sink)
+        return None if y is None else y[..., : h * self.scale, : w * self.scale].cpu()
 
-    def upscale_array(self, rgb: np.ndarray) -> tuple[np.ndarray, RunStats]:
-        """HxWx3 float32 in [0, 1] -> ((s*H)x(s*W)x3 float32 clamped to [0, 1], a channels-last view; stats)."""
+    def upscale_array(self, rgb: np.ndarray, on_rows: Callable[[int, np.ndarray], None] | None = None
+                      ) -> tuple[np.ndarray | None, RunStats]:
+        """HxWx3 float32 in [0, 1] -> ((s*H)x(s*W)x3 float32 clamped to [0, 1], a channels-last view; stats).
+
+        With `on_rows`, the output goes to `on_rows(top, rows)` band by band instead (rows x (s*W) x 3 views, as
+        `run` hands them over) and None is returned in its place."""
         # a CHW view of the caller's array, not a copy beside it (a 12 MP photo: 144 MB): tiles are cut from it,
         # and a whole-image pass makes its own contiguous copy
         a = np.ascontiguousarray(rgb, dtype=np.float32)
         x = torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)[None]  # read-only: torch warns
         with torch.inference_mode():
+            if on_rows is not None:
+                return self.run(x, lambda top, band: on_rows(top, band[0].clamp_(0, 1).permute(1, 2, 0).numpy()))
             y, stats = self.run(x)
             y = y[0].clamp_(0, 1)  # in place: the output of a photo is gigabytes
         return y.permute(1, 2, 0).numpy(), stats

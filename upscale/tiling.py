@@ -233,27 +233,57 @@ def ramp(core: tuple[int, int], region: tuple[int, int], size: int, scale: int, 
     return w
 
 
+RowSink = Callable[[int, torch.Tensor], None]
+
+
+def _tile_batches(tiles: list[Tile], batch: int) -> list[list[Tile]]:
+    """The tiles in calls of up to `batch` same-shaped tiles, in tile-row order: the rows of the grid one after
+    another (within a row, tiles of one shape together), so that the output above each new row is complete.
+    A call takes consecutive tiles of one shape, from the next row too when it continues the shape."""
+    rows: dict[int, list[Tile]] = {}
+    for t in tiles:
+        rows.setdefault(t.input[0], []).append(t)  # a grid row shares one input span
+    ordered = []
+    for row in sorted(rows.values(), key=lambda r: r[0].input[0]):
+        shapes: dict[tuple[int, int], list[Tile]] = {}
+        for t in row:
+            shapes.setdefault((t.input[1] - t.input[0], t.input[3] - t.input[2]), []).append(t)
+        ordered += [t for same in shapes.values() for t in same]
+    chunks: list[list[Tile]] = []
+    for t in ordered:
+        shape = (t.input[1] - t.input[0], t.input[3] - t.input[2])
+        last = chunks[-1] if chunks else None
+        if last and len(last) < batch and (last[0].input[1] - last[0].input[0],
+                                           last[0].input[3] - last[0].input[2]) == shape:
+            last.append(t)
+        else:
+            chunks.append([t])
+    return chunks
+
+
 def run_tiles(fn: Callable[[torch.Tensor, list[Tile]], torch.Tensor], x: torch.Tensor, tiles: list[Tile],
-              scale: int, blend: int, batch: int = 1, out_device: torch.device | str = "cpu") -> torch.Tensor:
-    """Run `fn(inputs, tiles)` over the tiles (`batch` same-shaped tiles per call) and blend into one buffer.
+              scale: int, blend: int, batch: int = 1, out_device: torch.device | str = "cpu",
+              on_rows: RowSink | None = None) -> torch.Tensor | None:
+    """Run `fn(inputs, tiles)` over the tiles (`batch` same-shaped tiles per call) and blend their outputs.
 
     `fn` gets a (B*N, C, h, w) stack of tile inputs and the B tiles, and returns (B*N, C_out, s*h, s*w) on its
-    device. The output buffer (N, C_out, s*H, s*W) is allocated once on `out_device`. When that is the network's
-    device, tiles are blended where they were computed; otherwise each batch is copied out without waiting
-    (into pinned memory from a GPU) and blended one call later, while the device computes the next batch.
+    device. Tiles run row by row of the grid (`_tile_batches`). Without `on_rows`, the whole output
+    (N, C_out, s*H, s*W) is blended in one buffer on `out_device` and returned. With it, the output is handed
+    over as it is finished: `on_rows(top, band)` gets output rows [top, top + band rows) as an (N, C_out, rows,
+    s*W) view on `out_device`, valid only during the call, from the top down, each row once; only the rows that
+    later tiles still reach are held (a few tile rows, not the image), and None is returned.
+    When `out_device` is not the network's, each batch is copied out without waiting (into pinned memory from a
+    GPU) and blended one call later, while the device computes the next batch.
     """
     n, _, height, width = x.shape
-    out = None
     rows_total = torch.zeros(height * scale, dtype=torch.float64)
     cols_total = torch.zeros(width * scale, dtype=torch.float64)
     # One weight profile per distinct (core span, input span) of each axis. Keyed by both: on an image not
     # much larger than the halo, neighbouring cores share one clipped input span, and a profile counted
-    # once per input span only (as before) left their shared pixels divided by too small a total.
+    # once per input span only left their shared pixels divided by too small a total.
     row_ramps: dict[tuple, torch.Tensor] = {}
     col_ramps: dict[tuple, torch.Tensor] = {}
-    groups: dict[tuple[int, int], list[Tile]] = {}
     for t in tiles:
-        groups.setdefault((t.input[1] - t.input[0], t.input[3] - t.input[2]), []).append(t)
         rows, cols = (t.core[:2], t.input[:2]), (t.core[2:], t.input[2:])
         if rows not in row_ramps:
             row_ramps[rows] = ramp(*rows, height, scale, blend)
@@ -261,38 +291,62 @@ def run_tiles(fn: Callable[[torch.Tensor, list[Tile]], torch.Tensor], x: torch.T
         if cols not in col_ramps:
             col_ramps[cols] = ramp(*cols, width, scale, blend)
             cols_total[t.input[2] * scale : t.input[3] * scale] += col_ramps[cols]
+    chunks = _tile_batches(tiles, batch)
+    out: torch.Tensor | None = None  # output rows [top, top + its rows) being blended
+    top = done = 0  # rows before `done` are finished (divided by their total weight, handed over)
 
-    def add(pieces: torch.Tensor, copied, chunk: list[Tile]) -> None:
+    def hold(bottom: int, like: torch.Tensor) -> None:
+        """Make `out` reach row `bottom`: rows from `done` on, those blended so far kept."""
+        nonlocal out, top
+        if out is not None and top + out.shape[-2] >= bottom:
+            return
+        if on_rows is None:  # the whole output, once
+            bottom = height * scale
+        kept = None if out is None else out[..., done - top :, :].clone()  # the rows later tiles add to
+        out = None  # let go of the old rows before the new ones are made: one buffer of tile rows at a time
+        out = torch.zeros((n, like.shape[1], bottom - done, width * scale), dtype=torch.float32, device=out_device)
+        if kept is not None:
+            out[..., : kept.shape[-2], :] = kept
+        top = done
+
+    def finish(upto: int) -> None:
+        """Rows [done, upto) have every tile's share: divide by their total weight (separable: the tiles form a
+        grid of row spans x column spans, so no full-size weight map is made) and hand them over."""
+        nonlocal done
+        if upto <= done:
+            return
+        band = out[..., done - top : upto - top, :]
+        cols = cols_total.to(out.device, torch.float32)
+        for r0 in range(done, upto, 256):
+            weights = rows_total[r0 : min(upto, r0 + 256)].to(out.device, torch.float32)
+            band[..., r0 - done : r0 - done + 256, :] /= weights[:, None] * cols[None, :]
+        if on_rows is not None:
+            on_rows(done, band)
+        done = upto
+
+    def add(pieces: torch.Tensor, copied, chunk: list[Tile], next_top: int) -> None:
         if copied is not None:
             copied.synchronize()  # the copy out of the device has landed
+        hold(max(t.input[1] for t in chunk) * scale, pieces)
         for j, t in enumerate(chunk):
-            top, bottom, left, right = (v * scale for v in t.input)
+            r0, r1, c0, c1 = (v * scale for v in t.input)
             wr = row_ramps[t.core[:2], t.input[:2]].to(out.device, torch.float32)
             wc = col_ramps[t.core[2:], t.input[2:]].to(out.device, torch.float32)
             piece = pieces[j * n : (j + 1) * n]  # the forward's own output: weighted in place, no temporaries
-            out[..., top:bottom, left:right] += piece.mul_(wr[:, None]).mul_(wc[None, :])
+            out[..., r0 - top : r1 - top, c0:c1] += piece.mul_(wr[:, None]).mul_(wc[None, :])
+        finish(next_top * scale)  # no later tile reaches above the next one's input (the grid runs row by row)
 
     pending = None
-    for same_shape in groups.values():
-        for i in range(0, len(same_shape), batch):
-            chunk = same_shape[i : i + batch]
-            inputs = torch.cat([x[..., t.input[0] : t.input[1], t.input[2] : t.input[3]] for t in chunk])
-            y = fn(inputs, chunk).to(torch.float32)
-            if out is None:
-                out = torch.zeros((n, y.shape[1], height * scale, width * scale), dtype=torch.float32,
-                                  device=out_device)
-            if pending is not None:
-                add(*pending)
-            pending = (*_copy_out(y, out.device), chunk)
+    for i, chunk in enumerate(chunks):
+        inputs = torch.cat([x[..., t.input[0] : t.input[1], t.input[2] : t.input[3]] for t in chunk])
+        y = fn(inputs, chunk).to(torch.float32)
+        if pending is not None:
+            add(*pending)
+        next_top = chunks[i + 1][0].input[0] if i + 1 < len(chunks) else height
+        pending = (*_copy_out(y, torch.device(out_device)), chunk, next_top)
     if pending is not None:
         add(*pending)
-    # tiles form a grid of row spans x column spans, so the total weight is separable; divide in row blocks
-    # so that no full-size weight map is ever allocated (a 24 MP photo's output is gigabytes)
-    cols = cols_total.to(out.device, torch.float32)
-    for r0 in range(0, out.shape[-2], 256):
-        rows = rows_total[r0 : r0 + 256].to(out.device, torch.float32)
-        out[..., r0 : r0 + 256, :] /= rows[:, None] * cols[None, :]
-    return out
+    return out if on_rows is None else None
 
 
 def _copy_out(y: torch.Tensor, device: torch.device):

@@ -78,7 +78,7 @@ with :func:`set_max_pixels`) is refused unless ``allow_large=True`` (the CLI's `
 """
 
 from .decode import max_pixels, read_image, set_max_pixels
-from .encode import PNG_COMPRESS_LEVEL, encode_image
+from .encode import PNG_COMPRESS_LEVEL, encode_image, output_bits
 from .image import (
     EXTENSIONS,
     FORMATS,
@@ -101,6 +101,6 @@ from .write import save_image
 
 __all__ = [
     "EXTENSIONS", "FORMATS", "KEEP_KIND", "MULTI_FRAME_FORMATS", "PNG_COMPRESS_LEVEL", "READ_EXTENSIONS", "SIXTEEN_BIT_FORMATS", "ImageError", "LoadedImage", "TooLargeError",
-    "array_planes", "encode_image", "format_by_magic", "format_for", "format_support", "max_pixels", "pillow_planes", "quantise",
+    "array_planes", "encode_image", "format_by_magic", "format_for", "format_support", "max_pixels", "output_bits", "pillow_planes", "quantise",
     "read_image", "save_image", "set_max_pixels", "unit_floats",
 ]

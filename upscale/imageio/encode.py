@@ -83,12 +83,16 @@ def _output_pixels(img: LoadedImage, fmt_name: str, bits: int | None = None,
                    grey: bool | None = None) -> tuple[np.ndarray, int, bool]:
     """(H x W x C integer pixels in output channel order, bits, grey) of one image or frame for `fmt_name`;
     `bits` and `grey` force a depth or colour (the frames of one animation share them)."""
-    if bits is None:
-        deep = (fmt_name in SIXTEEN_BIT_FORMATS or fmt_name in ("HEIF", "AVIF")
-                or (fmt_name == "JXL" and _srgb(img.icc_profile)))
-        bits = 16 if img.bit_depth == 16 and deep else 8
+    bits = output_bits(img, fmt_name) if bits is None else bits
     rgb, alpha = img.rgb, img.alpha
     grey = img.grayscale if grey is None else grey
+    if np.issubdtype(rgb.dtype, np.integer):  # quantised as the engine finished it (`output_bits` at hand)
+        if alpha is not None:
+            raise ValueError("quantised colour with a float alpha plane: pass both as floats")
+        if rgb.dtype != (np.uint16 if bits == 16 else np.uint8):  # another depth: through floats, as from floats
+            rgb = rgb.astype(np.float32) / float(np.iinfo(rgb.dtype).max)
+        else:
+            return (rgb[..., :1] if grey else rgb), bits, grey  # a grey image's three channels are equal
     if alpha is not None and fmt_name in ("JPEG", "BMP"):  # no alpha: composite over white
         a = np.clip(alpha, 0.0, 1.0)[..., None]
         rgb, alpha = rgb * a + (1.0 - a), None
@@ -98,6 +102,14 @@ def _output_pixels(img: LoadedImage, fmt_name: str, bits: int | None = None,
     if pixels.shape[2] == 3 and grey:
         pixels = pixels[..., :1]
     return pixels, bits, grey
+
+
+def output_bits(img: LoadedImage, fmt_name: str) -> int:
+    """The bits per sample `img` is written with in `fmt_name`: 16 from a 16-bit source into a format that holds
+    them, else 8."""
+    deep = (fmt_name in SIXTEEN_BIT_FORMATS or fmt_name in ("HEIF", "AVIF")
+            or (fmt_name == "JXL" and _srgb(img.icc_profile)))
+    return 16 if img.bit_depth == 16 and deep else 8
 
 
 def _to_pillow(pixels: np.ndarray) -> Image.Image:

@@ -109,7 +109,8 @@ class LoadedImage:
 
     ``rgb`` is H x W x 3 float32 in [0, 1] with the EXIF orientation applied (grey images hold three equal
     channels and ``grayscale=True``); ``alpha`` is H x W float32 in [0, 1] (straight, not premultiplied) or
-    None. ``exif`` is EXIF as Pillow writes it (``b"Exif\\0\\0"`` + TIFF data) with the Orientation reset to 1
+    None. An upscaled result may hold ``rgb`` already quantised instead (uint8 or uint16 at the depth it will
+    be written with, no alpha; see `upscale.api.upscale_image_with_stats`). ``exif`` is EXIF as Pillow writes it (``b"Exif\\0\\0"`` + TIFF data) with the Orientation reset to 1
     and the layout tags of a TIFF source removed. ``text`` holds the PNG text chunks (and a JPEG comment as
     ``Comment``), without the XMP, which is in ``xmp``. ``mode`` is the Pillow mode of the source.
     """
