@@ -106,6 +106,7 @@ def test_bench_times_a_real_image_forward_and_end_to_end(tmp_path):
         base = row["first_size_forward_us_per_lr_pixel"]
         assert row["vs_first_size_forward"][key] == pytest.approx(row["us_per_lr_pixel"][key] / base)
     assert row["protocol"] == "reference" and row["tiles_per_forward"] == 1 and row["fp32_fallbacks"] == 0
+    assert row["end_to_end_peak_memory_mb"] > 0 and row["peak_memory_mb"] > 0
     assert list(tmp_path.iterdir()) == [image]  # outputs went to a temporary folder
     table = io.StringIO()
     format_table(results, Console(file=table, width=200))

@@ -126,7 +126,8 @@ def tiled_forward(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Tiled execution for large images: tiles with a halo on inner edges, smooth blending, one output buffer.
+# Tiled execution for large images: tiles with a halo on inner edges, smooth blending, the output blended in
+# one buffer or handed over band by band as its rows are finished (`run_tiles`).
 #
 # Every tile has a *core* (the part of the image it is responsible for; cores partition the image) and an
 # *input* region (core plus context, clipped to the image, starting on the model's alignment). Its output is
