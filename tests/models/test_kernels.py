@@ -645,3 +645,46 @@ def test_gemm_and_pw_dwconv_with_a_layer_norm_prologue(k, c):
     ops.pw_dwconv(normed.contiguous(), n, h, w, wm, 0, taps, None, False, None, 0, 0, want)
     ops.pw_dwconv(x, n, h, w, wm, 0, taps, None, False, None, 0, 0, got, None, None, weight, bias, 1e-6)
     _close(got, want, rel=5e-6, what="pw_dwconv")
+
+
+def _distill_weights(c: int, seed: int) -> dict:
+    """Random weights in the layout `fused._kernel_block_weights` gives the distillation (C channels, C/2 distilled)."""
+    g = torch.Generator().manual_seed(seed)
+    dc = c // 2
+    wt = {"dc": dc, "c4_dw": kernels.depthwise_taps(torch.randn(c, 1, 3, 3, generator=g) / 3),
+          "c4_b": torch.randn(dc, generator=g), "c5_wt": kernels.pad_columns(torch.randn(2 * c, c, generator=g) / c)}
+    for k in (1, 2, 3):
+        wt[f"dr{k}"] = kernels.pad_columns(torch.randn(c, dc + c, generator=g) / c**0.5)
+        wt[f"r{k}_dw"] = kernels.depthwise_taps(torch.randn(c, 1, 3, 3, generator=g) / 3)
+        wt[f"r{k}_dwb"], wt[f"d{k}_b"] = torch.randn(c, generator=g), torch.randn(dc, generator=g)
+    return wt
+
+
+@pytest.mark.parametrize("c", [42, 16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_distill_chain_gives_the_bits_of_its_separate_passes(c, threads):
+    # one pass down the map, each stage a row behind the last, shares of rows per thread recomputing three rows
+    # above them: against pw_dwconv x 3, dwconv3x3 (c4) and gemm (c5) on whole maps, bit for bit, on maps of
+    # 1-3 images from 1 row (reflect of a single row) up to more rows than the threads' shares have halo
+    wt, dc = _distill_weights(c, c + threads), c // 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, h, w in [(1, 1, 5), (1, 2, 3), (1, 3, 17), (2, 5, 9), (1, 7, 33), (3, 13, 40), (2, 33, 65), (1, 70, 8)]:
+            u = torch.randn(n * h * w, c, generator=torch.Generator().manual_seed(h * w))
+            distilled, r = torch.zeros(n * h * w, 2 * c), u
+            for k in (1, 2, 3):
+                r_next = torch.empty(n * h * w, c)
+                ops.pw_dwconv(r, n, h, w, wt[f"dr{k}"], dc, wt[f"r{k}_dw"], wt[f"r{k}_dwb"], True, r, 1, 0, r_next,
+                              wt[f"d{k}_b"], distilled[:, (k - 1) * dc : k * dc])
+                r = r_next
+            ops.dwconv3x3(r, n, h, w, wt["c4_dw"], wt["c4_b"], 1, False, None, 1, 2, distilled[:, 3 * dc :])
+            want = torch.empty(n * h * w, c)
+            ops.gemm(distilled, wt["c5_wt"], want, False)
+            got = torch.full((n * h * w, c), float("nan"))
+            ops.distill_chain(u, n, h, w, [wt[f"dr{k}"] for k in (1, 2, 3)], dc, [wt[f"r{k}_dw"] for k in (1, 2, 3)],
+                              [wt[f"r{k}_dwb"] for k in (1, 2, 3)], [wt[f"d{k}_b"] for k in (1, 2, 3)], wt["c4_dw"],
+                              wt["c4_b"], wt["c5_wt"], got)
+            assert torch.isfinite(want).all() and torch.equal(got, want), (n, h, w)
+    finally:
+        torch.set_num_threads(before)

@@ -30,9 +30,11 @@ from .network import (
 # The fast path again, on the fused CPU kernels of `kernels/` (float32 CPU only; built on first use,
 # else `_fast_forward` runs). Same algebra as `_fast_forward` plus these exact rearrangements:
 # - a 1x1 conv that feeds a depthwise conv runs inside the depthwise kernel, a few image rows at a time
-#   (`pw_dwconv`): the distillation's c{k}_d + c{k}_r (one GEMM, d_k finished in the same pass), qkv +
-#   qkv_dwconv, and the FFN's project_in + dwconv + gate (+ project_out, per row); their wide intermediate maps
-#   never reach memory;
+#   (`pw_dwconv`): qkv + qkv_dwconv, and the FFN's project_in + dwconv + gate (+ project_out, per row); their
+#   wide intermediate maps never reach memory;
+# - the distillation (c{k}_d + c{k}_r as one GEMM per k, their depthwise convs, c4, c5) is one pass down the map
+#   (`distill_chain`), each stage a row behind the one before, so that only u and z reach memory (on a photo's
+#   tile every map streams from memory, and these were five of them);
 # - GEMMs are written without their bias, which is added by the kernel that reads the result, or folded
 #   forward (c5's bias into MVSA, exactly: every consumer of z is affine in it before MVSA's product; a bias
 #   before a reflect-padded depthwise conv becomes bias * sum of its taps); GEMM weights are padded to whole
@@ -191,22 +193,17 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
 
     Scratch buffers are shared by stage, to keep the working set small (at 128 x 128 the separate buffers
     added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed):
-    "mid" holds c5's input, then q|k|v, then the gated FFN hidden layer; "r0"/"r1" the distillation's r maps,
-    then z and RCCA's t. "mid" also holds MVSA's GEMM output and RCCA's per-pixel weights between those uses."""
+    "mid" holds MVSA's GEMM output, RCCA's per-pixel weights, then q|k|v; "r0" holds z, "r1" RCCA's t. The
+    distillation's maps never reach memory (`distill_chain`)."""
     p, c = u.shape
     dc = c // 2
-    distilled = ws("mid", p, 2 * c)  # [d1 | d2 | d3 | r4] per pixel: c5's input
-    r = u
-    for k in (1, 2, 3):
-        r_next = ws(f"r{k % 2}", p, c)
-        # one GEMM for [c{k}_d | c{k}_r pointwise], row by row inside the kernel; r_k = GELU(dw(pw) + bias + r)
-        # and d_k = GELU(c{k}_d + bias) into c5's input
-        ops.pw_dwconv(r, n, h, w, bw[f"dr{k}"], dc, bw[f"r{k}_dw"], bw[f"r{k}_dwb"], True, r, 1, 0, r_next,
-                      bw[f"d{k}_b"], distilled[:, (k - 1) * dc : k * dc])
-        r = r_next
-    ops.dwconv3x3(r, n, h, w, bw["c4_dw"], bw["c4_b"], 1, False, None, 1, 2, distilled[:, 3 * dc :])
-    z = ws("r0", p, c)  # r0 is free again
-    ops.gemm(distilled, bw["c5_wt"], z, False)  # c5 without its bias: folded into MVSA
+    # per k, one GEMM for [c{k}_d | c{k}_r pointwise]; r_k = GELU(dw(pw) + bias + r_{k-1}) and d_k = GELU(c{k}_d +
+    # bias); c4 on r_3; c5 (without its bias: folded into MVSA) on [d1 | d2 | d3 | r4]. One pass, which holds the
+    # r maps and c5's input as a few rows per thread
+    z = ws("r0", p, c)
+    ops.distill_chain(u, n, h, w, [bw[f"dr{k}"] for k in (1, 2, 3)], dc, [bw[f"r{k}_dw"] for k in (1, 2, 3)],
+                      [bw[f"r{k}_dwb"] for k in (1, 2, 3)], [bw[f"d{k}_b"] for k in (1, 2, 3)], bw["c4_dw"],
+                      bw["c4_b"], bw["c5_wt"], z)
     _kernel_mvsa(ops, bw, z, n, h, w, placement, ws)
     _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws)
     qkv = ws("mid", p, 3 * c)

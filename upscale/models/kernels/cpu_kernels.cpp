@@ -990,6 +990,121 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   });
 }
 
+// One output row of a stride-1 depthwise pass (DwArgs already pointing at that row: `at` 0), on whichever
+// vector path this build has
+ALWAYS_INLINE void dw_one_row(const DwArgs& args, const float* const src[3]) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  dw_row_s1(args, src, 0);
+#else
+  int64_t ox = 0;
+  for (; ox + 4 <= args.W; ox += 4) dw_pixels<4>(args, src, 0, ox);
+  for (; ox < args.W; ++ox) dw_pixels<1>(args, src, 0, ox);
+#endif
+}
+
+// AGDN's distillation, three pw_dwconv passes, c4 and c5, in one pass over the map that keeps the r maps in a few
+// rows per thread instead of writing and reading them whole (on a photo's tile they stream from memory):
+//   stage k = 1..3: y = r_{k-1} @ wpw[k] (r_0 = u), r_k = GELU(dw(y[:, dc:]) + dw_bias[k] + r_{k-1}) (reflect),
+//                   distilled[:, (k-1) dc : k dc] = GELU(y[:, :dc] + side_bias[k])
+//   c4: distilled[:, 3 dc:] = GELU(pair sums of dw(r_3) + c4_bias) (zero padding)
+//   c5: z = distilled @ c5_wt (without its bias)
+// exactly as the separate pw_dwconv, dwconv3x3 and gemm calls compute them, row by row (the same row functions
+// on the same inputs: bit-identical). Neither the r maps nor `distilled` reach memory, only z. Each thread runs a contiguous share of an image's rows as a wavefront:
+// stage k's row t - k + 1 as stage 1 makes row t, each stage's rows in a ring of four and its GEMM rows in a
+// ring of three, `distilled` rows in a ring of four; the first rows of a share are recomputed from three rows
+// above it (reflect at the image's edges, as the separate passes).
+void distill_chain(const Tensor& u, int64_t images, int64_t H, int64_t W, std::vector<Tensor> wpw, int64_t dc,
+                   std::vector<Tensor> taps, std::vector<Tensor> dw_bias, std::vector<Tensor> side_bias,
+                   const Tensor& c4_taps, const Tensor& c4_bias, const Tensor& c5_wt, Tensor z) {
+  check_map(u, "u");
+  check_map(z, "z");
+  const int64_t C = u.size(1), ldu = u.stride(0), ldd = 4 * dc, ldz = z.stride(0);
+  TORCH_CHECK(wpw.size() == 3 && taps.size() == 3 && dw_bias.size() == 3 && side_bias.size() == 3,
+              "three stages expected");
+  TORCH_CHECK(u.size(0) == images * H * W && z.size(0) == u.size(0) && 2 * dc == C && C <= kMaxChannels,
+              "distill_chain shapes");
+  TORCH_CHECK(c5_wt.is_contiguous() && c5_wt.dim() == 2 && c5_wt.size(0) == 2 * C && c5_wt.size(1) % 16 == 0 &&
+              c5_wt.size(1) >= z.size(1), "c5_wt: (2C, Cm) with Cm a multiple of 16");
+  for (int k = 0; k < 3; ++k)
+    TORCH_CHECK(wpw[k].is_contiguous() && wpw[k].size(0) == C && wpw[k].size(1) == wpw[0].size(1) &&
+                    wpw[k].size(1) >= dc + C && taps[k].is_contiguous() && taps[k].size(0) == 9 &&
+                    taps[k].size(1) >= C + kLanes,
+                "distill_chain weights");
+  TORCH_CHECK(c4_taps.is_contiguous() && c4_taps.size(0) == 9 && c4_taps.size(1) >= C + kLanes, "c4 taps");
+  const int64_t Cm = wpw[0].size(1);
+  TORCH_CHECK(Cm < (1 << 30) && W < (1 << 30) && ldu < (1 << 30), "too large for BLAS int");
+  const float* up = u.const_data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
+  at::parallel_for(0, images * threads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> gemm_rows(3 * 3 * W * Cm + kLanes, 0.0f);  // per stage: three rows of y
+    std::vector<float> r_rows(3 * 4 * W * C + kLanes, 0.0f);      // per stage: four rows of r_k
+    std::vector<float> d_rows(4 * W * ldd + kLanes, 0.0f);        // four rows of `distilled`
+    const std::vector<float> zero_row((W + 2) * std::max(Cm, C) + kLanes, 0.0f);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t img = task / threads, share = task % threads;
+      const int64_t a = H * share / threads, b = H * (share + 1) / threads;  // c4 rows of this share
+      if (a >= b) continue;
+      int64_t y_held[3][3], r_held[3][4];
+      for (auto& s : y_held) std::fill(s, s + 3, -1);
+      for (auto& s : r_held) std::fill(s, s + 4, -1);
+      auto r_row = [&](int k, int64_t iy) -> float* { return r_rows.data() + (k * 4 + iy % 4) * W * C; };
+      auto d_row = [&](int64_t iy) -> float* { return d_rows.data() + (iy % 4) * W * ldd; };
+      // row iy of stage k's input: u from the map, r_{k-1} from its ring (it must be there)
+      auto input_row = [&](int k, int64_t iy) -> const float* {
+        if (k == 0) return up + (img * H + iy) * W * ldu;
+        TORCH_CHECK(r_held[k - 1][iy % 4] == iy, "distill_chain: row not held");
+        return r_row(k - 1, iy);
+      };
+      auto y_row = [&](int k, int64_t iy) -> const float* {
+        float* dst = gemm_rows.data() + (k * 3 + iy % 3) * W * Cm;
+        if (y_held[k][iy % 3] != iy) {
+          gemm_block(input_row(k, iy), k == 0 ? ldu : C, W, wpw[k].const_data_ptr<float>(), Cm, C, dst, Cm, Cm,
+                     false);
+          y_held[k][iy % 3] = iy;
+        }
+        return dst;
+      };
+      // stage k's row oy: r_k into its ring; d_k into `distilled` when the row is this share's
+      auto stage = [&](int k, int64_t oy) {
+        const float* src[3];
+        for (int t = 0; t < 3; ++t) src[t] = y_row(k, tap_index(oy, t, 1, H, true)) + dc;
+        const bool own = oy >= a && oy < b;
+        const float* y = y_row(k, oy);
+        DwArgs args{nullptr, taps[k].const_data_ptr<float>(), dw_bias[k].const_data_ptr<float>(), input_row(k, oy),
+                    r_row(k, oy), own ? y : nullptr, side_bias[k].const_data_ptr<float>(),
+                    d_row(oy) + k * dc, zero_row.data(), H, W, H, W, C, C / 2, own ? dc : 0,
+                    Cm, taps[k].size(1), k == 0 ? ldu : C, C, Cm, ldd, 1, kGelu, 0, true};
+        dw_one_row(args, src);
+        r_held[k][oy % 4] = oy;
+      };
+      auto c4 = [&](int64_t oy) {
+        const float* src[3];
+        for (int t = 0; t < 3; ++t) {
+          const int64_t iy = tap_index(oy, t, 1, H, false);
+          if (iy >= 0) TORCH_CHECK(r_held[2][iy % 4] == iy, "distill_chain: r3 row not held");
+          src[t] = iy < 0 ? nullptr : r_row(2, iy);
+        }
+        DwArgs args{nullptr, c4_taps.const_data_ptr<float>(), c4_bias.const_data_ptr<float>(), nullptr,
+                    d_row(oy) + 3 * dc, nullptr, nullptr, nullptr, zero_row.data(), H, W, H, W,
+                    C, C / 2, 0, C, c4_taps.size(1), 0, ldd, 0, 0, 1, kGelu, 2, false};
+        dw_one_row(args, src);
+        gemm_block(d_row(oy), ldd, W, c5_wt.const_data_ptr<float>(), c5_wt.size(1), 2 * C,
+                   zp + (img * H + oy) * W * ldz, ldz, z.size(1), false);
+      };
+      // stage k (0-based) makes the rows within 3 - k of the share; c4 the share's own
+      for (int64_t t = a - 3; t < b + 3 + 3; ++t) {
+        for (int k = 0; k < 3; ++k) {
+          const int64_t oy = t - k;  // a stage runs one row behind the one before it
+          if (oy >= std::max<int64_t>(0, a - 3 + k) && oy < std::min(H, b + 3 - k)) stage(k, oy);
+        }
+        const int64_t oy = t - 3;
+        if (oy >= a && oy < b) c4(oy);
+      }
+    }
+  });
+}
+
 // 3x3 depthwise conv on a map, stride 1 or 2, zero or reflect padding of 1, then in this order: + bias,
 // + residual, activation. `weight` is (9, C + 16) tap-major (row ky*3+kx), zero beyond C.
 //   mode 0: out[c] = act(conv[c] + bias[c] + res[c])                      (out has C channels)
@@ -2543,6 +2658,8 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "bool reflect, Tensor? residual, int act, int mode, Tensor out, Tensor? side_bias=None, "
         "Tensor? side_out=None, Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=0.0, Tensor? epi_w=None, "
         "Tensor? epi_out=None) -> ()", pw_dwconv);
+  m.def("distill_chain(Tensor u, int images, int H, int W, Tensor[] wpw, int dc, Tensor[] taps, Tensor[] dw_bias, "
+        "Tensor[] side_bias, Tensor c4_taps, Tensor c4_bias, Tensor c5_wt, Tensor z) -> ()", distill_chain);
   m.def("bias_act", bias_act);
   m.def("gemm(Tensor x, Tensor w, Tensor out, bool accumulate, Tensor? ln_weight=None, Tensor? ln_bias=None, "
         "float ln_eps=0.0) -> ()", gemm);
