@@ -237,6 +237,10 @@ def ramp(core: tuple[int, int], region: tuple[int, int], size: int, scale: int, 
 RowSink = Callable[[int, torch.Tensor], None]
 
 
+def _input_shape(t: Tile) -> tuple[int, int]:
+    return t.input[1] - t.input[0], t.input[3] - t.input[2]
+
+
 def _tile_batches(tiles: list[Tile], batch: int) -> list[list[Tile]]:
     """The tiles in calls of up to `batch` same-shaped tiles, in tile-row order: the rows of the grid one after
     another (within a row, tiles of one shape together), so that the output above each new row is complete.
@@ -244,21 +248,14 @@ def _tile_batches(tiles: list[Tile], batch: int) -> list[list[Tile]]:
     rows: dict[int, list[Tile]] = {}
     for t in tiles:
         rows.setdefault(t.input[0], []).append(t)  # a grid row shares one input span
-    ordered = []
-    for row in sorted(rows.values(), key=lambda r: r[0].input[0]):
-        shapes: dict[tuple[int, int], list[Tile]] = {}
-        for t in row:
-            shapes.setdefault((t.input[1] - t.input[0], t.input[3] - t.input[2]), []).append(t)
-        ordered += [t for same in shapes.values() for t in same]
     chunks: list[list[Tile]] = []
-    for t in ordered:
-        shape = (t.input[1] - t.input[0], t.input[3] - t.input[2])
-        last = chunks[-1] if chunks else None
-        if last and len(last) < batch and (last[0].input[1] - last[0].input[0],
-                                           last[0].input[3] - last[0].input[2]) == shape:
-            last.append(t)
-        else:
-            chunks.append([t])
+    for _, row in sorted(rows.items()):
+        shapes = list(dict.fromkeys(map(_input_shape, row)))  # in the order they first appear (a stable sort)
+        for t in sorted(row, key=lambda t: shapes.index(_input_shape(t))):
+            if chunks and len(chunks[-1]) < batch and _input_shape(chunks[-1][0]) == _input_shape(t):
+                chunks[-1].append(t)
+            else:
+                chunks.append([t])
     return chunks
 
 
