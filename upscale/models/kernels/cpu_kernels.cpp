@@ -1093,7 +1093,7 @@ void distill_chain(const Tensor& u, int64_t images, int64_t H, int64_t W, std::v
                    zp + (img * H + oy) * W * ldz, ldz, z.size(1), false);
       };
       // stage k (0-based) makes the rows within 3 - k of the share; c4 the share's own
-      for (int64_t t = a - 3; t < b + 3 + 3; ++t) {
+      for (int64_t t = a - 3; t < b + 3; ++t) {  // the last step makes c4's row b - 1
         for (int k = 0; k < 3; ++k) {
           const int64_t oy = t - k;  // a stage runs one row behind the one before it
           if (oy >= std::max<int64_t>(0, a - 3 + k) && oy < std::min(H, b + 3 - k)) stage(k, oy);
