@@ -289,6 +289,20 @@ def test_to_uint8_rounds_half_to_even_on_float32_tensors():
     np.testing.assert_array_equal(to_uint8(values)[0, :, 0], HALVES_EVEN)
 
 
+@pytest.mark.parametrize("shape", [(0, 5, 3), (1, 1, 3), (300, 17, 3), (513, 9), (7, 3, 4)])
+def test_to_uint8_is_numpys_float32_rounding_for_every_layout(shape):
+    """Whatever the array's dtype, order, strides or writability: clip, x255 and half-to-even in float32."""
+    rng = np.random.default_rng(sum(shape))
+    a = rng.random(shape, dtype=np.float32) * 1.4 - 0.2
+    a.flat[: a.size // 3] = np.array(HALVES * a.size, np.float32)[: a.size // 3] / np.float32(255)
+    frozen = a.copy()
+    frozen.setflags(write=False)
+    for v in (a, a.astype(np.float16), a[::2], a[::-1], np.asfortranarray(a), a.astype(">f4"), frozen,
+              a.astype(np.float64)):
+        want = np.round(np.clip(v.astype(np.float64 if v.dtype == np.float64 else np.float32), 0, 1) * 255)
+        np.testing.assert_array_equal(to_uint8(v), want.astype(np.uint8))
+
+
 def test_to_uint8_clamps_to_the_unit_range():
     out = to_uint8(np.array([-0.5, -1e-9, 0.0, 1.0, 1.0 + 1e-9, 7.0]))
     np.testing.assert_array_equal(out, [0, 0, 0, 255, 255, 255])

@@ -10,7 +10,7 @@ from conftest import (
 )
 
 from upscale import memory, registry
-from upscale.engine import MIN_TILE, EngineOptions, Upscaler
+from upscale.engine import MIN_TILE, EngineOptions, Upscaler, _all_finite
 from upscale.models.base import Placement
 from upscale.tiling import (
     Tile,
@@ -274,6 +274,18 @@ def test_non_finite_tile_is_recomputed_in_fp32(agdn2):
         agdn2.protocol, agdn2.tile, agdn2.precision = "reference", None, "auto"
     assert torch.isfinite(y).all()
     assert stats.fp32_fallbacks == 1 and stats.precision == "bf16" and "recomputed in fp32" in stats.notes[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_one_bad_value_anywhere_makes_an_output_non_finite(dtype):
+    for n in (1, 7, 64, 100_003):
+        y = torch.rand(n).to(dtype)
+        assert _all_finite(y) and _all_finite(y[:0])
+        for pos in {0, n // 2, n - 1}:
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                z = y.clone()
+                z[pos] = bad
+                assert not _all_finite(z) and not _all_finite(z.view(1, 1, 1, n)), (n, pos, bad)
 
 
 def test_bf16_on_cpu_runs_close_to_fp32(agdn2):

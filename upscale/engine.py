@@ -74,6 +74,15 @@ class NonFiniteOutputError(RuntimeError):
     """The network produced NaN or Inf in float32: broken weights or input, never a black image."""
 
 
+def _all_finite(y: torch.Tensor) -> bool:
+    """No NaN or Inf in y: its minimum and maximum are finite (both carry a NaN through). One reduction, without
+    the boolean map `isfinite` makes: on a 2752 x 2112 output tile 3 ms instead of 55."""
+    if y.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(y)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def pad_to_min_size(x: torch.Tensor, min_size: int) -> torch.Tensor:
     """Extend an image smaller than the network's minimum by mirroring at the bottom/right."""
     h, w = x.shape[-2:]
@@ -199,12 +208,12 @@ class Upscaler:
             if dtype != torch.float32:
                 with torch.autocast(self.device.type, dtype=dtype):
                     y = fn(x)
-                if torch.isfinite(y).all():
+                if _all_finite(y):
                     return y.float()
                 stats.fp32_fallbacks += 1
                 stats.note(f"non-finite {stats.precision} output, recomputed in fp32")
             y = fn(x).float()
-        if not torch.isfinite(y).all():
+        if not _all_finite(y):
             raise NonFiniteOutputError("the network's output holds NaN or Inf in float32 (broken weights?); "
                                        "no image written")
         return y
