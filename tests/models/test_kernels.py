@@ -688,3 +688,37 @@ def test_distill_chain_gives_the_bits_of_its_separate_passes(c, threads):
             assert torch.isfinite(want).all() and torch.equal(got, want), (n, h, w)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("c,heads", [(42, network.HEADS), (24, network.HEADS), (16, 1)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_qkv_gram_gives_the_bits_of_pw_dwconv_then_cell_gram(c, heads, threads):
+    # q|k|v made and summed unit by unit in a thread's buffer: against the qkv map of pw_dwconv and cell_gram
+    # on it, bit for bit, with and without the LayerNorm, on 1-3 images, maps narrower and shorter than a cell
+    # or a unit (16 rows), and a photo tile's cells (placement)
+    g = torch.Generator().manual_seed(c * threads)
+    wm = kernels.pad_columns(torch.randn(c, 3 * c, generator=g) / c**0.5)
+    taps = kernels.depthwise_taps(torch.randn(3 * c, 1, 3, 3, generator=g) / 3)
+    ln = (torch.randn(c, generator=g), torch.randn(c, generator=g), 1e-5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, h, w, placement in [(1, 1, 5, None), (1, 3, 17, None), (2, 17, 9, None), (3, 40, 33, None),
+                                   (1, 50, 61, None), (2, 70, 8, None), (1, 64, 56, Placement((300, 200), (48, 96)))]:
+            x = torch.randn(n * h * w, c, generator=g)
+            ry, row_seg, cx, col_seg, _, _ = fast._cell_layout(48, h, w, placement)
+            cells = (n, len(ry), len(cx))
+            for norm in ((None, None, 0.0), ln):
+                qkv = torch.empty(n * h * w, 3 * c)
+                ops.pw_dwconv(x, n, h, w, wm, 0, taps, None, False, None, 0, 0, qkv, None, None, *norm)
+                gram, sq = torch.empty(*cells, c, c), torch.empty(*cells, 2 * c)
+                ops.cell_gram(qkv, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, heads)
+                v = torch.full((n * h * w, c), float("nan"))
+                got_gram, got_sq = torch.full_like(gram, float("nan")), torch.full_like(sq, float("nan"))
+                ops.qkv_gram(x, n, h, w, wm, taps, *norm, c, row_seg, col_seg, len(ry), len(cx), heads, v, got_gram,
+                             got_sq)
+                what = (n, h, w, norm[0] is not None)
+                assert torch.isfinite(gram).all() and torch.equal(got_gram, gram), what
+                assert torch.equal(got_sq, sq) and torch.equal(v, qkv[:, 2 * c :]), what
+    finally:
+        torch.set_num_threads(before)

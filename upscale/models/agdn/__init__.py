@@ -40,12 +40,13 @@ class AGDNArchitecture(Architecture):
     def memory_estimate(self, model, device, dtype):
         # measured on the CPU (tests/test_memory.py), x4, 128x96 -> 256x192, per pixel: 4.5 KB on the eager
         # fast path (CPU without the kernels), 6.6 KB on the straight modules (what runs off the CPU and under
-        # autocast: 5.5 KB with bf16); the fused kernels: 1.61 KB at x4, 1.49 KB at x2 (tiles of 192 -> 384),
-        # seven C-wide maps and the output's 12 s^2 bytes, estimated with a fifth more
+        # autocast: 5.5 KB with bf16); the fused kernels: 1.28 KB at x4, 1.18 KB at x2 (256x192; 1.14 / 0.96 KB at
+        # 512x384): five C-wide maps, a sixth of MVSA's 5F channels (also v's: q and k are never stored,
+        # `qkv_gram`), its half-size maps, and the output's 12 s^2 bytes, estimated with a fifth more
         if torch.device(device).type != "cpu" or dtype != torch.float32 or not getattr(model, "fast", False):
             return MemoryEstimate(32 * MB, 8 * KB)
         if getattr(model, "use_kernels", False) and kernels.load() is not None:
-            return MemoryEstimate(16 * MB, int(1.2 * (1440 + 12 * model.scale**2)))
+            return MemoryEstimate(16 * MB, int(1.2 * (1100 + 12 * model.scale**2)))
         return MemoryEstimate(32 * MB, 6 * KB)
 
     def local_forward(self, model, x, placement):

@@ -30,8 +30,9 @@ from .network import (
 # The fast path again, on the fused CPU kernels of `kernels/` (float32 CPU only; built on first use,
 # else `_fast_forward` runs). Same algebra as `_fast_forward` plus these exact rearrangements:
 # - a 1x1 conv that feeds a depthwise conv runs inside the depthwise kernel, a few image rows at a time
-#   (`pw_dwconv`): qkv + qkv_dwconv, and the FFN's project_in + dwconv + gate (+ project_out, per row); their
-#   wide intermediate maps never reach memory;
+#   (`pw_dwconv`): the FFN's project_in + dwconv + gate (+ project_out, per row), and qkv + qkv_dwconv with the
+#   attention's grams summed from each unit of rows as it is made (`qkv_gram`: only v is stored); their wide
+#   intermediate maps never reach memory;
 # - the distillation (c{k}_d + c{k}_r as one GEMM per k, their depthwise convs, c4, c5) is one pass down the map
 #   (`distill_chain`), each stage a row behind the one before, so that only u and z reach memory (on a photo's
 #   tile every map streams from memory, and these were five of them);
@@ -193,8 +194,8 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
 
     Scratch buffers are shared by stage, to keep the working set small (at 128 x 128 the separate buffers
     added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed):
-    "mid" holds MVSA's GEMM output, RCCA's per-pixel weights, then q|k|v; "r0" holds z, "r1" RCCA's t. The
-    distillation's maps never reach memory (`distill_chain`)."""
+    "mid" holds MVSA's GEMM output, RCCA's per-pixel weights, then v; "r0" holds z, "r1" RCCA's t. The
+    distillation's maps never reach memory (`distill_chain`), nor do the attention's q and k (`qkv_gram`)."""
     p, c = u.shape
     dc = c // 2
     # per k, one GEMM for [c{k}_d | c{k}_r pointwise]; r_k = GELU(dw(pw) + bias + r_{k-1}) and d_k = GELU(c{k}_d +
@@ -206,12 +207,8 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
                       bw["c4_b"], bw["c5_wt"], z)
     _kernel_mvsa(ops, bw, z, n, h, w, placement, ws)
     _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws)
-    qkv = ws("mid", p, 3 * c)
-    # LN3, qkv and qkv_dwconv in one pass: the LayerNorm is the GEMM's prologue, row by row
-    ops.pw_dwconv(z, n, h, w, bw["qkv_wt"], 0, bw["qkv_dw"], None, False, None, 0, 0, qkv, None, None,
-                  bw["ln3_w"], bw["ln3_b"], 1e-5)
-    # z += Attn (in place) and out = z + Attn + u, in one pass
-    _kernel_attention(ops, bw, blk.ea.restormer_attn, qkv.view(n, h, w, 3 * c), z, n, h, w, placement, out, u)
+    # z += Attn (in place) and out = z + Attn + u
+    _kernel_attention(ops, bw, blk.ea.restormer_attn, z, n, h, w, placement, ws("mid", p, c), out, u)
     # LN4, project_in, dwconv, the gate and project_out (added to out) in one pass: the 4C-wide hidden map exists
     # only as three rows per thread, the 2C-wide gated one as one row
     ops.pw_dwconv(z, n, h, w, bw["ffin_wt"], 0, bw["ff_dw"], None, False, None, 0, 1, z.new_empty(0, 2 * c), None,
@@ -219,20 +216,21 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
     return out
 
 
-def _kernel_attention(ops, bw: dict, attn: SparseAttention, qkv: torch.Tensor, z: torch.Tensor, n: int, h: int,
-                      w: int, placement, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """z + project_out(attention) into `out` (pixels, C), one kernel pass for the grams and one for the output;
+def _kernel_attention(ops, bw: dict, attn: SparseAttention, z: torch.Tensor, n: int, h: int, w: int, placement,
+                      v: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """z + project_out(attention(LN3(z))) into `out` (pixels, C): one kernel pass for LN3, qkv, its depthwise conv
+    and the cells' grams (q and k stay in a thread's rows; v goes to the scratch map `v`), one for the output;
     with `residual`, that sum goes to z (in place) and out = sum + residual."""
     p, c = z.shape
     ry, row_seg, cx, col_seg, to_windows, to_cells = _cell_layout(attn.tlc_window, h, w, placement)
-    flat = qkv.view(p, 3 * c)
-    gram = qkv.new_empty(n, len(ry), len(cx), c, c)
-    sq = qkv.new_empty(n, len(ry), len(cx), 2 * c)
-    ops.cell_gram(flat, n, h, w, c, row_seg, col_seg, len(ry), len(cx), gram, sq, HEADS)
-    mats = qkv.new_empty(n, len(ry), len(cx), c, -(-c // _LANES) * _LANES)
+    gram = z.new_empty(n, len(ry), len(cx), c, c)
+    sq = z.new_empty(n, len(ry), len(cx), 2 * c)
+    ops.qkv_gram(z, n, h, w, bw["qkv_wt"], bw["qkv_dw"], bw["ln3_w"], bw["ln3_b"], 1e-5, c, row_seg, col_seg, len(ry),
+                 len(cx), HEADS, v, gram, sq)
+    mats = z.new_empty(n, len(ry), len(cx), c, -(-c // _LANES) * _LANES)
     ops.cell_mats(gram, sq, to_windows, to_cells, bw["tau"], bw["proj"], HEADS, mats)  # `_cell_matrices`
     extra = () if residual is None else (residual, z)
-    ops.cell_apply(flat[:, 2 * c :], z, mats, n, h, w, row_seg, col_seg, len(ry), len(cx), out, *extra)
+    ops.cell_apply(v, z, mats, n, h, w, row_seg, col_seg, len(ry), len(cx), out, *extra)
     return out
 
 

@@ -893,6 +893,35 @@ void gemm(const Tensor& x, const Tensor& w, Tensor out, bool accumulate, const s
 // epi_w/epi_out, the output does not reach memory either: each finished row goes through a 1x1 conv into
 // epi_out (AGDN's FFN: project_in, dwconv, gate and project_out in one pass).
 // wpw: (Cin, Cm) row-major, Cm a multiple of 16 covering every column used.
+// A thread's last three rows of y = x @ wpw (x LayerNorm-ed first when `norm` is set), by image row: a 3x3
+// depthwise pass after a 1x1 conv reads each row of y three times and has it computed once (slot = row % 3).
+struct GemmRowRing {
+  const float *xp, *wp;
+  int64_t ldx, H, W, Cin, Cm;
+  RowNorm norm;
+  std::vector<float> rows, normed;
+  int64_t held[3] = {-1, -1, -1};  // which image row each slot holds
+  GemmRowRing(const float* xp, int64_t ldx, int64_t H, int64_t W, int64_t Cin, const float* wp, int64_t Cm,
+              const RowNorm& norm)
+      : xp(xp), wp(wp), ldx(ldx), H(H), W(W), Cin(Cin), Cm(Cm), norm(norm), rows(3 * W * Cm + kLanes, 0.0f) {
+    if (norm) normed.assign(W * Cin, 0.0f);
+  }
+  const float* row(int64_t img, int64_t iy) {
+    const int64_t key = img * H + iy, slot = iy % 3;
+    float* dst = rows.data() + slot * W * Cm;
+    if (held[slot] != key) {  // y row = x row (W x Cin) @ wpw (Cin x Cm)
+      if (norm) {
+        norm.apply(xp + key * W * ldx, ldx, W, Cin, normed.data());
+        gemm_block(normed.data(), Cin, W, wp, Cm, Cin, dst, Cm, Cm, false);
+      } else {
+        gemm_block(xp + key * W * ldx, ldx, W, wp, Cm, Cin, dst, Cm, Cm, false);
+      }
+      held[slot] = key;
+    }
+    return dst;
+  }
+};
+
 void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tensor& wpw, int64_t conv_off,
                const Tensor& weight, const std::optional<Tensor>& bias, bool reflect,
                const std::optional<Tensor>& residual, int64_t act, int64_t mode, Tensor out,
@@ -941,43 +970,27 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   const float* wp = wpw.const_data_ptr<float>();
   const int64_t ldx = x.stride(0);
   TORCH_CHECK(Cm < (1 << 30) && W < (1 << 30) && ldx < (1 << 30), "too large for BLAS int");
-  struct Ring {  // a thread's three rows of y
-    std::vector<float> rows, zero_row, normed, out_row;
-    int64_t held[3] = {-1, -1, -1};  // which image row each slot holds
+  struct Buffers {  // a thread's row buffers besides its ring
+    std::vector<float> zero_row, out_row;
   };
   parallel_rows(images * H, [&] {
-    auto ring = std::make_shared<Ring>();
-    ring->rows.assign(3 * W * Cm + kLanes, 0.0f);
-    ring->zero_row.assign((W + 2) * Cm + kLanes, 0.0f);
-    if (norm) ring->normed.assign(W * Cin, 0.0f);
-    if (epi) ring->out_row.assign(W * Co + kLanes, 0.0f);
-    auto row_of = [&, ring](int64_t img, int64_t iy) -> const float* {
-      const int64_t key = img * H + iy, slot = iy % 3;
-      float* dst = ring->rows.data() + slot * W * Cm;
-      if (ring->held[slot] != key) {  // y row = x row (W x Cin) @ wpw (Cin x Cm), x LayerNorm-ed first if asked
-        if (norm) {
-          norm.apply(xp + key * W * ldx, ldx, W, Cin, ring->normed.data());
-          gemm_block(ring->normed.data(), Cin, W, wp, Cm, Cin, dst, Cm, Cm, false);
-        } else {
-          gemm_block(xp + key * W * ldx, ldx, W, wp, Cm, Cin, dst, Cm, Cm, false);
-        }
-        ring->held[slot] = key;
-      }
-      return dst;
-    };
-    return [&, ring, row_of](int64_t row) {
+    auto ring = std::make_shared<GemmRowRing>(xp, ldx, H, W, Cin, wp, Cm, norm);
+    auto buf = std::make_shared<Buffers>();
+    buf->zero_row.assign((W + 2) * Cm + kLanes, 0.0f);
+    if (epi) buf->out_row.assign(W * Co + kLanes, 0.0f);
+    return [&, ring, buf](int64_t row) {
       const int64_t img = row / H, oy = row % H;
       const float* src[3];
       for (int k = 0; k < 3; ++k) {
         const int64_t iy = tap_index(oy, k, 1, H, reflect);
-        src[k] = iy < 0 ? nullptr : row_of(img, iy) + conv_off;
+        src[k] = iy < 0 ? nullptr : ring->row(img, iy) + conv_off;
       }
       DwArgs args = base;
-      args.zero_row = ring->zero_row.data();
-      args.side = row_of(img, oy);  // columns [0, side_c) of this row of y
+      args.zero_row = buf->zero_row.data();
+      args.side = ring->row(img, oy);  // columns [0, side_c) of this row of y
       args.side_base = row * W;
       int64_t at = row;  // the output row's index in args.op
-      if (epi) args.op = ring->out_row.data(), args.ldo = Co, at = 0;
+      if (epi) args.op = buf->out_row.data(), args.ldo = Co, at = 0;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       dw_row_s1(args, src, at);
 #else
@@ -985,7 +998,7 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
       for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, at, ox);
       for (; ox < W; ++ox) dw_pixels<1>(args, src, at, ox);
 #endif
-      if (epi) gemm_block(ring->out_row.data(), Co, W, ew, Cm2, Co, eo + row * W * lde, lde, Ce, true);
+      if (epi) gemm_block(buf->out_row.data(), Co, W, ew, Cm2, Co, eo + row * W * lde, lde, Ce, true);
     };
   });
 }
@@ -1850,84 +1863,172 @@ void gram_rows(const float* base, int64_t ld, const CellLayout& L, int64_t C, in
   });
 }
 
+// cell_gram's units of work, fixed by the layout alone: runs of rows of one image, one row segment and one
+// block of rows, at most kUnitRows long. Each unit sums into its own copy of its band's cells, and the copies
+// are added in unit order (`GramUnits::reduce`), so the result never depends on which thread took which unit.
+struct GramUnits {
+  static constexpr int64_t kUnitRows = 16;
+  int64_t C, Cp, nx, heads, cell_size, band_size;
+  std::vector<int64_t> first_row;                // unit u: rows [first_row[u], first_row[u + 1]) of images * H
+  std::vector<std::vector<int64_t>> band_units;  // each band's units (band = image * ny + row segment), in order
+  float* partial;                                // the units' sums, band_size floats each
+
+  GramUnits(const CellLayout& layout, int64_t images, int64_t ny, int64_t nx, int64_t C, int64_t heads,
+            const int64_t* rs)
+      : C(C), Cp((C + kLanes - 1) / kLanes * kLanes), nx(nx), heads(heads), cell_size(C * Cp + 2 * Cp),
+        band_size(nx * cell_size), band_units(images * ny) {
+    const int64_t H = layout.H;
+    for (int64_t r = 0; r < images * H;) {
+      first_row.push_back(r);
+      const int64_t end_of_image = (r / H + 1) * H;
+      int64_t e = r + 1;
+      while (e < end_of_image && e - r < kUnitRows && rs[e % H] == rs[r % H] &&
+             layout.row_block(e % H) == layout.row_block(r % H))
+        ++e;
+      r = e;
+    }
+    first_row.push_back(images * H);
+    for (int64_t u = 0; u < count(); ++u) band_units[first_row[u] / H * ny + rs[first_row[u] % H]].push_back(u);
+    // kept between calls (per calling thread): a fresh buffer of this size is a new mapping from the OS on
+    // every call, page-faulted in 4 KiB at a time
+    thread_local std::vector<float> buffer;
+    const size_t need = static_cast<size_t>(count()) * band_size;
+    if (buffer.size() < need) buffer.resize(need);
+    partial = buffer.data();  // (the worker threads must not name the thread_local)
+  }
+  int64_t count() const { return static_cast<int64_t>(first_row.size()) - 1; }
+  // unit u's sums, zeroed
+  float* fresh(int64_t u) const {
+    float* band = partial + u * band_size;
+    std::fill_n(band, band_size, 0.0f);
+    return band;
+  }
+  // per cell, the sums of its band's units in unit order (a fixed order of the additions) into gram (cells, C,
+  // C) and sq (cells, 2C)
+  void reduce(int64_t cells, float* gp, float* sp) const {
+    const int64_t ch = C / heads;
+    parallel_rows(cells, [&] {
+      return [&](int64_t cell) {
+        const int64_t seg = cell % nx;
+        float* g = gp + cell * C * C;
+        float* s2 = sp + cell * 2 * C;
+        std::fill_n(g, C * C, 0.0f);  // the heads' off-diagonal blocks stay zero
+        std::fill_n(s2, 2 * C, 0.0f);
+        for (const int64_t u : band_units[cell / nx]) {
+          const float* src = partial + u * band_size + seg * cell_size;
+          for (int64_t i = 0; i < C; ++i) {
+            const int64_t j0 = i / ch * ch;  // the head's block
+            for (int64_t j = j0; j < j0 + ch; ++j) g[i * C + j] += src[i * Cp + j];
+          }
+          for (int64_t j = 0; j < C; ++j) s2[j] += src[C * Cp + j];
+          for (int64_t j = 0; j < C; ++j) s2[C + j] += src[C * Cp + Cp + j];
+        }
+      };
+    });
+  }
+};
+
+void check_gram_args(int64_t images, int64_t H, int64_t W, int64_t C, int64_t ny, int64_t nx, const Tensor& gram,
+                     const Tensor& sq, int64_t heads, int64_t offsets) {
+  TORCH_CHECK(C <= 256 && heads >= 1 && C % heads == 0, "cell_gram: C must split into the heads");
+  TORCH_CHECK(gram.is_contiguous() && gram.numel() == images * ny * nx * C * C, "gram: (images, ny, nx, C, C)");
+  TORCH_CHECK(sq.is_contiguous() && sq.numel() == images * ny * nx * 2 * C, "sq: (images, ny, nx, 2C)");
+  TORCH_CHECK(offsets >= 0 && (!offsets || (H % offsets == 0 && W % offsets == 0)), "offsets: sides its multiples");
+}
+
 // Channel attention over cells. A cell is a block of pixels (a segment of rows x a segment of columns) that
 // one fixed set of TLC windows covers; row_seg[y] / col_seg[x] give each row's / column's segment (of the
 // regrouped map with `offsets` > 0: see CellLayout).
 // cell_gram: per cell, G = sum over its pixels of q k^T (C x C, row = q channel) and the squared norms of the
 // q and k channels, from a map whose columns [0, C) are q and [C, 2C) are k. With `heads` > 1 only the heads'
 // diagonal blocks of G are computed (the attention never reads the rest), the others are written as zeros.
-// The work is cut into units fixed by the layout alone (at most kUnitRows rows of one band), each summing into
-// its own cells, and the units' sums are added in unit order: the result does not depend on which thread took
-// which unit, nor on the thread count, so the same input gives the same bits on every run (per-thread sums
-// under run-time row sharing did not).
+// The work is cut into `GramUnits`: the same input gives the same bits on every run and at every thread count
+// (per-thread sums under run-time row sharing did not).
 void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C, const Tensor& row_seg,
                const Tensor& col_seg, int64_t ny, int64_t nx, Tensor gram, Tensor sq, int64_t heads,
                int64_t offsets) {
   check_map(qk, "qk");
-  TORCH_CHECK(qk.size(1) >= 2 * C && qk.size(0) == images * H * W && C <= 256, "qk: (pixels, >= 2C)");
-  TORCH_CHECK(heads >= 1 && C % heads == 0, "cell_gram: C must split into the heads");
-  TORCH_CHECK(gram.is_contiguous() && gram.numel() == images * ny * nx * C * C, "gram: (images, ny, nx, C, C)");
-  TORCH_CHECK(sq.is_contiguous() && sq.numel() == images * ny * nx * 2 * C, "sq: (images, ny, nx, 2C)");
-  TORCH_CHECK(offsets >= 0 && (!offsets || (H % offsets == 0 && W % offsets == 0)), "offsets: sides its multiples");
+  TORCH_CHECK(qk.size(1) >= 2 * C && qk.size(0) == images * H * W, "qk: (pixels, >= 2C)");
+  check_gram_args(images, H, W, C, ny, nx, gram, sq, heads, offsets);
   const CellLayout layout{H, W, offsets};
-  const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes;
-  const int64_t cells = images * ny * nx, cell_size = C * Cp + 2 * Cp;
-  const int64_t* rs = row_seg.const_data_ptr<int64_t>();
   const int64_t* cs = col_seg.const_data_ptr<int64_t>();
   const float* base = qk.const_data_ptr<float>();
   const int64_t ld = qk.stride(0);
-  // units: runs of rows of one image, one row segment and one block of rows, at most kUnitRows long
-  constexpr int64_t kUnitRows = 16;
-  std::vector<int64_t> first_row;
-  for (int64_t r = 0; r < images * H;) {
-    first_row.push_back(r);
-    const int64_t end_of_image = (r / H + 1) * H;
-    int64_t e = r + 1;
-    while (e < end_of_image && e - r < kUnitRows && rs[e % H] == rs[r % H] &&
-           layout.row_block(e % H) == layout.row_block(r % H))
-      ++e;
-    r = e;
-  }
-  const int64_t units = static_cast<int64_t>(first_row.size());
-  first_row.push_back(images * H);
-  std::vector<std::vector<int64_t>> band_units(images * ny);  // each band's units, in unit order
-  for (int64_t u = 0; u < units; ++u) band_units[first_row[u] / H * ny + rs[first_row[u] % H]].push_back(u);
-  const int64_t band_size = nx * cell_size;
-  // kept between calls (per calling thread): a fresh buffer of this size is a new mapping from the OS on
-  // every call, page-faulted in 4 KiB at a time
-  thread_local std::vector<float> partial_buffer;
-  const size_t need = static_cast<size_t>(units) * band_size;
-  if (partial_buffer.size() < need) partial_buffer.resize(need);
-  float* const partial = partial_buffer.data();  // (the worker threads must not name the thread_local)
-  parallel_rows(units, [&] {
+  const GramUnits units(layout, images, ny, nx, C, heads, row_seg.const_data_ptr<int64_t>());
+  parallel_rows(units.count(), [&] {
     return [&](int64_t u) {
-      float* band = partial + u * band_size;
-      std::fill_n(band, band_size, 0.0f);
-      gram_rows(base, ld, layout, C, Cp, heads, cs, cell_size, band, first_row[u], first_row[u + 1]);
+      gram_rows(base, ld, layout, C, units.Cp, heads, cs, units.cell_size, units.fresh(u), units.first_row[u],
+                units.first_row[u + 1]);
     };
   });
-  // per cell, the sums of its band's units in unit order (a fixed order of the additions)
-  float* gp = gram.data_ptr<float>();
-  float* sp = sq.data_ptr<float>();
-  const int64_t ch = C / heads;
-  parallel_rows(cells, [&] {
-    return [&](int64_t cell) {
-      const int64_t seg = cell % nx;
-      float* g = gp + cell * C * C;
-      float* s2 = sp + cell * 2 * C;
-      std::fill_n(g, C * C, 0.0f);  // the heads' off-diagonal blocks stay zero
-      std::fill_n(s2, 2 * C, 0.0f);
-      for (const int64_t u : band_units[cell / nx]) {
-        const float* src = partial + u * band_size + seg * cell_size;
-        for (int64_t i = 0; i < C; ++i) {
-          const int64_t j0 = i / ch * ch;  // the head's block
-          for (int64_t j = j0; j < j0 + ch; ++j) g[i * C + j] += src[i * Cp + j];
+  units.reduce(images * ny * nx, gram.data_ptr<float>(), sq.data_ptr<float>());
+}
+
+// The qkv pass of a channel attention with cell_gram in it: q|k|v = depthwise 3x3 (zero padding, no bias) of
+// LayerNorm(x) @ wpw, as `pw_dwconv` computes it (the LayerNorm optional), then cell_gram's sums of q = [0, C)
+// and k = [C, 2C) and v = [2C, 3C) into `v`. Run unit by unit (`GramUnits`): a unit's q|k|v rows go to a
+// thread's buffer and are summed from there, so q and k never reach memory (on a photo's tile they were written
+// and read back from it, 2C floats a pixel each way). The same row functions on the same values: the grams are
+// cell_gram's bits, v pw_dwconv's.
+void qkv_gram(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tensor& wpw, const Tensor& weight,
+              const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias, double ln_eps, int64_t C,
+              const Tensor& row_seg, const Tensor& col_seg, int64_t ny, int64_t nx, int64_t heads, Tensor v,
+              Tensor gram, Tensor sq) {
+  check_map(x, "x");
+  check_map(v, "v");
+  check_gram_args(images, H, W, C, ny, nx, gram, sq, heads, 0);
+  const int64_t Cin = x.size(1), Cm = wpw.size(1), Cd = 3 * C;
+  TORCH_CHECK(wpw.is_contiguous() && wpw.dim() == 2 && wpw.size(0) == Cin && Cd <= Cm, "wpw: (Cin, >= 3C)");
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == 9 && Cd + kLanes <= weight.size(1) &&
+                  Cd <= kMaxChannels, "weight: (9, 3C + 16) expected");
+  TORCH_CHECK(x.size(0) == images * H * W && v.size(0) == x.size(0) && v.size(1) == C, "x, v: (pixels, Cin / C)");
+  const RowNorm norm = row_norm(ln_weight, ln_bias, ln_eps, Cin);
+  const CellLayout layout{H, W, 0};
+  const int64_t* cs = col_seg.const_data_ptr<int64_t>();
+  const GramUnits units(layout, images, ny, nx, C, heads, row_seg.const_data_ptr<int64_t>());
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = wpw.const_data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldv = v.stride(0);
+  const DwArgs base{nullptr, weight.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                    nullptr, H, W, H, W, Cd, Cd / 2, 0, Cm, weight.size(1), 0, Cd, Cm, 0, 1, kNone, 0, false};
+  struct Buffers {  // a thread's zero row (padding) and its unit's q|k|v rows
+    std::vector<float> zero_row, unit;
+  };
+  parallel_rows(units.count(), [&] {
+    auto ring = std::make_shared<GemmRowRing>(xp, ldx, H, W, Cin, wp, Cm, norm);
+    auto buf = std::make_shared<Buffers>();
+    buf->zero_row.assign((W + 2) * Cm + kLanes, 0.0f);
+    buf->unit.assign(GramUnits::kUnitRows * W * Cd + kLanes, 0.0f);
+    return [&, ring, buf](int64_t u) {
+      const int64_t first = units.first_row[u], rows = units.first_row[u + 1] - first;
+      DwArgs args = base;
+      args.zero_row = buf->zero_row.data();
+      args.op = buf->unit.data();
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t img = (first + r) / H, oy = (first + r) % H;
+        const float* src[3];
+        for (int k = 0; k < 3; ++k) {
+          const int64_t iy = tap_index(oy, k, 1, H, false);
+          src[k] = iy < 0 ? nullptr : ring->row(img, iy);
         }
-        for (int64_t j = 0; j < C; ++j) s2[j] += src[C * Cp + j];
-        for (int64_t j = 0; j < C; ++j) s2[C + j] += src[C * Cp + Cp + j];
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+        dw_row_s1(args, src, r);
+#else
+        int64_t ox = 0;
+        for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, r, ox);
+        for (; ox < W; ++ox) dw_pixels<1>(args, src, r, ox);
+#endif
+        const float* qkv_row = buf->unit.data() + r * W * Cd;
+        float* v_row = vp + (first + r) * W * ldv;
+        for (int64_t px = 0; px < W; ++px) std::copy_n(qkv_row + px * Cd + 2 * C, C, v_row + px * ldv);
       }
+      // the unit's rows as a map of `rows` rows starting at its first: gram_rows' blocks and order as cell_gram's
+      gram_rows(buf->unit.data(), Cd, CellLayout{rows, W, 0}, C, units.Cp, heads, cs, units.cell_size,
+                units.fresh(u), 0, rows);
     };
   });
+  units.reduce(images * ny * nx, gram.data_ptr<float>(), sq.data_ptr<float>());
 }
 
 // cell_mats: from cell_gram's G and squared norms, per cell the C x C matrix M with out = z + v @ M (what
@@ -2670,6 +2771,9 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("mvsa_tail", mvsa_tail);
   m.def("cell_gram(Tensor qk, int images, int H, int W, int C, Tensor row_seg, Tensor col_seg, int ny, int nx, "
         "Tensor gram, Tensor sq, int heads=1, int offsets=0) -> ()", cell_gram);
+  m.def("qkv_gram(Tensor x, int images, int H, int W, Tensor wpw, Tensor weight, Tensor? ln_weight, Tensor? ln_bias, "
+        "float ln_eps, int C, Tensor row_seg, Tensor col_seg, int ny, int nx, int heads, Tensor v, Tensor gram, "
+        "Tensor sq) -> ()", qkv_gram);
   m.def("cell_mats", cell_mats);
   m.def("cell_apply(Tensor v, Tensor z, Tensor mats, int images, int H, int W, Tensor row_seg, Tensor col_seg, "
         "int ny, int nx, Tensor out, Tensor? residual=None, Tensor? sum_out=None, int offsets=0) -> ()", cell_apply);
