@@ -383,6 +383,33 @@ def test_rcca_local_weight_matches_box_statistics(agdn_x4, n, h, w):
     _close(got, want, rel=2e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rcca_local_weight_with_z_gives_the_bits_of_stats_weights_and_combine(agdn_x4, threads):
+    """RCCA's output made as each row's weights are (tiles): against rcca_stats' g, rcca_local_weight's weights
+    and rcca_combine, bit for bit, on maps of 1-3 images down to one row or column, at 1-3 threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for n, h, w in [(1, 1, 9), (2, 7, 1), (1, 49, 50), (3, 20, 33), (1, 100, 17)]:
+                kw = fused._kernel_weights(agdn_x4, torch.rand(1, 3, 8, 8))["blocks"][4]
+                gen = torch.Generator().manual_seed(h * w + threads)
+                t = torch.randn(n * h * w, 42, generator=gen) * 0.3 + 0.5
+                z = torch.randn(n * h * w, 42, generator=gen)
+                g, weight = torch.empty(n * h * w), torch.empty(n * h * w, 42)
+                ops.rcca_stats(t, n, kw["dec_w"], kw["dec_b"], g, torch.empty(n, 2, 42, dtype=torch.float64))
+                ops.rcca_local_weight(t, n, h, w, network.LOCAL_STATS_WINDOW, kw["du0_w"], kw["du0_b"], kw["du2_w"],
+                                      kw["du2_b"], weight)
+                want = z.clone()
+                ops.rcca_combine(want, t, g, kw["sigma"], weight, n)
+                got = z.clone()
+                ops.rcca_local_weight(t, n, h, w, network.LOCAL_STATS_WINDOW, kw["du0_w"], kw["du0_b"], kw["du2_w"],
+                                      kw["du2_b"], torch.empty(0, 42), got, kw["dec_w"], kw["dec_b"], kw["sigma"])
+                assert not torch.equal(want, z) and torch.equal(got, want), (n, h, w)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("n,h,w,c,s", [(1, 7, 9, 3, 4), (2, 5, 6, 3, 2), (1, 4, 3, 3, 3), (1, 1, 1, 2, 4)])
 def test_pixel_shuffle_from_channels_last_rows(n, h, w, c, s):
     """The upsampler's PixelShuffle read from (pixels, C*s*s) rows equals F.pixel_shuffle on the NCHW map."""

@@ -285,14 +285,15 @@ def _kernel_rcca(ops, bw: dict, r: RCCA, z: torch.Tensor, n: int, h: int, w: int
     p, c = z.shape
     t = ws("r1", p, c)  # free after c4
     ops.dwconv3x3(z, n, h, w, bw["cca_dw"], bw["cca_dwb"], 1, False, None, 1, 0, t)
+    if placement is not None:
+        # per pixel: statistics over each pixel's neighbourhood (tiles), conv_du, and the output, row by row in one
+        # pass (the weights and GELU(decompose) never reach memory)
+        ops.rcca_local_weight(t, n, h, w, LOCAL_STATS_WINDOW, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"],
+                              z.new_empty(0, c), z, bw["dec_w"], bw["dec_b"], bw["sigma"])
+        return
     g = ws("g", p, 1).view(p)
     sums = torch.empty(n, 2, c, dtype=torch.float64)
     ops.rcca_stats(t, n, bw["dec_w"], bw["dec_b"], g, sums)
-    if placement is None:  # mean + std over the image, then conv_du, in one call
-        weight = z.new_empty(n, c)
-        ops.rcca_weight(t, sums, n, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"], weight)
-    else:  # per pixel: statistics over each pixel's neighbourhood (tiles), then conv_du
-        weight = ws("mid", p, c)  # free until the qkv pass
-        ops.rcca_local_weight(t, n, h, w, LOCAL_STATS_WINDOW, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"],
-                              weight)
+    weight = z.new_empty(n, c)  # mean + std over the image, then conv_du, in one call
+    ops.rcca_weight(t, sums, n, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"], weight)
     ops.rcca_combine(z, t, g, bw["sigma"], weight, n)

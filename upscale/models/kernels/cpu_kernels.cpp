@@ -1383,6 +1383,12 @@ ALWAYS_INLINE void store_as_floats(const at::vec::Vectorized<double>& v, float* 
 #endif
 }
 
+// RCCA's output for a vector of channels, z + t * (sigma + w) - sigma * g, spelled as two FMAs: the compiler
+// contracts a product and a sum into an FMA or not by context, and two kernels must give the same bits
+ALWAYS_INLINE Vec rcca_output(Vec z, Vec t, Vec sigma, Vec w, Vec g) {
+  return at::vec::fmadd(Vec(0.0f) - sigma, g, at::vec::fmadd(t, sigma + w, z));
+}
+
 // RCCA's channel weights with local statistics (tiles): per pixel and channel, mean and E[t^2] over the
 // size x size window centred on the pixel, clipped at the map's border (as layers.box_mean: sums in float64,
 // t^2 rounded to float32 first, both means rounded to float32, then std = sqrt(max(E[t^2] - mean^2, 0)) in
@@ -1394,15 +1400,31 @@ ALWAYS_INLINE void store_as_floats(const at::vec::Vectorized<double>& v, float* 
 // float32 first, so the float64 sums are exact unless a window's values span over ~2^17 in magnitude: then the
 // result is still the same for any band split (each band re-sums its first window). The row's x = std + mean
 // stays in a thread's row buffer, and conv_du and the sigmoid run on it before the next row: one write of out.
+// With `z` (and dec_w, dec_b, sigma), RCCA's output instead, in place on z, row by row as the weights are made:
+// z + t * (sigma + w) - sigma * g with g = GELU(t . dec_w + dec_b), the bits of rcca_stats' g and rcca_combine,
+// and neither the weights nor g reach memory (`out` is not touched).
 void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, int64_t size, const Tensor& du0,
-                       const Tensor& b0, const Tensor& du2, const Tensor& b2, Tensor out) {
+                       const Tensor& b0, const Tensor& du2, const Tensor& b2, Tensor out,
+                       const std::optional<Tensor>& z, const std::optional<Tensor>& dec_w, double dec_b,
+                       const std::optional<Tensor>& sigma) {
   check_map(t, "t");
-  check_map(out, "out");
-  const int64_t C = t.size(1), ldt = t.stride(0), ldo = out.stride(0), hidden = du0.size(0), r = size / 2;
-  TORCH_CHECK(t.size(0) == images * H * W && out.size(0) == t.size(0) && out.size(1) == C && hidden <= 64 &&
-              du0.is_contiguous() && du2.is_contiguous() && C <= kMaxChannels, "rcca_local_weight shapes");
+  const bool combine = z.has_value() && z->defined();
+  const int64_t C = t.size(1), ldt = t.stride(0), hidden = du0.size(0), r = size / 2;
+  TORCH_CHECK(t.size(0) == images * H * W && hidden <= 64 && du0.is_contiguous() && du2.is_contiguous() &&
+                  C <= kMaxChannels, "rcca_local_weight shapes");
+  if (combine) {
+    check_map(*z, "z");
+    TORCH_CHECK(z->size(0) == t.size(0) && z->size(1) == C && dec_w.has_value() && dec_w->numel() >= C &&
+                    sigma.has_value() && sigma->numel() >= C, "rcca_local_weight: z (pixels, C), dec_w, sigma");
+  } else {
+    check_map(out, "out");
+    TORCH_CHECK(out.size(0) == t.size(0) && out.size(1) == C, "rcca_local_weight: out (pixels, C)");
+  }
+  const int64_t ldo = combine ? z->stride(0) : out.stride(0);
   const float* tp = t.const_data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  float* op = combine ? z->data_ptr<float>() : out.data_ptr<float>();
+  const float* dw = combine ? dec_w->const_data_ptr<float>() : nullptr;
+  const float* sg = combine ? sigma->const_data_ptr<float>() : nullptr;
   const float *w0 = du0.const_data_ptr<float>(), *w2 = du2.const_data_ptr<float>();
   const float *c0 = b0.const_data_ptr<float>(), *c2 = b2.const_data_ptr<float>();
   std::vector<float> w2t(hidden * (C + kLanes), 0.0f);  // du2 transposed: row j = weights of hidden unit j
@@ -1417,7 +1439,7 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
     static thread_local std::vector<double> sums;  // reused across calls: no fresh pages per call
     static thread_local std::vector<float> rows_buf;
     sums.resize(2 * W * ldv + W);
-    rows_buf.resize(2 * W * ldr);
+    rows_buf.resize(2 * W * ldr + W + kLanes);
     double* __restrict v1 = sums.data();  // vertical sums of t, (column, channel)
     double* __restrict v2 = v1 + W * ldv;   // and of t^2
     double* __restrict inv = v2 + W * ldv;  // 1 / window size, per column
@@ -1458,41 +1480,51 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
         inv[x] = 1.0 / (rows * static_cast<double>(std::min(W, x + r + 1) - std::max<int64_t>(0, x - r)));
       // one vector of channels at a time: bring column x + r's vertical sums up to this row, then slide the
       // row's window sums along x in registers; the means go to the row buffers as float32
-      for (int64_t c = 0; c < ldv; c += kd) {
+      // (everything the loops read is a local copy taken by value: the vector stores may alias anything, and
+      // values reached through the enclosing lambdas' references were reloaded after every store)
+      const int64_t Wl = W, rl = r, ldvl = ldv, ldtl = ldt, ldrl = ldr;
+      const double* const invl = inv;
+      for (int64_t c = 0; c < ldvl; c += kd) {
         const int64_t n = std::max<int64_t>(0, std::min(kd, C - c));
-        auto update = [&](int64_t x, VecD& a, VecD& b) __attribute__((always_inline)) {
-          a = VecD::loadu(v1 + x * ldv + c);
-          b = VecD::loadu(v2 + x * ldv + c);
-          if (enter) {
+        double* const a1 = v1 + c;
+        double* const a2 = v2 + c;
+        const float* const in = enter ? enter + c : nullptr;
+        const float* const out = leave ? leave + c : nullptr;
+        float* const m1 = xr + c;
+        float* const m2 = sq + c;
+        auto update = [=](int64_t x, VecD& a, VecD& b) __attribute__((always_inline)) {
+          a = VecD::loadu(a1 + x * ldvl);
+          b = VecD::loadu(a2 + x * ldvl);
+          if (in) {
             VecD t1, t2;
-            floats_as_doubles(enter + x * ldt + c, n, t1, t2);
+            floats_as_doubles(in + x * ldtl, n, t1, t2);
             a = a + t1, b = b + t2;
           }
-          if (leave) {
+          if (out) {
             VecD t1, t2;
-            floats_as_doubles(leave + x * ldt + c, n, t1, t2);
+            floats_as_doubles(out + x * ldtl, n, t1, t2);
             a = a - t1, b = b - t2;
           }
-          a.store(v1 + x * ldv + c);
-          b.store(v2 + x * ldv + c);
+          a.store(a1 + x * ldvl);
+          b.store(a2 + x * ldvl);
         };
         VecD s1(0.0), s2(0.0);
-        for (int64_t x = 0; x < std::min(r, W); ++x) {
+        for (int64_t x = 0; x < std::min(rl, Wl); ++x) {
           VecD a, b;
           update(x, a, b);
           s1 = s1 + a, s2 = s2 + b;
         }
-        for (int64_t x = 0; x < W; ++x) {
-          if (x + r < W) {
+        for (int64_t x = 0; x < Wl; ++x) {
+          if (x + rl < Wl) {
             VecD a, b;
-            update(x + r, a, b);
+            update(x + rl, a, b);
             s1 = s1 + a, s2 = s2 + b;
           }
-          if (x - r - 1 >= 0)
-            s1 = s1 - VecD::loadu(v1 + (x - r - 1) * ldv + c), s2 = s2 - VecD::loadu(v2 + (x - r - 1) * ldv + c);
-          const VecD f(inv[x]);
-          store_as_floats(s1 * f, xr + x * ldr + c);
-          store_as_floats(s2 * f, sq + x * ldr + c);
+          if (x - rl - 1 >= 0)
+            s1 = s1 - VecD::loadu(a1 + (x - rl - 1) * ldvl), s2 = s2 - VecD::loadu(a2 + (x - rl - 1) * ldvl);
+          const VecD f(invl[x]);
+          store_as_floats(s1 * f, m1 + x * ldrl);
+          store_as_floats(s2 * f, m2 + x * ldrl);
         }
       }
       for (int64_t x = 0; x < W; ++x) {
@@ -1502,6 +1534,25 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
           const int64_t n = std::min(kLanes, C - c0v);
           const Vec m = load(mean + c0v, n), e2 = load(e2p + c0v, n);
           store(at::vec::maximum(e2 - m * m, Vec(0.0f)).sqrt() + m, mean + c0v, n);
+        }
+      }
+      // with z: the row's g, as rcca_stats makes it (each pixel's dot, then GELU a vector of pixels at a time)
+      float* __restrict g = sq + W * ldr;
+      const float* t_row = tp + row * W * ldt;
+      if (combine) {
+        for (int64_t x = 0; x < W; ++x) {
+          Vec dot(0.0f);
+          for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
+            const int64_t n = std::min(kLanes, C - c0v);
+            Vec v = load(t_row + x * ldt + c0v, n);
+            if (n < kLanes) v = Vec::set(Vec(0.0f), v, n);
+            dot = at::vec::fmadd(v, load(dw + c0v, n), dot);
+          }
+          g[x] = hsum(dot) + static_cast<float>(dec_b);
+        }
+        for (int64_t x = 0; x < W; x += kLanes) {
+          const int64_t n = std::min(kLanes, W - x);
+          store(gelu(load(g + x, n)), g + x, n);
         }
       }
       // conv_du (two 1x1 convs) and the sigmoid on the row
@@ -1523,7 +1574,13 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
           Vec a = load(c2 + c0v, n);
           for (int64_t j = 0; j < hidden; ++j)
             a = at::vec::fmadd(Vec(h[j]), Vec::loadu(w2t.data() + j * (C + kLanes) + c0v), a);
-          store(sigmoid(a), dst + c0v, n);
+          if (combine) {  // rcca_combine's steps on this pixel
+            const Vec w = sigmoid(a);
+            store(rcca_output(load(dst + c0v, n), load(t_row + x * ldt + c0v, n), load(sg + c0v, n), w, Vec(g[x])),
+                  dst + c0v, n);
+          } else {
+            store(sigmoid(a), dst + c0v, n);
+          }
         }
       }
     }
@@ -1553,9 +1610,9 @@ void rcca_combine(Tensor z, const Tensor& t, const Tensor& g, const Tensor& sigm
       const Vec gv(gp[p]);
       for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
         const int64_t n = std::min(kLanes, C - c0);
-        const Vec s = load(sg + c0, n);
-        Vec r = at::vec::fmadd(load(tp + p * ldt + c0, n), s + load(wr + c0, n), load(zp + p * ldz + c0, n));
-        store(r - s * gv, zp + p * ldz + c0, n);
+        const Vec out = rcca_output(load(zp + p * ldz + c0, n), load(tp + p * ldt + c0, n), load(sg + c0, n),
+                                    load(wr + c0, n), gv);
+        store(out, zp + p * ldz + c0, n);
       }
     }
   });
@@ -2766,7 +2823,8 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "float ln_eps=0.0) -> ()", gemm);
   m.def("rcca_stats", rcca_stats);
   m.def("rcca_weight", rcca_weight);
-  m.def("rcca_local_weight", rcca_local_weight);
+  m.def("rcca_local_weight(Tensor t, int images, int H, int W, int size, Tensor du0, Tensor b0, Tensor du2, Tensor b2, "
+        "Tensor out, Tensor? z=None, Tensor? dec_w=None, float dec_b=0.0, Tensor? sigma=None) -> ()", rcca_local_weight);
   m.def("rcca_combine", rcca_combine);
   m.def("mvsa_tail", mvsa_tail);
   m.def("cell_gram(Tensor qk, int images, int H, int W, int C, Tensor row_seg, Tensor col_seg, int ny, int nx, "
