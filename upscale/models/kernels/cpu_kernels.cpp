@@ -1383,6 +1383,64 @@ ALWAYS_INLINE void store_as_floats(const at::vec::Vectorized<double>& v, float* 
 #endif
 }
 
+// Vectors of doubles whose window sums one call of local_sums_group keeps in registers (two accumulators each)
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kLocalGroup = 6;
+#else
+constexpr int64_t kLocalGroup = 3;
+#endif
+
+// rcca_local_weight's sliding pass over one row for `count` (<= kLocalGroup) vectors of channels (the first
+// `left` channels valid): per column x, column x + r's vertical sums (a1, a2; ldv apart) take the entering row
+// (in) and lose the leaving one (out), then the horizontal window sums slide along x and their means (times
+// inv[x]) go to m1, m2 (ldr apart) as floats. Every channel sees the same operations in the same order as one
+// vector at a time would give it.
+ALWAYS_INLINE void local_sums_group(double* a1, double* a2, const float* in, const float* out, int64_t ldt,
+                                    int64_t ldv, int64_t count, int64_t left, int64_t W, int64_t r,
+                                    const double* inv, float* m1, float* m2, int64_t ldr) {
+  using VecD = at::vec::Vectorized<double>;
+  constexpr int64_t kd = VecD::size();
+  int64_t n[kLocalGroup];
+  for (int k = 0; k < kLocalGroup; ++k) n[k] = std::max<int64_t>(0, std::min(kd, left - k * kd));
+  VecD s1[kLocalGroup], s2[kLocalGroup];
+#pragma GCC unroll 8
+  for (int k = 0; k < kLocalGroup; ++k) s1[k] = VecD(0.0), s2[k] = VecD(0.0);
+  auto update = [=, &s1, &s2](int64_t x) __attribute__((always_inline)) {
+#pragma GCC unroll 8
+    for (int k = 0; k < kLocalGroup; ++k) {
+      if (k >= count) break;
+      VecD a = VecD::loadu(a1 + x * ldv + k * kd), b = VecD::loadu(a2 + x * ldv + k * kd);
+      if (in) {
+        VecD t1, t2;
+        floats_as_doubles(in + x * ldt + k * kd, n[k], t1, t2);
+        a = a + t1, b = b + t2;
+      }
+      if (out) {
+        VecD t1, t2;
+        floats_as_doubles(out + x * ldt + k * kd, n[k], t1, t2);
+        a = a - t1, b = b - t2;
+      }
+      a.store(a1 + x * ldv + k * kd);
+      b.store(a2 + x * ldv + k * kd);
+      s1[k] = s1[k] + a, s2[k] = s2[k] + b;
+    }
+  };
+  for (int64_t x = 0; x < std::min(r, W); ++x) update(x);
+  for (int64_t x = 0; x < W; ++x) {
+    if (x + r < W) update(x + r);
+    const VecD f(inv[x]);
+#pragma GCC unroll 8
+    for (int k = 0; k < kLocalGroup; ++k) {
+      if (k >= count) break;
+      if (x - r - 1 >= 0)
+        s1[k] = s1[k] - VecD::loadu(a1 + (x - r - 1) * ldv + k * kd),
+        s2[k] = s2[k] - VecD::loadu(a2 + (x - r - 1) * ldv + k * kd);
+      store_as_floats(s1[k] * f, m1 + x * ldr + k * kd);
+      store_as_floats(s2[k] * f, m2 + x * ldr + k * kd);
+    }
+  }
+}
+
 // RCCA's output for a vector of channels, z + t * (sigma + w) - sigma * g, spelled as two FMAs: the compiler
 // contracts a product and a sum into an FMA or not by context, and two kernels must give the same bits
 ALWAYS_INLINE Vec rcca_output(Vec z, Vec t, Vec sigma, Vec w, Vec g) {
@@ -1478,55 +1536,12 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
       const double rows = static_cast<double>(hi - lo);
       for (int64_t x = 0; x < W; ++x)
         inv[x] = 1.0 / (rows * static_cast<double>(std::min(W, x + r + 1) - std::max<int64_t>(0, x - r)));
-      // one vector of channels at a time: bring column x + r's vertical sums up to this row, then slide the
-      // row's window sums along x in registers; the means go to the row buffers as float32
-      // (everything the loops read is a local copy taken by value: the vector stores may alias anything, and
-      // values reached through the enclosing lambdas' references were reloaded after every store)
-      const int64_t Wl = W, rl = r, ldvl = ldv, ldtl = ldt, ldrl = ldr;
-      const double* const invl = inv;
-      for (int64_t c = 0; c < ldvl; c += kd) {
-        const int64_t n = std::max<int64_t>(0, std::min(kd, C - c));
-        double* const a1 = v1 + c;
-        double* const a2 = v2 + c;
-        const float* const in = enter ? enter + c : nullptr;
-        const float* const out = leave ? leave + c : nullptr;
-        float* const m1 = xr + c;
-        float* const m2 = sq + c;
-        auto update = [=](int64_t x, VecD& a, VecD& b) __attribute__((always_inline)) {
-          a = VecD::loadu(a1 + x * ldvl);
-          b = VecD::loadu(a2 + x * ldvl);
-          if (in) {
-            VecD t1, t2;
-            floats_as_doubles(in + x * ldtl, n, t1, t2);
-            a = a + t1, b = b + t2;
-          }
-          if (out) {
-            VecD t1, t2;
-            floats_as_doubles(out + x * ldtl, n, t1, t2);
-            a = a - t1, b = b - t2;
-          }
-          a.store(a1 + x * ldvl);
-          b.store(a2 + x * ldvl);
-        };
-        VecD s1(0.0), s2(0.0);
-        for (int64_t x = 0; x < std::min(rl, Wl); ++x) {
-          VecD a, b;
-          update(x, a, b);
-          s1 = s1 + a, s2 = s2 + b;
-        }
-        for (int64_t x = 0; x < Wl; ++x) {
-          if (x + rl < Wl) {
-            VecD a, b;
-            update(x + rl, a, b);
-            s1 = s1 + a, s2 = s2 + b;
-          }
-          if (x - rl - 1 >= 0)
-            s1 = s1 - VecD::loadu(a1 + (x - rl - 1) * ldvl), s2 = s2 - VecD::loadu(a2 + (x - rl - 1) * ldvl);
-          const VecD f(invl[x]);
-          store_as_floats(s1 * f, m1 + x * ldrl);
-          store_as_floats(s2 * f, m2 + x * ldrl);
-        }
-      }
+      // kLocalGroup vectors of channels at a time (all of C = 42 under AVX-512), column by column: bring column
+      // x + r's vertical sums up to this row, then slide the row's window sums along x in registers; the means
+      // go to the row buffers as float32. A column's t values are read once per group, in order along the row.
+      for (int64_t c = 0; c < ldv; c += kLocalGroup * kd)
+        local_sums_group(v1 + c, v2 + c, enter ? enter + c : nullptr, leave ? leave + c : nullptr, ldt, ldv,
+                         std::min<int64_t>(kLocalGroup, (ldv - c) / kd), C - c, W, r, inv, xr + c, sq + c, ldr);
       for (int64_t x = 0; x < W; ++x) {
         float* __restrict mean = xr + x * ldr;
         const float* __restrict e2p = sq + x * ldr;
