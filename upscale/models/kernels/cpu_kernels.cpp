@@ -1576,6 +1576,19 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
         const float* xv = xr + x * ldr;
         float* dst = dst_row + x * ldo;
         float h[64];
+#if defined(CPU_CAPABILITY_AVX512)
+        if (hidden == 4) {  // AGDN: the four dot products' sums in one shuffle tree (`hsum4`)
+          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
+            const int64_t n = std::min(kLanes, C - c0v);
+            const Vec xc = load(xv + c0v, n);
+            for (int j = 0; j < 4; ++j) acc[j] = at::vec::fmadd(xc, load(w0 + j * C + c0v, n), Vec(acc[j]));
+          }
+          alignas(64) float sums[kLanes];
+          _mm512_store_ps(sums, hsum4(acc[0], acc[1], acc[2], acc[3]));
+          for (int j = 0; j < 4; ++j) h[j] = std::max(sums[j] + c0[j], 0.0f);
+        } else
+#endif
         for (int64_t j = 0; j < hidden; ++j) {
           Vec acc(0.0f);
           for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
