@@ -301,6 +301,12 @@ def test_to_uint8_is_numpys_float32_rounding_for_every_layout(shape):
               a.astype(np.float64)):
         want = np.round(np.clip(v.astype(np.float64 if v.dtype == np.float64 else np.float32), 0, 1) * 255)
         np.testing.assert_array_equal(to_uint8(v), want.astype(np.uint8))
+        into = np.full((3 * v.shape[0] + 1,) + v.shape[1:], 7, np.uint8)  # the middle rows of a larger array
+        assert to_uint8(v, into[1 : 1 + v.shape[0]]).base is into
+        np.testing.assert_array_equal(into[1 : 1 + v.shape[0]], want.astype(np.uint8))
+        assert (into[0] == 7).all() and (into[1 + v.shape[0] :] == 7).all()
+    with pytest.raises(ValueError, match="uint8 of shape"):
+        to_uint8(a, np.empty(a.shape, np.uint16))
 
 
 def test_to_uint8_clamps_to_the_unit_range():

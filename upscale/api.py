@@ -124,9 +124,13 @@ def _quantised(model: "Upscaler", rgb: np.ndarray, grey: bool, bits: int) -> tup
     out = np.empty((rgb.shape[0] * s, rgb.shape[1] * s, 3), np.uint16 if bits == 16 else np.uint8)
 
     def store(top: int, rows: np.ndarray) -> None:
+        band = out[top : top + rows.shape[0]]
         if grey:  # as the float path gives the encoders that keep grey: the mean, replicated, then their mean
             rows = np.repeat(rows.mean(axis=2, keepdims=True), 3, axis=2).mean(axis=2, keepdims=True)
-        out[top : top + rows.shape[0]] = quantise(rows.astype(np.float32, copy=False), bits)
+            quantise(rows.astype(np.float32, copy=False), bits, band[..., :1])
+            band[..., 1:] = band[..., :1]
+        else:  # straight into the output's rows: no temporary of the band's size
+            quantise(rows.astype(np.float32, copy=False), bits, band)
 
     _, stats = model.upscale_array(rgb, on_rows=store)
     return out, stats

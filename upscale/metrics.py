@@ -92,7 +92,7 @@ def shave(img: np.ndarray, border: int) -> np.ndarray:
 ROWS_PER_BLOCK = 256
 
 
-def to_uint8(img: torch.Tensor | np.ndarray) -> np.ndarray:
+def to_uint8(img: torch.Tensor | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Quantise a [0, 1] float image the way the SR papers quantise their outputs.
 
     Clamp to [0, 1], multiply by 255, round half-to-even (NumPy's rounding), cast to uint8. The arithmetic
@@ -101,7 +101,7 @@ def to_uint8(img: torch.Tensor | np.ndarray) -> np.ndarray:
 
     A torch tensor is taken to be in torch layout, (1, C, H, W), (C, H, W) or (H, W), and is returned as a
     channels-last NumPy array (H x W x C, or H x W): the layout every other function here uses. A NumPy
-    array keeps its layout.
+    array keeps its layout. `out`: a uint8 array of that shape to write into (and return) instead of a new one.
     """
     if isinstance(img, torch.Tensor):
         t = img.detach().cpu()
@@ -118,8 +118,11 @@ def to_uint8(img: torch.Tensor | np.ndarray) -> np.ndarray:
         a = t.contiguous().numpy()
     else:
         a = np.asarray(img)
-    out = np.empty(a.shape, dtype=np.uint8)
-    if a.dtype in (np.float32, np.float16) and a.dtype.isnative and min(a.strides, default=0) >= 0:
+    if out is None:
+        out = np.empty(a.shape, dtype=np.uint8)
+    elif out.shape != a.shape or out.dtype != np.uint8:
+        raise ValueError(f"to_uint8: out must be uint8 of shape {a.shape}, got {out.dtype} {out.shape}")
+    if a.dtype in (np.float32, np.float16) and a.dtype.isnative and min(a.strides + out.strides, default=0) >= 0:
         # the same float32 steps in PyTorch, on every core: an upscaled photo's 59 M values, often a
         # channels-last view of planar rows, took 3x as long in NumPy
         with warnings.catch_warnings():  # a read-only array is only read

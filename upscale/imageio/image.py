@@ -234,17 +234,18 @@ def pillow_planes(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool,
     return rgb, alpha, grey, depth
 
 
-def quantise(x: np.ndarray, bits: int) -> np.ndarray:
-    """[0, 1] floats to uint8 (metrics.to_uint8: half-to-even) or uint16 (round(x * 65535))."""
+def quantise(x: np.ndarray, bits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """[0, 1] floats to uint8 (metrics.to_uint8: half-to-even) or uint16 (round(x * 65535)); into `out` (of x's
+    shape and that depth) when given."""
     if bits == 16:
-        out = np.empty(x.shape, dtype=np.uint16)
+        out = np.empty(x.shape, dtype=np.uint16) if out is None else out
         for start in range(0, max(1, x.shape[0]), 256):  # row blocks keep temporaries small
             block = np.clip(x[start : start + 256], 0.0, 1.0) * 65535.0
             out[start : start + 256] = np.round(block, out=block)
         return out
     from ..metrics import to_uint8
 
-    return to_uint8(np.asarray(x, dtype=np.float32))
+    return to_uint8(np.asarray(x, dtype=np.float32), out)
 
 
 def _compose(rgb: np.ndarray, alpha: np.ndarray | None, grey: bool) -> np.ndarray:
