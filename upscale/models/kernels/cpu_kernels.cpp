@@ -2075,41 +2075,48 @@ void qkv_gram(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tenso
   const float* wp = wpw.const_data_ptr<float>();
   float* vp = v.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldv = v.stride(0);
-  const DwArgs base{nullptr, weight.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                    nullptr, H, W, H, W, Cd, Cd / 2, 0, Cm, weight.size(1), 0, Cd, Cm, 0, 1, kNone, 0, false};
-  struct Buffers {  // a thread's zero row (padding) and its unit's q|k|v rows
+  // two depthwise calls a row, on channels [0, 2C) into the unit's buffer and [2C, 3C) straight into v: each
+  // channel's arithmetic is the same as in one call over all 3C
+  const float* taps = weight.const_data_ptr<float>();
+  const DwArgs qk_args{nullptr, taps, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, H, W, H, W,
+                       2 * C, C, 0, Cm, weight.size(1), 0, 2 * C, Cm, 0, 1, kNone, 0, false};
+  DwArgs v_args = qk_args;
+  v_args.wp = taps + 2 * C, v_args.C = C, v_args.G = C / 2, v_args.op = vp, v_args.ldo = ldv;
+  auto dw_row = [W](const DwArgs& args, const float* const src[3], int64_t row) __attribute__((always_inline)) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    dw_row_s1(args, src, row);
+#else
+    int64_t ox = 0;
+    for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, row, ox);
+    for (; ox < W; ++ox) dw_pixels<1>(args, src, row, ox);
+#endif
+  };
+  struct Buffers {  // a thread's zero row (padding) and its unit's q|k rows
     std::vector<float> zero_row, unit;
   };
   parallel_rows(units.count(), [&] {
     auto ring = std::make_shared<GemmRowRing>(xp, ldx, H, W, Cin, wp, Cm, norm);
     auto buf = std::make_shared<Buffers>();
     buf->zero_row.assign((W + 2) * Cm + kLanes, 0.0f);
-    buf->unit.assign(GramUnits::kUnitRows * W * Cd + kLanes, 0.0f);
+    buf->unit.assign(GramUnits::kUnitRows * W * 2 * C + kLanes, 0.0f);
     return [&, ring, buf](int64_t u) {
       const int64_t first = units.first_row[u], rows = units.first_row[u + 1] - first;
-      DwArgs args = base;
-      args.zero_row = buf->zero_row.data();
-      args.op = buf->unit.data();
+      DwArgs qk = qk_args, v = v_args;
+      qk.zero_row = v.zero_row = buf->zero_row.data();
+      qk.op = buf->unit.data();
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t img = (first + r) / H, oy = (first + r) % H;
-        const float* src[3];
+        const float *src[3], *v_src[3];
         for (int k = 0; k < 3; ++k) {
           const int64_t iy = tap_index(oy, k, 1, H, false);
           src[k] = iy < 0 ? nullptr : ring->row(img, iy);
+          v_src[k] = src[k] ? src[k] + 2 * C : nullptr;
         }
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-        dw_row_s1(args, src, r);
-#else
-        int64_t ox = 0;
-        for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, r, ox);
-        for (; ox < W; ++ox) dw_pixels<1>(args, src, r, ox);
-#endif
-        const float* qkv_row = buf->unit.data() + r * W * Cd;
-        float* v_row = vp + (first + r) * W * ldv;
-        for (int64_t px = 0; px < W; ++px) std::copy_n(qkv_row + px * Cd + 2 * C, C, v_row + px * ldv);
+        dw_row(qk, src, r);
+        dw_row(v, v_src, first + r);
       }
       // the unit's rows as a map of `rows` rows starting at its first: gram_rows' blocks and order as cell_gram's
-      gram_rows(buf->unit.data(), Cd, CellLayout{rows, W, 0}, C, units.Cp, heads, cs, units.cell_size,
+      gram_rows(buf->unit.data(), 2 * C, CellLayout{rows, W, 0}, C, units.Cp, heads, cs, units.cell_size,
                 units.fresh(u), 0, rows);
     };
   });
