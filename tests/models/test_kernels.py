@@ -205,7 +205,7 @@ def test_mvsa_and_rcca_match_the_eager_fast_path(agdn_x4, h, w, placement):
         fused._kernel_mvsa(ops, kw, on_kernels, 1, h, w, placement, fast._Workspace(z))
         _close(on_kernels, eager, rel=1e-5, what="mvsa")
         eager = fast._fast_rcca(bw, blk.cca, eager.clone(), 1, h, w, placement)
-        fused._kernel_rcca(ops, kw, blk.cca, on_kernels, 1, h, w, placement, fast._Workspace(z))
+        on_kernels = fused._kernel_rcca(ops, kw, blk.cca, on_kernels, 1, h, w, placement, fast._Workspace(z))
         _close(on_kernels, eager, rel=1e-5, what="rcca")
 
 
@@ -384,28 +384,30 @@ def test_rcca_local_weight_matches_box_statistics(agdn_x4, n, h, w):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_rcca_local_weight_with_z_gives_the_bits_of_stats_weights_and_combine(agdn_x4, threads):
-    """RCCA's output made as each row's weights are (tiles): against rcca_stats' g, rcca_local_weight's weights
-    and rcca_combine, bit for bit, on maps of 1-3 images down to one row or column, at 1-3 threads."""
+def test_rcca_local_gives_the_bits_of_the_dwconv_stats_weights_and_combine(agdn_x4, threads):
+    """RCCA on a tile in one pass (t made into a ring of rows as the window slides, the output beside z): against
+    dwconv3x3, rcca_stats' g, rcca_local_weight's weights and rcca_combine, bit for bit, on maps of 1-3 images
+    down to one row or column and taller than the window, at 1-3 threads; z is left as it was."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for n, h, w in [(1, 1, 9), (2, 7, 1), (1, 49, 50), (3, 20, 33), (1, 100, 17)]:
+            for n, h, w in [(1, 1, 9), (2, 7, 1), (1, 49, 50), (3, 20, 33), (1, 130, 17)]:
                 kw = fused._kernel_weights(agdn_x4, torch.rand(1, 3, 8, 8))["blocks"][4]
-                gen = torch.Generator().manual_seed(h * w + threads)
-                t = torch.randn(n * h * w, 42, generator=gen) * 0.3 + 0.5
-                z = torch.randn(n * h * w, 42, generator=gen)
+                z = torch.randn(n * h * w, 42, generator=torch.Generator().manual_seed(h * w + threads))
+                t = torch.empty(n * h * w, 42)
+                ops.dwconv3x3(z, n, h, w, kw["cca_dw"], kw["cca_dwb"], 1, False, None, 1, 0, t)
                 g, weight = torch.empty(n * h * w), torch.empty(n * h * w, 42)
                 ops.rcca_stats(t, n, kw["dec_w"], kw["dec_b"], g, torch.empty(n, 2, 42, dtype=torch.float64))
                 ops.rcca_local_weight(t, n, h, w, network.LOCAL_STATS_WINDOW, kw["du0_w"], kw["du0_b"], kw["du2_w"],
                                       kw["du2_b"], weight)
                 want = z.clone()
                 ops.rcca_combine(want, t, g, kw["sigma"], weight, n)
-                got = z.clone()
-                ops.rcca_local_weight(t, n, h, w, network.LOCAL_STATS_WINDOW, kw["du0_w"], kw["du0_b"], kw["du2_w"],
-                                      kw["du2_b"], torch.empty(0, 42), got, kw["dec_w"], kw["dec_b"], kw["sigma"])
+                got, z_before = torch.full_like(z, float("nan")), z.clone()
+                ops.rcca_local(z, n, h, w, network.LOCAL_STATS_WINDOW, kw["cca_dw"], kw["cca_dwb"], kw["du0_w"],
+                               kw["du0_b"], kw["du2_w"], kw["du2_b"], kw["dec_w"], kw["dec_b"], kw["sigma"], got)
                 assert not torch.equal(want, z) and torch.equal(got, want), (n, h, w)
+                assert torch.equal(z, z_before)
     finally:
         torch.set_num_threads(previous)
 

@@ -194,8 +194,9 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
 
     Scratch buffers are shared by stage, to keep the working set small (at 128 x 128 the separate buffers
     added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed):
-    "mid" holds MVSA's GEMM output, RCCA's per-pixel weights, then v; "r0" holds z, "r1" RCCA's t. The
-    distillation's maps never reach memory (`distill_chain`), nor do the attention's q and k (`qkv_gram`)."""
+    "mid" holds MVSA's GEMM output, then v; "r0" holds z, "r1" RCCA's t (on tiles RCCA's output, z from then
+    on). The distillation's maps never reach memory (`distill_chain`), nor do the attention's q and k
+    (`qkv_gram`), nor RCCA's t on tiles (`rcca_local`)."""
     p, c = u.shape
     dc = c // 2
     # per k, one GEMM for [c{k}_d | c{k}_r pointwise]; r_k = GELU(dw(pw) + bias + r_{k-1}) and d_k = GELU(c{k}_d +
@@ -206,7 +207,7 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
                       [bw[f"r{k}_dwb"] for k in (1, 2, 3)], [bw[f"d{k}_b"] for k in (1, 2, 3)], bw["c4_dw"],
                       bw["c4_b"], bw["c5_wt"], z)
     _kernel_mvsa(ops, bw, z, n, h, w, placement, ws)
-    _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws)
+    z = _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws)
     # z += Attn (in place) and out = z + Attn + u
     _kernel_attention(ops, bw, blk.ea.restormer_attn, z, n, h, w, placement, ws("mid", p, c), out, u)
     # LN4, project_in, dwconv, the gate and project_out (added to out) in one pass: the 4C-wide hidden map exists
@@ -280,20 +281,22 @@ def _mvsa_sampling(h: int, w: int, sizes, placement) -> tuple[torch.Tensor, torc
 
 
 def _kernel_rcca(ops, bw: dict, r: RCCA, z: torch.Tensor, n: int, h: int, w: int, placement,
-                 ws: _Workspace) -> None:
-    """RCCA in place on z."""
+                 ws: _Workspace) -> torch.Tensor:
+    """RCCA on z; returns the map that holds the result: z itself (the whole image), or the scratch map "r1"
+    (tiles: one pass from z into it)."""
     p, c = z.shape
-    t = ws("r1", p, c)  # free after c4
-    ops.dwconv3x3(z, n, h, w, bw["cca_dw"], bw["cca_dwb"], 1, False, None, 1, 0, t)
+    t = ws("r1", p, c)
     if placement is not None:
-        # per pixel: statistics over each pixel's neighbourhood (tiles), conv_du, and the output, row by row in one
-        # pass (the weights and GELU(decompose) never reach memory)
-        ops.rcca_local_weight(t, n, h, w, LOCAL_STATS_WINDOW, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"],
-                              z.new_empty(0, c), z, bw["dec_w"], bw["dec_b"], bw["sigma"])
-        return
+        # t, its statistics over each pixel's neighbourhood, conv_du and the output, row by row in one pass: t
+        # only as a ring of rows per thread, the weights and GELU(decompose) never in memory
+        ops.rcca_local(z, n, h, w, LOCAL_STATS_WINDOW, bw["cca_dw"], bw["cca_dwb"], bw["du0_w"], bw["du0_b"],
+                       bw["du2_w"], bw["du2_b"], bw["dec_w"], bw["dec_b"], bw["sigma"], t)
+        return t
+    ops.dwconv3x3(z, n, h, w, bw["cca_dw"], bw["cca_dwb"], 1, False, None, 1, 0, t)
     g = ws("g", p, 1).view(p)
     sums = torch.empty(n, 2, c, dtype=torch.float64)
     ops.rcca_stats(t, n, bw["dec_w"], bw["dec_b"], g, sums)
     weight = z.new_empty(n, c)  # mean + std over the image, then conv_du, in one call
     ops.rcca_weight(t, sums, n, bw["du0_w"], bw["du0_b"], bw["du2_w"], bw["du2_b"], weight)
     ops.rcca_combine(z, t, g, bw["sigma"], weight, n)
+    return z

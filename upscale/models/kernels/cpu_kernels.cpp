@@ -1458,31 +1458,17 @@ ALWAYS_INLINE Vec rcca_output(Vec z, Vec t, Vec sigma, Vec w, Vec g) {
 // float32 first, so the float64 sums are exact unless a window's values span over ~2^17 in magnitude: then the
 // result is still the same for any band split (each band re-sums its first window). The row's x = std + mean
 // stays in a thread's row buffer, and conv_du and the sigmoid run on it before the next row: one write of out.
-// With `z` (and dec_w, dec_b, sigma), RCCA's output instead, in place on z, row by row as the weights are made:
-// z + t * (sigma + w) - sigma * g with g = GELU(t . dec_w + dec_b), the bits of rcca_stats' g and rcca_combine,
-// and neither the weights nor g reach memory (`out` is not touched).
-void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, int64_t size, const Tensor& du0,
-                       const Tensor& b0, const Tensor& du2, const Tensor& b2, Tensor out,
-                       const std::optional<Tensor>& z, const std::optional<Tensor>& dec_w, double dec_b,
-                       const std::optional<Tensor>& sigma) {
-  check_map(t, "t");
-  const bool combine = z.has_value() && z->defined();
-  const int64_t C = t.size(1), ldt = t.stride(0), hidden = du0.size(0), r = size / 2;
-  TORCH_CHECK(t.size(0) == images * H * W && hidden <= 64 && du0.is_contiguous() && du2.is_contiguous() &&
-                  C <= kMaxChannels, "rcca_local_weight shapes");
-  if (combine) {
-    check_map(*z, "z");
-    TORCH_CHECK(z->size(0) == t.size(0) && z->size(1) == C && dec_w.has_value() && dec_w->numel() >= C &&
-                    sigma.has_value() && sigma->numel() >= C, "rcca_local_weight: z (pixels, C), dec_w, sigma");
-  } else {
-    check_map(out, "out");
-    TORCH_CHECK(out.size(0) == t.size(0) && out.size(1) == C, "rcca_local_weight: out (pixels, C)");
-  }
-  const int64_t ldo = combine ? z->stride(0) : out.stride(0);
-  const float* tp = t.const_data_ptr<float>();
-  float* op = combine ? z->data_ptr<float>() : out.data_ptr<float>();
-  const float* dw = combine ? dec_w->const_data_ptr<float>() : nullptr;
-  const float* sg = combine ? sigma->const_data_ptr<float>() : nullptr;
+// Those steps are shared by rcca_local_weight (t from a map, the weights out) and rcca_local (t made as needed,
+// RCCA's output out): each thread reads t through `make_t_rows()`, an accessor (image, row) -> the row (pixels
+// ldt floats apart); with `combine`, op gets z + t * (sigma + w) - sigma * g (z read at zp) with
+// g = GELU(t . dec_w + dec_b), the bits of rcca_stats' g and rcca_combine, and neither reaches memory.
+template <class MakeTRows>
+void local_weight_rows(MakeTRows&& make_t_rows, int64_t ldt, int64_t images, int64_t H, int64_t W, int64_t C,
+                       int64_t r, const Tensor& du0, const Tensor& b0, const Tensor& du2, const Tensor& b2,
+                       bool combine, const float* zp, int64_t ldz, const float* dw, double dec_b, const float* sg,
+                       float* op, int64_t ldo) {
+  const int64_t hidden = du0.size(0);
+  TORCH_CHECK(hidden <= 64 && du0.is_contiguous() && du2.is_contiguous() && C <= kMaxChannels, "conv_du shapes");
   const float *w0 = du0.const_data_ptr<float>(), *w2 = du2.const_data_ptr<float>();
   const float *c0 = b0.const_data_ptr<float>(), *c2 = b2.const_data_ptr<float>();
   std::vector<float> w2t(hidden * (C + kLanes), 0.0f);  // du2 transposed: row j = weights of hidden unit j
@@ -1503,8 +1489,9 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
     double* __restrict inv = v2 + W * ldv;  // 1 / window size, per column
     float* __restrict xr = rows_buf.data();  // the row's window means, then x = std + mean, in place
     float* __restrict sq = xr + W * ldr;     // the row's window means of t^2
+    auto t_row = make_t_rows();  // this thread's rows of t
     auto add_row = [&](int64_t img, int64_t y, double sign) {
-      const float* src = tp + (img * H + y) * W * ldt;
+      const float* src = t_row(img, y);
       for (int64_t x = 0; x < W; ++x) {
         const float* __restrict v = src + x * ldt;
         double* __restrict s1 = v1 + x * ldv;
@@ -1529,8 +1516,8 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
       // applied column by column inside the sliding pass below
       const float* enter = nullptr;
       const float* leave = nullptr;
-      if (hi < want_hi) enter = tp + (img * H + hi++) * W * ldt;
-      if (lo < want_lo) leave = tp + (img * H + lo++) * W * ldt;
+      if (hi < want_hi) enter = t_row(img, hi++);
+      if (lo < want_lo) leave = t_row(img, lo++);
       for (; hi < want_hi; ++hi) add_row(img, hi, 1.0);  // (not reached with one row per step)
       for (; lo < want_lo; ++lo) add_row(img, lo, -1.0);
       const double rows = static_cast<double>(hi - lo);
@@ -1553,13 +1540,13 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
       }
       // with z: the row's g, as rcca_stats makes it (each pixel's dot, then GELU a vector of pixels at a time)
       float* __restrict g = sq + W * ldr;
-      const float* t_row = tp + row * W * ldt;
+      const float* t_cur = t_row(img, y);
       if (combine) {
         for (int64_t x = 0; x < W; ++x) {
           Vec dot(0.0f);
           for (int64_t c0v = 0; c0v < C; c0v += kLanes) {
             const int64_t n = std::min(kLanes, C - c0v);
-            Vec v = load(t_row + x * ldt + c0v, n);
+            Vec v = load(t_cur + x * ldt + c0v, n);
             if (n < kLanes) v = Vec::set(Vec(0.0f), v, n);
             dot = at::vec::fmadd(v, load(dw + c0v, n), dot);
           }
@@ -1572,6 +1559,7 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
       }
       // conv_du (two 1x1 convs) and the sigmoid on the row
       float* dst_row = op + row * W * ldo;
+      const float* z_row = combine ? zp + row * W * ldz : nullptr;
       for (int64_t x = 0; x < W; ++x) {
         const float* xv = xr + x * ldr;
         float* dst = dst_row + x * ldo;
@@ -1604,7 +1592,8 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
             a = at::vec::fmadd(Vec(h[j]), Vec::loadu(w2t.data() + j * (C + kLanes) + c0v), a);
           if (combine) {  // rcca_combine's steps on this pixel
             const Vec w = sigmoid(a);
-            store(rcca_output(load(dst + c0v, n), load(t_row + x * ldt + c0v, n), load(sg + c0v, n), w, Vec(g[x])),
+            store(rcca_output(load(z_row + x * ldz + c0v, n), load(t_cur + x * ldt + c0v, n), load(sg + c0v, n), w,
+                              Vec(g[x])),
                   dst + c0v, n);
           } else {
             store(sigmoid(a), dst + c0v, n);
@@ -1613,6 +1602,72 @@ void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, in
       }
     }
   });
+}
+
+// RCCA's channel weights with local statistics (tiles) from a map t: see local_weight_rows. out: (pixels, C).
+void rcca_local_weight(const Tensor& t, int64_t images, int64_t H, int64_t W, int64_t size, const Tensor& du0,
+                       const Tensor& b0, const Tensor& du2, const Tensor& b2, Tensor out) {
+  check_map(t, "t");
+  check_map(out, "out");
+  const int64_t C = t.size(1), ldt = t.stride(0);
+  TORCH_CHECK(t.size(0) == images * H * W && out.size(0) == t.size(0) && out.size(1) == C,
+              "rcca_local_weight: t, out (pixels, C)");
+  const float* tp = t.const_data_ptr<float>();
+  auto map_rows = [&] { return [&](int64_t img, int64_t iy) { return tp + (img * H + iy) * W * ldt; }; };
+  local_weight_rows(map_rows, ldt, images, H, W, C, size / 2, du0, b0, du2, b2, false, nullptr, 0, nullptr, 0.0,
+                    nullptr, out.data_ptr<float>(), out.stride(0));
+}
+
+// RCCA on a tile from its input z, in one pass, into out (not z): t = GELU(dw3x3(z) + bias) (zero padding, as
+// dwconv3x3 makes it), then the local statistics, conv_du, g = GELU(t . dec_w + dec_b) and
+// out = z + t * (sigma + w) - sigma * g, row by row. t never reaches memory: each thread makes the rows of t it
+// needs into a ring of size + 1 rows (a window's rows and the one leaving it) as the window slides down, from
+// rows of z that nothing writes during the pass. Bit-identical to dwconv3x3, rcca_stats' g, rcca_local_weight
+// and rcca_combine.
+void rcca_local(const Tensor& z, int64_t images, int64_t H, int64_t W, int64_t size, const Tensor& taps,
+                const Tensor& dw_bias, const Tensor& du0, const Tensor& b0, const Tensor& du2, const Tensor& b2,
+                const Tensor& dec_w, double dec_b, const Tensor& sigma, Tensor out) {
+  check_map(z, "z");
+  check_map(out, "out");
+  const int64_t C = z.size(1), ldz = z.stride(0);
+  TORCH_CHECK(z.size(0) == images * H * W && out.size(0) == z.size(0) && out.size(1) == C && !z.is_same(out),
+              "rcca_local: z, out (pixels, C), not the same map");
+  TORCH_CHECK(taps.is_contiguous() && taps.size(0) == 9 && taps.size(1) >= C + kLanes && dw_bias.numel() >= C &&
+                  dec_w.numel() >= C && sigma.numel() >= C && size % 2 == 1, "rcca_local weights");
+  const float* zp = z.const_data_ptr<float>();
+  const int64_t slots = size + 1;
+  const std::vector<float> zero_row((W + 2) * ldz + kLanes, 0.0f);
+  const DwArgs dw_base{nullptr, taps.const_data_ptr<float>(), dw_bias.const_data_ptr<float>(), nullptr, nullptr,
+                       nullptr, nullptr, nullptr, zero_row.data(), H, W, H, W, C, C / 2, 0, ldz, taps.size(1), 0, C,
+                       0, 0, 1, kGelu, 0, false};
+  struct Ring {
+    std::vector<float> rows;
+    std::vector<int64_t> held;
+  };
+  auto ring_rows = [&] {
+    auto ring = std::make_shared<Ring>();
+    ring->rows.assign(slots * W * C + kLanes, 0.0f);
+    ring->held.assign(slots, -1);
+    return [&, ring](int64_t img, int64_t iy) -> const float* {
+      const int64_t slot = iy % slots;
+      float* dst = ring->rows.data() + slot * W * C;
+      if (ring->held[slot] != img * H + iy) {
+        const float* src[3];
+        for (int k = 0; k < 3; ++k) {
+          const int64_t sy = tap_index(iy, k, 1, H, false);
+          src[k] = sy < 0 ? nullptr : zp + (img * H + sy) * W * ldz;
+        }
+        DwArgs args = dw_base;
+        args.op = dst;
+        dw_one_row(args, src);
+        ring->held[slot] = img * H + iy;
+      }
+      return dst;
+    };
+  };
+  local_weight_rows(ring_rows, C, images, H, W, C, size / 2, du0, b0, du2, b2, true, zp, ldz,
+                    dec_w.const_data_ptr<float>(), dec_b, sigma.const_data_ptr<float>(), out.data_ptr<float>(),
+                    out.stride(0));
 }
 
 // RCCA output, in place on z: z + t * (sigma + w) - sigma * g, w per channel of each image (w_ld 0 within an
@@ -2858,8 +2913,9 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "float ln_eps=0.0) -> ()", gemm);
   m.def("rcca_stats", rcca_stats);
   m.def("rcca_weight", rcca_weight);
-  m.def("rcca_local_weight(Tensor t, int images, int H, int W, int size, Tensor du0, Tensor b0, Tensor du2, Tensor b2, "
-        "Tensor out, Tensor? z=None, Tensor? dec_w=None, float dec_b=0.0, Tensor? sigma=None) -> ()", rcca_local_weight);
+  m.def("rcca_local_weight", rcca_local_weight);
+  m.def("rcca_local(Tensor z, int images, int H, int W, int size, Tensor taps, Tensor dw_bias, Tensor du0, Tensor b0, "
+        "Tensor du2, Tensor b2, Tensor dec_w, float dec_b, Tensor sigma, Tensor out) -> ()", rcca_local);
   m.def("rcca_combine", rcca_combine);
   m.def("mvsa_tail", mvsa_tail);
   m.def("cell_gram(Tensor qk, int images, int H, int W, int C, Tensor row_seg, Tensor col_seg, int ny, int nx, "
