@@ -751,3 +751,27 @@ def test_qkv_gram_gives_the_bits_of_pw_dwconv_then_cell_gram(c, heads, threads):
                 assert torch.equal(got_sq, sq) and torch.equal(v, qkv[:, 2 * c :]), what
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_mvsa_head_gives_the_bits_of_gemm_then_the_stride_2_dwconv(agdn_x4, threads):
+    # MVSA's 1x1 GEMM and its branches' stride-2 depthwise conv (reflect) in one pass, its GEMM rows in a ring:
+    # against gemm and dwconv3x3 on the whole map, bit for bit, on 1-3 images with odd and even sides, down to
+    # 2 x 2 (the smallest map the reflect padding allows)
+    kw = fused._kernel_weights(agdn_x4, torch.rand(1, 3, 8, 8))["blocks"][2]
+    f = kw["cf_b"].shape[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, h, w in [(1, 2, 2), (2, 3, 5), (1, 7, 16), (3, 20, 33), (1, 51, 40), (2, 64, 17)]:
+            z = torch.randn(n * h * w, 42, generator=torch.Generator().manual_seed(h * w + threads))
+            cs = torch.empty(n * h * w, 5 * f)
+            ops.gemm(z, kw["mvsa_wt"], cs, False)
+            h2, w2 = (h + 1) // 2, (w + 1) // 2
+            want = torch.empty(n * h2 * w2, 4 * f)
+            ops.dwconv3x3(cs[:, f:], n, h, w, kw["s2_dw"], kw["s2_dwb"], 2, True, None, 0, 0, want)
+            cf, s2 = torch.full((n * h * w, f), float("nan")), torch.full_like(want, float("nan"))
+            ops.mvsa_head(z, n, h, w, kw["mvsa_wt"], f, kw["s2_dw"], kw["s2_dwb"], cf, s2)
+            assert torch.equal(cf, cs[:, :f]) and torch.equal(s2, want), (n, h, w)
+    finally:
+        torch.set_num_threads(before)

@@ -194,7 +194,7 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
 
     Scratch buffers are shared by stage, to keep the working set small (at 128 x 128 the separate buffers
     added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed):
-    "mid" holds MVSA's GEMM output, then v; "r0" holds z, "r1" RCCA's t (on tiles RCCA's output, z from then
+    "mid" holds MVSA's conv_f output, then v; "r0" holds z, "r1" RCCA's t (on tiles RCCA's output, z from then
     on). The distillation's maps never reach memory (`distill_chain`), nor do the attention's q and k
     (`qkv_gram`), nor RCCA's t on tiles (`rcca_local`)."""
     p, c = u.shape
@@ -238,18 +238,18 @@ def _kernel_attention(ops, bw: dict, attn: SparseAttention, z: torch.Tensor, n: 
 def _kernel_mvsa(ops, bw: dict, z: torch.Tensor, n: int, h: int, w: int, placement, ws: _Workspace) -> None:
     """MVSA in place on z (which still lacks c5's bias; the kernel adds it)."""
     f = bw["cf_b"].shape[0]
-    # [conv_f | conv2_1..conv2_4 pointwise], conv1 folded in
-    cs = ws("mid", z.shape[0], 5 * f)  # c5's input (mid) is consumed
-    ops.gemm(z, bw["mvsa_wt"], cs, False)
+    # [conv_f | conv2_1..conv2_4 pointwise] (conv1 folded in) and the branches' stride-2 depthwise conv in one
+    # pass: conv_f's F columns go to `cf`, the other 4F only as three rows per thread
+    cf = ws("mid", z.shape[0], f)
     h2, w2 = (h + 1) // 2, (w + 1) // 2
     s2 = z.new_empty(n * h2 * w2, 4 * f)
-    ops.dwconv3x3(cs[:, f:], n, h, w, bw["s2_dw"], bw["s2_dwb"], 2, True, None, 0, 0, s2)
+    ops.mvsa_head(z, n, h, w, bw["mvsa_wt"], f, bw["s2_dw"], bw["s2_dwb"], cf, s2)
     # the coarse maps: pooling, local variance, two BSConvs and a GELU per branch, in one call
     g1 = z.new_empty(n, f, (h2 + 2 - 5) // 3 + 1, (w2 + 2 - 5) // 3 + 1)
     g2 = z.new_empty(n, f, (h2 + 2 - 7) // 3 + 1, (w2 + 2 - 7) // 3 + 1)
     ops.mvsa_coarse(s2, n, h2, w2, bw["coarse"], g1, g2)
     index, lam = _mvsa_sampling(h, w, (tuple(g1.shape[-2:]), tuple(g2.shape[-2:])), placement)
-    ops.mvsa_tail(z, n, h, w, cs[:, :f], bw["cf_b"], g1, g2, index, lam, bw["w4"], bw["b4"], bw["z_bias"])
+    ops.mvsa_tail(z, n, h, w, cf, bw["cf_b"], g1, g2, index, lam, bw["w4"], bw["b4"], bw["z_bias"])
 
 
 @functools.lru_cache(maxsize=64)

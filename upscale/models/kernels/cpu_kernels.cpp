@@ -1701,6 +1701,52 @@ void rcca_combine(Tensor z, const Tensor& t, const Tensor& g, const Tensor& sigm
   });
 }
 
+// MVSA's head in one pass: y = z @ wpw (conv_f | the four branches' pointwise convs, F + 4F columns), the first
+// F columns of each row into cf (what mvsa_tail reads), the other 4F through the stride-2 depthwise conv (reflect
+// padding, + bias) into s2 at half resolution, as gemm then dwconv3x3 compute them (bit-identical). y exists only
+// as three rows per thread: each thread takes a contiguous share of an image's output rows, whose input rows
+// 2 oy and 2 oy + 1 it owns (writes their cf).
+void mvsa_head(const Tensor& z, int64_t images, int64_t H, int64_t W, const Tensor& wpw, int64_t F, const Tensor& taps,
+               const Tensor& bias, Tensor cf, Tensor s2) {
+  check_map(z, "z");
+  check_map(cf, "cf");
+  check_map(s2, "s2");
+  const int64_t Cin = z.size(1), Cm = wpw.size(1), Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
+  TORCH_CHECK(wpw.is_contiguous() && wpw.dim() == 2 && wpw.size(0) == Cin && 5 * F <= Cm, "wpw: (C, >= 5F)");
+  TORCH_CHECK(taps.is_contiguous() && taps.size(0) == 9 && taps.size(1) >= 4 * F + kLanes && bias.numel() >= 4 * F &&
+                  4 * F <= kMaxChannels, "taps: (9, 4F + 16), bias: 4F");
+  TORCH_CHECK(z.size(0) == images * H * W && cf.size(0) == z.size(0) && cf.size(1) == F &&
+                  s2.size(0) == images * Ho * Wo && s2.size(1) == 4 * F, "mvsa_head: z, cf (pixels, F), s2");
+  const float* zp = z.const_data_ptr<float>();
+  const float* wp = wpw.const_data_ptr<float>();
+  float* cp = cf.data_ptr<float>();
+  const int64_t ldz = z.stride(0), ldc = cf.stride(0);
+  const DwArgs base{nullptr, taps.const_data_ptr<float>(), bias.const_data_ptr<float>(), nullptr,
+                    s2.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, H, W, Ho, Wo, 4 * F, 2 * F, 0, Cm,
+                    taps.size(1), 0, s2.stride(0), 0, 0, 2, kNone, 0, true};
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), Ho)));
+  at::parallel_for(0, images * threads, 1, [&](int64_t first, int64_t last) {
+    GemmRowRing ring(zp, ldz, H, W, Cin, wp, Cm, RowNorm{});
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t img = task / threads, share = task % threads;
+      const int64_t a = Ho * share / threads, b = Ho * (share + 1) / threads;  // the share's output rows
+      for (int64_t oy = a; oy < b; ++oy) {
+        const float* src[3];
+        for (int k = 0; k < 3; ++k) src[k] = ring.row(img, tap_index(oy, k, 2, H, true)) + F;
+        for (int64_t iy = 2 * oy; iy < std::min(H, 2 * oy + 2); ++iy) {  // this output row's own input rows
+          const float* y = ring.row(img, iy);
+          float* dst = cp + (img * H + iy) * W * ldc;
+          for (int64_t x = 0; x < W; ++x) std::copy_n(y + x * Cm, F, dst + x * ldc);
+        }
+        const int64_t row = img * Ho + oy;
+        int64_t ox = 0;
+        for (; ox + 4 <= Wo; ox += 4) dw_pixels<4>(base, src, row, ox);
+        for (; ox < Wo; ++ox) dw_pixels<1>(base, src, row, ox);
+      }
+    }
+  });
+}
+
 // MVSA's full-resolution tail, in place on z: s = bilinear(g1) + bilinear(g2) + (cf + cf_bias) (f channels),
 // z = z' + z' * sigmoid(s @ w4 + b4), z' = z + z_bias (optional). g1, g2: (images, f, h, w) coarse maps (NCHW). Sampling per axis:
 // index (maps, 4, n) int64 rows [y0, y1, x0, x1] and lambda (maps, 2, n) float32 rows [ly, lx], the
@@ -2917,6 +2963,7 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("rcca_local(Tensor z, int images, int H, int W, int size, Tensor taps, Tensor dw_bias, Tensor du0, Tensor b0, "
         "Tensor du2, Tensor b2, Tensor dec_w, float dec_b, Tensor sigma, Tensor out) -> ()", rcca_local);
   m.def("rcca_combine", rcca_combine);
+  m.def("mvsa_head", mvsa_head);
   m.def("mvsa_tail", mvsa_tail);
   m.def("cell_gram(Tensor qk, int images, int H, int W, int C, Tensor row_seg, Tensor col_seg, int ny, int nx, "
         "Tensor gram, Tensor sq, int heads=1, int offsets=0) -> ()", cell_gram);
