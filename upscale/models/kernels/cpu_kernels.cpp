@@ -893,6 +893,18 @@ void gemm(const Tensor& x, const Tensor& w, Tensor out, bool accumulate, const s
 // epi_w/epi_out, the output does not reach memory either: each finished row goes through a 1x1 conv into
 // epi_out (AGDN's FFN: project_in, dwconv, gate and project_out in one pass).
 // wpw: (Cin, Cm) row-major, Cm a multiple of 16 covering every column used.
+// Output row `row` of a stride-1 depthwise pass (of args.op; 0 when args.op points at the row itself), on whichever
+// vector path this build has
+ALWAYS_INLINE void dw_one_row(const DwArgs& args, const float* const src[3], int64_t row = 0) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  dw_row_s1(args, src, row);
+#else
+  int64_t ox = 0;
+  for (; ox + 4 <= args.W; ox += 4) dw_pixels<4>(args, src, row, ox);
+  for (; ox < args.W; ++ox) dw_pixels<1>(args, src, row, ox);
+#endif
+}
+
 // A thread's last three rows of y = x @ wpw (x LayerNorm-ed first when `norm` is set), by image row: a 3x3
 // depthwise pass after a 1x1 conv reads each row of y three times and has it computed once (slot = row % 3).
 struct GemmRowRing {
@@ -991,28 +1003,10 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
       args.side_base = row * W;
       int64_t at = row;  // the output row's index in args.op
       if (epi) args.op = buf->out_row.data(), args.ldo = Co, at = 0;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-      dw_row_s1(args, src, at);
-#else
-      int64_t ox = 0;
-      for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, at, ox);
-      for (; ox < W; ++ox) dw_pixels<1>(args, src, at, ox);
-#endif
+      dw_one_row(args, src, at);
       if (epi) gemm_block(buf->out_row.data(), Co, W, ew, Cm2, Co, eo + row * W * lde, lde, Ce, true);
     };
   });
-}
-
-// One output row of a stride-1 depthwise pass (DwArgs already pointing at that row: `at` 0), on whichever
-// vector path this build has
-ALWAYS_INLINE void dw_one_row(const DwArgs& args, const float* const src[3]) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  dw_row_s1(args, src, 0);
-#else
-  int64_t ox = 0;
-  for (; ox + 4 <= args.W; ox += 4) dw_pixels<4>(args, src, 0, ox);
-  for (; ox < args.W; ++ox) dw_pixels<1>(args, src, 0, ox);
-#endif
 }
 
 // AGDN's distillation, three pw_dwconv passes, c4 and c5, in one pass over the map that keeps the r maps in a few
@@ -2183,15 +2177,6 @@ void qkv_gram(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tenso
                        2 * C, C, 0, Cm, weight.size(1), 0, 2 * C, Cm, 0, 1, kNone, 0, false};
   DwArgs v_args = qk_args;
   v_args.wp = taps + 2 * C, v_args.C = C, v_args.G = C / 2, v_args.op = vp, v_args.ldo = ldv;
-  auto dw_row = [W](const DwArgs& args, const float* const src[3], int64_t row) __attribute__((always_inline)) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    dw_row_s1(args, src, row);
-#else
-    int64_t ox = 0;
-    for (; ox + 4 <= W; ox += 4) dw_pixels<4>(args, src, row, ox);
-    for (; ox < W; ++ox) dw_pixels<1>(args, src, row, ox);
-#endif
-  };
   struct Buffers {  // a thread's zero row (padding) and its unit's q|k rows
     std::vector<float> zero_row, unit;
   };
@@ -2213,8 +2198,8 @@ void qkv_gram(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tenso
           src[k] = iy < 0 ? nullptr : ring->row(img, iy);
           v_src[k] = src[k] ? src[k] + 2 * C : nullptr;
         }
-        dw_row(qk, src, r);
-        dw_row(v, v_src, first + r);
+        dw_one_row(qk, src, r);
+        dw_one_row(v, v_src, first + r);
       }
       // the unit's rows as a map of `rows` rows starting at its first: gram_rows' blocks and order as cell_gram's
       gram_rows(buf->unit.data(), 2 * C, CellLayout{rows, W, 0}, C, units.Cp, heads, cs, units.cell_size,
