@@ -2146,9 +2146,9 @@ void cell_gram(const Tensor& qk, int64_t images, int64_t H, int64_t W, int64_t C
 
 // The qkv pass of a channel attention with cell_gram in it: q|k|v = depthwise 3x3 (zero padding, no bias) of
 // LayerNorm(x) @ wpw, as `pw_dwconv` computes it (the LayerNorm optional), then cell_gram's sums of q = [0, C)
-// and k = [C, 2C) and v = [2C, 3C) into `v`. Run unit by unit (`GramUnits`): a unit's q|k|v rows go to a
-// thread's buffer and are summed from there, so q and k never reach memory (on a photo's tile they were written
-// and read back from it, 2C floats a pixel each way). The same row functions on the same values: the grams are
+// and k = [C, 2C) and v = [2C, 3C) into `v`. Run unit by unit (`GramUnits`): a unit's q|k rows go to a thread's
+// buffer and are summed from there, so q and k never reach memory (on a photo's tile they were written and read
+// back from it, 2C floats a pixel each way); v goes straight to its map. The same row functions on the same values: the grams are
 // cell_gram's bits, v pw_dwconv's.
 void qkv_gram(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tensor& wpw, const Tensor& weight,
               const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias, double ln_eps, int64_t C,
