@@ -40,14 +40,14 @@ class AGDNArchitecture(Architecture):
     def memory_estimate(self, model, device, dtype):
         # measured on the CPU (tests/test_memory.py), x4, 128x96 -> 256x192, per pixel: 4.5 KB on the eager
         # fast path (CPU without the kernels), 6.6 KB on the straight modules (what runs off the CPU and under
-        # autocast: 5.5 KB with bf16); the fused kernels: 1.28 KB at x4, 1.18 KB at x2 (256x192; 1.14 / 0.96 KB at
-        # 512x384, before `mvsa_head` cut MVSA's stored GEMM output from 5F to F channels): six C-wide maps (the
-        # sixth holds MVSA's conv_f output, then v: q and k are never stored, `qkv_gram`), MVSA's half-size maps,
-        # and the output's 12 s^2 bytes, estimated with a fifth more
+        # autocast: 5.5 KB with bf16); the fused kernels, whole-image forward with its float output, x4 / x2:
+        # 1.08 / 0.96 KB at 256x192, 0.87 / 0.74 KB at 512x384, 1.01 / 0.86 KB at 960x523 (a photo's tile): four
+        # C-wide maps (blocks run in place, v in the map RCCA left free: `_kernel_block`), conv_f's F columns,
+        # MVSA's half-size maps, and the output's 12 s^2 bytes, estimated with a fifth more
         if torch.device(device).type != "cpu" or dtype != torch.float32 or not getattr(model, "fast", False):
             return MemoryEstimate(32 * MB, 8 * KB)
         if getattr(model, "use_kernels", False) and kernels.load() is not None:
-            return MemoryEstimate(16 * MB, int(1.2 * (1100 + 12 * model.scale**2)))
+            return MemoryEstimate(16 * MB, int(1.2 * (800 + 12 * model.scale**2)))
         return MemoryEstimate(32 * MB, 6 * KB)
 
     def local_forward(self, model, x, placement):

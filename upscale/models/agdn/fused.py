@@ -139,15 +139,16 @@ def _kernel_forward(model: nn.Module, ops, x: torch.Tensor, placement: Placement
     # touch, which was a third of the run time at 128 x 128, and tiles of a photo come in a few sizes
     ws = model._workspace = model._workspace or _Workspace(x)
     x = x - model.rgb_mean.to(x.dtype)
-    u = _kernel_head(ops, kw, x, ws("out1", p, c))
+    u = _kernel_head(ops, kw, x, ws("u", p, c))
     acc = ws("c1", p, c)  # c1's output, accumulated block by block
     for i, bw in enumerate(kw["blocks"]):
-        u = _kernel_block(ops, bw, getattr(model, f"B{i + 1}"), u, n, h, w, placement, ws, ws(f"out{i % 2}", p, c))
+        _kernel_block(ops, bw, getattr(model, f"B{i + 1}"), u, n, h, w, placement, ws)
         ops.gemm(u, kw["c1_wt"][i], acc, i > 0)
     ops.bias_act(acc, kw["c1_b"], 1, acc)
     t, pw = ws("r1", p, c), ws("r0", p, c)
     ops.gemm(acc, kw["c2_wt"], pw, False)
-    f0 = _kernel_head(ops, kw, x, ws("mid", p, c))  # again: cheaper than keeping a map through the blocks
+    # again (cheaper than keeping a map through the blocks), into c1's map, which that GEMM was its last reader
+    f0 = _kernel_head(ops, kw, x, acc)
     ops.dwconv3x3(pw, n, h, w, kw["c2_dw"], kw["c2_dwb"], 1, True, f0, 0, 0, t)
     return _kernel_tail(model, ops, kw, t, n, h, w)
 
@@ -189,39 +190,42 @@ def _kernel_tail(model: nn.Module, ops, kw: dict, t: torch.Tensor, n: int, h: in
 
 
 def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w: int,
-                  placement: Placement | None, ws: _Workspace, out: torch.Tensor) -> torch.Tensor:
-    """One AGDB on (pixels, C) rows `u`; the result goes to `out` (which must not be `u`).
+                  placement: Placement | None, ws: _Workspace) -> None:
+    """One AGDB on (pixels, C) rows `u`, in place: the block's input is read for the last time, pixel by pixel,
+    as the residual of the pass that writes its output there.
 
     Scratch buffers are shared by stage, to keep the working set small (at 128 x 128 the separate buffers
-    added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed):
-    "mid" holds MVSA's conv_f output, then v; "r0" holds z, "r1" RCCA's t (on tiles RCCA's output, z from then
-    on). The distillation's maps never reach memory (`distill_chain`), nor do the attention's q and k
-    (`qkv_gram`), nor RCCA's t on tiles (`rcca_local`)."""
+    added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed), and
+    so is the memory a tile needs, which sets how large tiles may be: "r0" holds z, "r1" RCCA's t (on tiles
+    RCCA's output, z from then on), and v goes to whichever of the two RCCA left free; "cf" holds MVSA's conv_f
+    output (F columns). Four C-wide maps in all with c1's. The distillation's maps never reach memory
+    (`distill_chain`), nor do the attention's q and k (`qkv_gram`), nor RCCA's t on tiles (`rcca_local`)."""
     p, c = u.shape
     dc = c // 2
     # per k, one GEMM for [c{k}_d | c{k}_r pointwise]; r_k = GELU(dw(pw) + bias + r_{k-1}) and d_k = GELU(c{k}_d +
     # bias); c4 on r_3; c5 (without its bias: folded into MVSA) on [d1 | d2 | d3 | r4]. One pass, which holds the
     # r maps and c5's input as a few rows per thread
-    z = ws("r0", p, c)
+    z0 = ws("r0", p, c)
     ops.distill_chain(u, n, h, w, [bw[f"dr{k}"] for k in (1, 2, 3)], dc, [bw[f"r{k}_dw"] for k in (1, 2, 3)],
                       [bw[f"r{k}_dwb"] for k in (1, 2, 3)], [bw[f"d{k}_b"] for k in (1, 2, 3)], bw["c4_dw"],
-                      bw["c4_b"], bw["c5_wt"], z)
-    _kernel_mvsa(ops, bw, z, n, h, w, placement, ws)
-    z = _kernel_rcca(ops, bw, blk.cca, z, n, h, w, placement, ws)
-    # z += Attn (in place) and out = z + Attn + u
-    _kernel_attention(ops, bw, blk.ea.restormer_attn, z, n, h, w, placement, ws("mid", p, c), out, u)
-    # LN4, project_in, dwconv, the gate and project_out (added to out) in one pass: the 4C-wide hidden map exists
+                      bw["c4_b"], bw["c5_wt"], z0)
+    _kernel_mvsa(ops, bw, z0, n, h, w, placement, ws)
+    z = _kernel_rcca(ops, bw, blk.cca, z0, n, h, w, placement, ws)
+    v = ws("r1", p, c) if z is z0 else z0
+    # z += Attn (in place) and u = z + Attn + u
+    _kernel_attention(ops, bw, blk.ea.restormer_attn, z, n, h, w, placement, v, u, u)
+    # LN4, project_in, dwconv, the gate and project_out (added to u) in one pass: the 4C-wide hidden map exists
     # only as three rows per thread, the 2C-wide gated one as one row
     ops.pw_dwconv(z, n, h, w, bw["ffin_wt"], 0, bw["ff_dw"], None, False, None, 0, 1, z.new_empty(0, 2 * c), None,
-                  None, bw["ln4_w"], bw["ln4_b"], 1e-5, bw["ffo_wt"], out)
-    return out
+                  None, bw["ln4_w"], bw["ln4_b"], 1e-5, bw["ffo_wt"], u)
 
 
 def _kernel_attention(ops, bw: dict, attn: SparseAttention, z: torch.Tensor, n: int, h: int, w: int, placement,
                       v: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """z + project_out(attention(LN3(z))) into `out` (pixels, C): one kernel pass for LN3, qkv, its depthwise conv
     and the cells' grams (q and k stay in a thread's rows; v goes to the scratch map `v`), one for the output;
-    with `residual`, that sum goes to z (in place) and out = sum + residual."""
+    with `residual`, that sum goes to z (in place) and out = sum + residual (out may be the residual itself:
+    `cell_apply` reads each pixel's residual before it writes that pixel)."""
     p, c = z.shape
     ry, row_seg, cx, col_seg, to_windows, to_cells = _cell_layout(attn.tlc_window, h, w, placement)
     gram = z.new_empty(n, len(ry), len(cx), c, c)
@@ -240,7 +244,7 @@ def _kernel_mvsa(ops, bw: dict, z: torch.Tensor, n: int, h: int, w: int, placeme
     f = bw["cf_b"].shape[0]
     # [conv_f | conv2_1..conv2_4 pointwise] (conv1 folded in) and the branches' stride-2 depthwise conv in one
     # pass: conv_f's F columns go to `cf`, the other 4F only as three rows per thread
-    cf = ws("mid", z.shape[0], f)
+    cf = ws("cf", z.shape[0], f)
     h2, w2 = (h + 1) // 2, (w + 1) // 2
     s2 = z.new_empty(n * h2 * w2, 4 * f)
     ops.mvsa_head(z, n, h, w, bw["mvsa_wt"], f, bw["s2_dw"], bw["s2_dwb"], cf, s2)
