@@ -561,6 +561,17 @@ def test_token_attention_matches_grouped_softmax(grid, n, h, w, d):
     ops.token_attention(vals, n, h, w, grid, d, 0, 0, 0, None, 1.0, attn.contiguous(), None, shared)
     vt = asid._group_tokens(vals.reshape(n, h, w, d).permute(0, 3, 1, 2), grid)
     _close(shared, _rows(asid._ungroup_tokens(attn @ vt, (n, d, h, w), grid)), what="shared")
+    # accumulate: out += the sum (the residual update), into a column slice of a wider map whose other columns
+    # stay as they were; the same bits as the sum added afterwards
+    wide = torch.randn(n * h * w, d + 3, generator=g)
+    before = wide.clone()
+    ops.token_attention(vals, n, h, w, grid, d, 0, 0, 0, None, 1.0, attn.contiguous(), None, wide[:, 1 : d + 1],
+                        True)
+    assert torch.equal(wide[:, 1 : d + 1], before[:, 1 : d + 1] + shared)
+    assert torch.equal(wide[:, [0, d + 1, d + 2]], before[:, [0, d + 1, d + 2]])
+    mixed = before.clone()
+    ops.token_attention(qkv, n, h, w, grid, d, 0, d, 2 * d, bias, scale, None, None, mixed[:, 1 : d + 1], True)
+    assert torch.equal(mixed[:, 1 : d + 1], before[:, 1 : d + 1] + out)
 
 
 @pytest.mark.parametrize("heads", [1, 3])

@@ -10,8 +10,8 @@ kernels' layout, where a channel slice is a view the kernels read in place:
   (1x1 -> depthwise 3x3) is one `pw_dwconv` pass (the 1x1's output rows never reach memory);
 - a local block's squeeze-excitation gate scales the rows of its last 1x1's weight (per image) instead of the map;
 - the 8x8 window and grid self-attentions (64 tokens) are the `token_attention` kernel, which reads each group's
-  tokens from the map and writes the result back in place (no grouped copies), and returns the attention map
-  that the later groups share;
+  tokens from the map and adds the result to the residual map in place (no grouped copies), and returns the
+  attention map that the later groups share; the output projection is folded into v's weights;
 - the channel attention runs on AGDN's cell kernels (`cell_gram`, `cell_apply`): in window mode each 8x8 window
   is a cell; in grid mode (one group per offset in the window, the windows its tokens) the kernels read the map
   as if regrouped by offset, which makes each group a block of pixels (in place: no regrouped copies).
@@ -68,10 +68,14 @@ class _Map:
         return self.pool.empty(self.pixels, channels)
 
     def gemm(self, x: torch.Tensor, conv: nn.Module, out: torch.Tensor | None = None, tag: str = "",
-             columns: slice | None = None, norm: nn.Module | None = None) -> torch.Tensor:
+             columns: slice | None = None, norm: nn.Module | None = None,
+             matrix: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """out (+)= x @ conv's weight (input channels `columns` of it), without the bias; a new map when out is
-        None. `norm`: a LayerNorm applied to x's pixels first, inside the kernel."""
+        None. `norm`: a LayerNorm applied to x's pixels first, inside the kernel. `matrix`: makes the (out, in)
+        matrix to use instead of the weight (give a `tag` for it)."""
         def make():
+            if matrix is not None:
+                return gemm_operand(matrix())
             w = conv.weight.detach().reshape(conv.weight.shape[0], -1)
             return gemm_operand(w if columns is None else w[:, columns])
 
@@ -122,23 +126,28 @@ def _local_block(m: _Map, block: nn.Module, x: torch.Tensor, in_place: bool = Tr
 
 def _spatial_attention(m: _Map, block: nn.Module, x: torch.Tensor, attn: torch.Tensor | None):
     """The SLA/SGA block: x + to_out(attn @ v) over 8x8 windows or grids, then + the gated FFN, into x itself
-    (its input is not needed afterwards); and the attention map (computed by group 0, given to the others)."""
+    (its input is not needed afterwards); and the attention map (computed by group 0, given to the others).
+    to_out is folded into v's weights, (P v) W_outᵀ = P (z (W_out W_v)ᵀ), as the attention mixes tokens and the
+    projections channels: one d x d GEMM and one map pass fewer, and the attention kernel adds its sums to x."""
+    a = block.attn
     d = x.shape[1]
-    out = x
-    y = m.empty(d)
     groups = m.pixels // (WINDOW * WINDOW)
+
+    def folded(w_v: torch.Tensor) -> torch.Tensor:  # W_out W_v, summed in float64
+        return (a.to_out[0].weight.detach().double() @ w_v.detach().double()).float()
+
     if block.compute:
-        qkv = m.gemm(x, block.attn.to_qkv, norm=block.norm)
-        bias = m.weights(block.attn, "bias",
-                         lambda: block.attn.rel_pos_bias(block.attn.rel_pos_indices).squeeze(-1).detach().contiguous())
+        w = a.to_qkv.weight
+        qkv = m.gemm(x, a.to_qkv, tag="fold", norm=block.norm,
+                     matrix=lambda: torch.cat((w.detach()[: 2 * d], folded(w[2 * d :]))))
+        bias = m.weights(a, "bias", lambda: a.rel_pos_bias(a.rel_pos_indices).squeeze(-1).detach().contiguous())
         attn = m.pool.empty(groups, WINDOW * WINDOW, WINDOW * WINDOW)
-        m.ops.token_attention(qkv, m.n, m.h, m.w, block.grid, d, 0, d, 2 * d, bias, block.attn.scale, None, attn, y)
+        m.ops.token_attention(qkv, m.n, m.h, m.w, block.grid, d, 0, d, 2 * d, bias, a.scale, None, attn, x, True)
     else:
-        v = m.gemm(x, block.attn.to_v, norm=block.norm)
-        m.ops.token_attention(v, m.n, m.h, m.w, block.grid, d, 0, 0, 0, None, 1.0, attn, None, y)
-    m.gemm(y, block.attn.to_out[0], out)
-    _gated_ffn(m, block.gfn, out, out, block.cnorm)
-    return out, attn
+        v = m.gemm(x, a.to_v, tag="fold", norm=block.norm, matrix=lambda: folded(a.to_v.weight))
+        m.ops.token_attention(v, m.n, m.h, m.w, block.grid, d, 0, 0, 0, None, 1.0, attn, None, x, True)
+    _gated_ffn(m, block.gfn, x, x, block.cnorm)
+    return x, attn
 
 
 def _cells_channel_attention(m: _Map, ca: nn.Module, qkv: torch.Tensor, acc: torch.Tensor, offsets: int,

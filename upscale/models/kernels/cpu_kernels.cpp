@@ -2750,7 +2750,9 @@ void sym_conv(const Tensor& x, int64_t images, int64_t H, int64_t W, int64_t C, 
 // Computing (attn_in absent): S = softmax(q kᵀ * scale + bias), q and k the columns [q_off, q_off + d) and
 // [k_off, k_off + d) of src, bias (64, 64); attn_out (groups, 64, 64), when given, receives S (the map the
 // later groups share). Sharing: S = attn_in[g]. Then out[token i] = sum_j S[i, j] v[token j], v the columns
-// [v_off, v_off + d) of src. Groups are independent: the result does not depend on the thread count.
+// [v_off, v_off + d) of src; `accumulate`: out[token i] += that sum instead (ASID folds to_out into v's
+// weights, and the sum is the block's residual update). Groups are independent, and each writes only its own
+// pixels: the result does not depend on the thread count.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // Query rows per register block: each product sums one dependent chain of FMAs per accumulator, so a lone row
 // (4 vectors for 64 keys, NVD for d values) waits on FMA latency; R rows at a time keep R times as many chains
@@ -2770,7 +2772,7 @@ constexpr int kTokenRows = N * 8 <= kTokenAccumulators ? 8 : N * 4 <= kTokenAccu
 template <int NVD>
 void token_group(const float* src, int64_t ld, const int64_t* pix, int64_t d, int64_t q_off, int64_t k_off,
                  int64_t v_off, const float* bias, float scale, const float* attn_in, float* attn_out, float* op,
-                 int64_t ldo, float* kt, float* vl, float* S) {
+                 int64_t ldo, bool accumulate, float* kt, float* vl, float* S) {
   using S_ = Simd;
   using V = S_::V;
   constexpr int T = 64, kW = S_::kW, NK = T / kW;
@@ -2851,6 +2853,11 @@ void token_group(const float* src, int64_t ld, const int64_t* pix, int64_t d, in
 #pragma GCC unroll 8
     for (int r = 0; r < RO; ++r) {
       float* dst = op + pix[i0 + r] * ldo;
+      if (accumulate) {
+#pragma GCC unroll 8
+        for (int n = 0; n < NVD - 1; ++n) o[r][n] = S_::add(S_::load(dst + n * kW), o[r][n]);
+        o[r][NVD - 1] = S_::add(S_::load(dst + (NVD - 1) * kW, tail), o[r][NVD - 1]);
+      }
 #pragma GCC unroll 8
       for (int n = 0; n < NVD - 1; ++n) S_::store(dst + n * kW, o[r][n]);
       S_::store(dst + (NVD - 1) * kW, tail, o[r][NVD - 1]);
@@ -2861,7 +2868,8 @@ void token_group(const float* src, int64_t ld, const int64_t* pix, int64_t d, in
 
 void token_attention(const Tensor& src, int64_t images, int64_t H, int64_t W, bool grid, int64_t d, int64_t q_off,
                      int64_t k_off, int64_t v_off, const std::optional<Tensor>& bias, double scale,
-                     const std::optional<Tensor>& attn_in, const std::optional<Tensor>& attn_out, Tensor out) {
+                     const std::optional<Tensor>& attn_in, const std::optional<Tensor>& attn_out, Tensor out,
+                     bool accumulate) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   constexpr int kW = Simd::kW;
   check_map(src, "src");
@@ -2902,9 +2910,9 @@ void token_attention(const Tensor& src, int64_t images, int64_t H, int64_t W, bo
       float* a_out = aout ? aout + g * 64 * 64 : nullptr;
       switch (nvd) {
 #define TOKEN_CASE(N) \
-  case N: token_group<N>(sp, ld, pix, d, q_off, k_off, v_off, bp, sc, a_in, a_out, op, ldo, kt, vl, S); break;
+  case N: token_group<N>(sp, ld, pix, d, q_off, k_off, v_off, bp, sc, a_in, a_out, op, ldo, accumulate, kt, vl, S); break;
         TOKEN_CASE(1) TOKEN_CASE(2) TOKEN_CASE(3) TOKEN_CASE(4) TOKEN_CASE(5) TOKEN_CASE(6) TOKEN_CASE(7)
-        default: token_group<8>(sp, ld, pix, d, q_off, k_off, v_off, bp, sc, a_in, a_out, op, ldo, kt, vl, S);
+        default: token_group<8>(sp, ld, pix, d, q_off, k_off, v_off, bp, sc, a_in, a_out, op, ldo, accumulate, kt, vl, S);
 #undef TOKEN_CASE
       }
     };
@@ -2963,5 +2971,6 @@ TORCH_LIBRARY(upscale_cpu, m) {
   m.def("window_attention", window_attention);
   m.def("sym_conv", sym_conv);
   m.def("token_attention(Tensor src, int images, int H, int W, bool grid, int d, int q_off, int k_off, int v_off, "
-        "Tensor? bias, float scale, Tensor? attn_in, Tensor? attn_out, Tensor out) -> ()", token_attention);
+        "Tensor? bias, float scale, Tensor? attn_in, Tensor? attn_out, Tensor out, bool accumulate=False) -> ()",
+        token_attention);
 }
