@@ -705,12 +705,17 @@ def _distill_weights(c: int, seed: int) -> dict:
 def test_distill_chain_gives_the_bits_of_its_separate_passes(c, threads):
     # one pass down the map, each stage a row behind the last, shares of rows per thread recomputing three rows
     # above them: against pw_dwconv x 3, dwconv3x3 (c4) and gemm (c5) on whole maps, bit for bit, on maps of
-    # 1-3 images from 1 row (reflect of a single row) up to more rows than the threads' shares have halo
+    # 1-3 images from 1 row (reflect of a single row) up to more rows than the threads' shares have halo; and in
+    # column strips (`strip`, halo 4 on inner sides): from strips as narrow as their halo to one strip that
+    # a width just over `strip` still keeps whole
     wt, dc = _distill_weights(c, c + threads), c // 2
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    cases = [(1, 1, 5, 0), (1, 2, 3, 0), (1, 3, 17, 0), (2, 5, 9, 0), (1, 7, 33, 0), (3, 13, 40, 0), (2, 33, 65, 0),
+             (1, 70, 8, 0), (1, 9, 65, 4), (2, 6, 40, 7), (1, 17, 33, 16), (1, 5, 24, 16), (1, 4, 25, 16),
+             (1, 3, 400, 0)]
     try:
-        for n, h, w in [(1, 1, 5), (1, 2, 3), (1, 3, 17), (2, 5, 9), (1, 7, 33), (3, 13, 40), (2, 33, 65), (1, 70, 8)]:
+        for n, h, w, strip in cases:
             u = torch.randn(n * h * w, c, generator=torch.Generator().manual_seed(h * w))
             distilled, r = torch.zeros(n * h * w, 2 * c), u
             for k in (1, 2, 3):
@@ -724,8 +729,8 @@ def test_distill_chain_gives_the_bits_of_its_separate_passes(c, threads):
             got = torch.full((n * h * w, c), float("nan"))
             ops.distill_chain(u, n, h, w, [wt[f"dr{k}"] for k in (1, 2, 3)], dc, [wt[f"r{k}_dw"] for k in (1, 2, 3)],
                               [wt[f"r{k}_dwb"] for k in (1, 2, 3)], [wt[f"d{k}_b"] for k in (1, 2, 3)], wt["c4_dw"],
-                              wt["c4_b"], wt["c5_wt"], got)
-            assert torch.isfinite(want).all() and torch.equal(got, want), (n, h, w)
+                              wt["c4_b"], wt["c5_wt"], got, strip)
+            assert torch.isfinite(want).all() and torch.equal(got, want), (n, h, w, strip)
     finally:
         torch.set_num_threads(before)
 

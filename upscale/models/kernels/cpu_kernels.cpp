@@ -1020,9 +1020,16 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
 // stage k's row t - k + 1 as stage 1 makes row t, each stage's rows in a ring of four and its GEMM rows in a
 // ring of three, `distilled` rows in a ring of four; the first rows of a share are recomputed from three rows
 // above it (reflect at the image's edges, as the separate passes).
+// A wide map runs as column strips of about `strip` columns (0: kDistillStrip), one after the other: the rings
+// of a full row of a photo's tile (5.6 KB a column) outgrow the L2 cache, and the pass ran 1.21x slower per pixel
+// at 688 columns than at 128. Each strip computes kDistillHalo more columns on each side that is not the map's
+// edge: its four 3x3 convs in a row (r_1..r_3, c4) see a false edge there and spread its error one column each,
+// so the halo's last column is exact again, and only the strip's own columns of z are written.
+constexpr int64_t kDistillStrip = 176, kDistillHalo = 4;
+
 void distill_chain(const Tensor& u, int64_t images, int64_t H, int64_t W, std::vector<Tensor> wpw, int64_t dc,
                    std::vector<Tensor> taps, std::vector<Tensor> dw_bias, std::vector<Tensor> side_bias,
-                   const Tensor& c4_taps, const Tensor& c4_bias, const Tensor& c5_wt, Tensor z) {
+                   const Tensor& c4_taps, const Tensor& c4_bias, const Tensor& c5_wt, Tensor z, int64_t strip) {
   check_map(u, "u");
   check_map(z, "z");
   const int64_t C = u.size(1), ldu = u.stride(0), ldd = 4 * dc, ldz = z.stride(0);
@@ -1038,75 +1045,85 @@ void distill_chain(const Tensor& u, int64_t images, int64_t H, int64_t W, std::v
                     taps[k].size(1) >= C + kLanes,
                 "distill_chain weights");
   TORCH_CHECK(c4_taps.is_contiguous() && c4_taps.size(0) == 9 && c4_taps.size(1) >= C + kLanes, "c4 taps");
+  TORCH_CHECK(strip >= 0, "distill_chain: strip >= 0");
   const int64_t Cm = wpw[0].size(1);
   TORCH_CHECK(Cm < (1 << 30) && W < (1 << 30) && ldu < (1 << 30), "too large for BLAS int");
   const float* up = u.const_data_ptr<float>();
   float* zp = z.data_ptr<float>();
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
+  // strips of equal width: one where the map is narrow enough that a strip would be mostly halo
+  const int64_t target = strip > 0 ? strip : kDistillStrip;
+  const int64_t strips = W <= target + 2 * kDistillHalo ? 1 : (W + target - 1) / target;
+  const int64_t Wmax = std::min(W, (W + strips - 1) / strips + 2 * kDistillHalo);
   at::parallel_for(0, images * threads, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> gemm_rows(3 * 3 * W * Cm + kLanes, 0.0f);  // per stage: three rows of y
-    std::vector<float> r_rows(3 * 4 * W * C + kLanes, 0.0f);      // per stage: four rows of r_k
-    std::vector<float> d_rows(4 * W * ldd + kLanes, 0.0f);        // four rows of `distilled`
-    const std::vector<float> zero_row((W + 2) * std::max(Cm, C) + kLanes, 0.0f);
+    std::vector<float> gemm_rows(3 * 3 * Wmax * Cm + kLanes, 0.0f);  // per stage: three rows of y
+    std::vector<float> r_rows(3 * 4 * Wmax * C + kLanes, 0.0f);      // per stage: four rows of r_k
+    std::vector<float> d_rows(4 * Wmax * ldd + kLanes, 0.0f);        // four rows of `distilled`
+    const std::vector<float> zero_row((Wmax + 2) * std::max(Cm, C) + kLanes, 0.0f);
     for (int64_t task = first; task < last; ++task) {
       const int64_t img = task / threads, share = task % threads;
       const int64_t a = H * share / threads, b = H * (share + 1) / threads;  // c4 rows of this share
       if (a >= b) continue;
-      int64_t y_held[3][3], r_held[3][4];
-      for (auto& s : y_held) std::fill(s, s + 3, -1);
-      for (auto& s : r_held) std::fill(s, s + 4, -1);
-      auto r_row = [&](int k, int64_t iy) -> float* { return r_rows.data() + (k * 4 + iy % 4) * W * C; };
-      auto d_row = [&](int64_t iy) -> float* { return d_rows.data() + (iy % 4) * W * ldd; };
-      // row iy of stage k's input: u from the map, r_{k-1} from its ring (it must be there)
-      auto input_row = [&](int k, int64_t iy) -> const float* {
-        if (k == 0) return up + (img * H + iy) * W * ldu;
-        TORCH_CHECK(r_held[k - 1][iy % 4] == iy, "distill_chain: row not held");
-        return r_row(k - 1, iy);
-      };
-      auto y_row = [&](int k, int64_t iy) -> const float* {
-        float* dst = gemm_rows.data() + (k * 3 + iy % 3) * W * Cm;
-        if (y_held[k][iy % 3] != iy) {
-          gemm_block(input_row(k, iy), k == 0 ? ldu : C, W, wpw[k].const_data_ptr<float>(), Cm, C, dst, Cm, Cm,
-                     false);
-          y_held[k][iy % 3] = iy;
+      for (int64_t strip_i = 0; strip_i < strips; ++strip_i) {
+        // z's columns [x0, x1), computed over [xs, xs + Ws): the strip is a map of Ws columns from here on
+        const int64_t x0 = W * strip_i / strips, x1 = W * (strip_i + 1) / strips;
+        const int64_t xs = std::max<int64_t>(0, x0 - kDistillHalo), Ws = std::min(W, x1 + kDistillHalo) - xs;
+        int64_t y_held[3][3], r_held[3][4];
+        for (auto& s : y_held) std::fill(s, s + 3, -1);
+        for (auto& s : r_held) std::fill(s, s + 4, -1);
+        auto r_row = [&](int k, int64_t iy) -> float* { return r_rows.data() + (k * 4 + iy % 4) * Ws * C; };
+        auto d_row = [&](int64_t iy) -> float* { return d_rows.data() + (iy % 4) * Ws * ldd; };
+        // row iy of stage k's input: u from the map, r_{k-1} from its ring (it must be there)
+        auto input_row = [&](int k, int64_t iy) -> const float* {
+          if (k == 0) return up + ((img * H + iy) * W + xs) * ldu;
+          TORCH_CHECK(r_held[k - 1][iy % 4] == iy, "distill_chain: row not held");
+          return r_row(k - 1, iy);
+        };
+        auto y_row = [&](int k, int64_t iy) -> const float* {
+          float* dst = gemm_rows.data() + (k * 3 + iy % 3) * Ws * Cm;
+          if (y_held[k][iy % 3] != iy) {
+            gemm_block(input_row(k, iy), k == 0 ? ldu : C, Ws, wpw[k].const_data_ptr<float>(), Cm, C, dst, Cm, Cm,
+                       false);
+            y_held[k][iy % 3] = iy;
+          }
+          return dst;
+        };
+        // stage k's row oy: r_k into its ring; d_k into `distilled` when the row is this share's
+        auto stage = [&](int k, int64_t oy) {
+          const float* src[3];
+          for (int t = 0; t < 3; ++t) src[t] = y_row(k, tap_index(oy, t, 1, H, true)) + dc;
+          const bool own = oy >= a && oy < b;
+          const float* y = y_row(k, oy);
+          DwArgs args{nullptr, taps[k].const_data_ptr<float>(), dw_bias[k].const_data_ptr<float>(),
+                      input_row(k, oy), r_row(k, oy), own ? y : nullptr, side_bias[k].const_data_ptr<float>(),
+                      d_row(oy) + k * dc, zero_row.data(), H, Ws, H, Ws, C, C / 2, own ? dc : 0,
+                      Cm, taps[k].size(1), k == 0 ? ldu : C, C, Cm, ldd, 1, kGelu, 0, true};
+          dw_one_row(args, src);
+          r_held[k][oy % 4] = oy;
+        };
+        auto c4 = [&](int64_t oy) {
+          const float* src[3];
+          for (int t = 0; t < 3; ++t) {
+            const int64_t iy = tap_index(oy, t, 1, H, false);
+            if (iy >= 0) TORCH_CHECK(r_held[2][iy % 4] == iy, "distill_chain: r3 row not held");
+            src[t] = iy < 0 ? nullptr : r_row(2, iy);
+          }
+          DwArgs args{nullptr, c4_taps.const_data_ptr<float>(), c4_bias.const_data_ptr<float>(), nullptr,
+                      d_row(oy) + 3 * dc, nullptr, nullptr, nullptr, zero_row.data(), H, Ws, H, Ws,
+                      C, C / 2, 0, C, c4_taps.size(1), 0, ldd, 0, 0, 1, kGelu, 2, false};
+          dw_one_row(args, src);
+          gemm_block(d_row(oy) + (x0 - xs) * ldd, ldd, x1 - x0, c5_wt.const_data_ptr<float>(), c5_wt.size(1),
+                     2 * C, zp + ((img * H + oy) * W + x0) * ldz, ldz, z.size(1), false);
+        };
+        // stage k (0-based) makes the rows within 3 - k of the share; c4 the share's own
+        for (int64_t t = a - 3; t < b + 3; ++t) {  // the last step makes c4's row b - 1
+          for (int k = 0; k < 3; ++k) {
+            const int64_t oy = t - k;  // a stage runs one row behind the one before it
+            if (oy >= std::max<int64_t>(0, a - 3 + k) && oy < std::min(H, b + 3 - k)) stage(k, oy);
+          }
+          const int64_t oy = t - 3;
+          if (oy >= a && oy < b) c4(oy);
         }
-        return dst;
-      };
-      // stage k's row oy: r_k into its ring; d_k into `distilled` when the row is this share's
-      auto stage = [&](int k, int64_t oy) {
-        const float* src[3];
-        for (int t = 0; t < 3; ++t) src[t] = y_row(k, tap_index(oy, t, 1, H, true)) + dc;
-        const bool own = oy >= a && oy < b;
-        const float* y = y_row(k, oy);
-        DwArgs args{nullptr, taps[k].const_data_ptr<float>(), dw_bias[k].const_data_ptr<float>(), input_row(k, oy),
-                    r_row(k, oy), own ? y : nullptr, side_bias[k].const_data_ptr<float>(),
-                    d_row(oy) + k * dc, zero_row.data(), H, W, H, W, C, C / 2, own ? dc : 0,
-                    Cm, taps[k].size(1), k == 0 ? ldu : C, C, Cm, ldd, 1, kGelu, 0, true};
-        dw_one_row(args, src);
-        r_held[k][oy % 4] = oy;
-      };
-      auto c4 = [&](int64_t oy) {
-        const float* src[3];
-        for (int t = 0; t < 3; ++t) {
-          const int64_t iy = tap_index(oy, t, 1, H, false);
-          if (iy >= 0) TORCH_CHECK(r_held[2][iy % 4] == iy, "distill_chain: r3 row not held");
-          src[t] = iy < 0 ? nullptr : r_row(2, iy);
-        }
-        DwArgs args{nullptr, c4_taps.const_data_ptr<float>(), c4_bias.const_data_ptr<float>(), nullptr,
-                    d_row(oy) + 3 * dc, nullptr, nullptr, nullptr, zero_row.data(), H, W, H, W,
-                    C, C / 2, 0, C, c4_taps.size(1), 0, ldd, 0, 0, 1, kGelu, 2, false};
-        dw_one_row(args, src);
-        gemm_block(d_row(oy), ldd, W, c5_wt.const_data_ptr<float>(), c5_wt.size(1), 2 * C,
-                   zp + (img * H + oy) * W * ldz, ldz, z.size(1), false);
-      };
-      // stage k (0-based) makes the rows within 3 - k of the share; c4 the share's own
-      for (int64_t t = a - 3; t < b + 3; ++t) {  // the last step makes c4's row b - 1
-        for (int k = 0; k < 3; ++k) {
-          const int64_t oy = t - k;  // a stage runs one row behind the one before it
-          if (oy >= std::max<int64_t>(0, a - 3 + k) && oy < std::min(H, b + 3 - k)) stage(k, oy);
-        }
-        const int64_t oy = t - 3;
-        if (oy >= a && oy < b) c4(oy);
       }
     }
   });
@@ -2946,7 +2963,7 @@ TORCH_LIBRARY(upscale_cpu, m) {
         "Tensor? side_out=None, Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=0.0, Tensor? epi_w=None, "
         "Tensor? epi_out=None) -> ()", pw_dwconv);
   m.def("distill_chain(Tensor u, int images, int H, int W, Tensor[] wpw, int dc, Tensor[] taps, Tensor[] dw_bias, "
-        "Tensor[] side_bias, Tensor c4_taps, Tensor c4_bias, Tensor c5_wt, Tensor z) -> ()", distill_chain);
+        "Tensor[] side_bias, Tensor c4_taps, Tensor c4_bias, Tensor c5_wt, Tensor z, int strip=0) -> ()", distill_chain);
   m.def("bias_act", bias_act);
   m.def("gemm(Tensor x, Tensor w, Tensor out, bool accumulate, Tensor? ln_weight=None, Tensor? ln_bias=None, "
         "float ln_eps=0.0) -> ()", gemm);
