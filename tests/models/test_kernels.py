@@ -364,6 +364,53 @@ def test_pw_dwconv_equals_gemm_then_dwconv(n, h, w, cm, off, c, mode, reflect, s
         _close(got_side, want_side, rel=1e-5)
 
 
+@pytest.mark.parametrize("w", [177, 179, 200, 400, 701])
+@pytest.mark.parametrize("mode", [0, 1])
+def test_pw_dwconv_in_column_strips_gives_the_bits_of_gemm_then_dwconv(w, mode):
+    """A map wider than a strip (176 columns; 179 and up are cut) runs strip by strip, each over one more column
+    on each inner side: the same bits as the kernels' GEMM over the whole map, then dwconv3x3 (mode 0 with the
+    residual, GELU and side job, reflect padding; mode 1, the gate, with a LayerNorm prologue and the epilogue
+    GEMM), at 1-3 threads (rows claimed from other threads' shares)."""
+    g = torch.Generator().manual_seed(w + mode)
+    n, h, k = 2, 5, 42
+    c, cm = (42, 64) if mode == 0 else (168, 176)
+    x = torch.randn(n * h * w, k, generator=g)
+    wpw = torch.randn(k, cm, generator=g) / k**0.5
+    taps = kernels.depthwise_taps(torch.randn(c, 1, 3, 3, generator=g))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            if mode == 0:
+                off, side = 21, 21
+                bias, res, side_bias = (torch.randn(c, generator=g), torch.randn(n * h * w, c, generator=g),
+                                        torch.randn(side, generator=g))
+                y = torch.empty(n * h * w, cm)
+                ops.gemm(x, wpw, y, False)
+                want, want_side = torch.empty(n * h * w, c), torch.empty(n * h * w, side)
+                ops.dwconv3x3(y[:, off : off + c], n, h, w, taps, bias, 1, True, res, 1, 0, want, y[:, :side],
+                              side_bias, want_side)
+                got, got_side = torch.full_like(want, float("nan")), torch.full_like(want_side, float("nan"))
+                ops.pw_dwconv(x, n, h, w, wpw, off, taps, bias, True, res, 1, 0, got, side_bias, got_side)
+                assert torch.equal(got, want) and torch.equal(got_side, want_side), (w, threads)
+            else:
+                ln = (torch.randn(k, generator=g), torch.randn(k, generator=g), 1e-5)
+                epi_w = torch.zeros(c // 2, 48)
+                epi_w[:, :k] = torch.randn(c // 2, k, generator=g) / 9
+                y = torch.empty(n * h * w, cm)
+                ops.gemm(x, wpw, y, False, *ln)
+                gated = torch.empty(n * h * w, c // 2)
+                ops.dwconv3x3(y[:, :c], n, h, w, taps, None, 1, False, None, 0, 1, gated)
+                start = torch.randn(n * h * w, k, generator=g)
+                want, got = start.clone(), start.clone()
+                ops.gemm(gated, epi_w, want, True)
+                ops.pw_dwconv(x, n, h, w, wpw, 0, taps, None, False, None, 0, 1, x.new_empty(0, c // 2), None, None,
+                              *ln, epi_w, got)
+                assert torch.equal(got, want), (w, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("n,h,w", [(1, 100, 60), (1, 49, 49), (2, 64, 96), (1, 15, 130)])
 def test_rcca_local_weight_matches_box_statistics(agdn_x4, n, h, w):
     """Local statistics (49 x 49 windows clipped at the border) and conv_du, against layers.box_mean and the

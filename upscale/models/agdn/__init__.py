@@ -41,13 +41,14 @@ class AGDNArchitecture(Architecture):
         # measured on the CPU (tests/test_memory.py), x4, 128x96 -> 256x192, per pixel: 4.5 KB on the eager
         # fast path (CPU without the kernels), 6.6 KB on the straight modules (what runs off the CPU and under
         # autocast: 5.5 KB with bf16); the fused kernels, whole-image forward with its float output, x4 / x2:
-        # 1.08 / 0.96 KB at 256x192, 0.87 / 0.74 KB at 512x384, 1.01 / 0.86 KB at 960x523 (a photo's tile): four
-        # C-wide maps (blocks run in place, v in the map RCCA left free: `_kernel_block`), conv_f's F columns,
-        # MVSA's half-size maps, and the output's 12 s^2 bytes, estimated with a fifth more
+        # 1.05 / 0.88 KB at 256x192, 0.85 / 0.83 KB at 512x384, 0.95 / 0.78 KB at 960x523 (a photo's tile): four
+        # C-wide maps (blocks run in place, v in the map RCCA left free, MVSA's conv_f output and stride-2 maps in
+        # the one RCCA writes after it: `_kernel_block`), the input's copies, and the output's 12 s^2 bytes,
+        # estimated with a fifth more
         if torch.device(device).type != "cpu" or dtype != torch.float32 or not getattr(model, "fast", False):
             return MemoryEstimate(32 * MB, 8 * KB)
         if getattr(model, "use_kernels", False) and kernels.load() is not None:
-            return MemoryEstimate(16 * MB, int(1.2 * (800 + 12 * model.scale**2)))
+            return MemoryEstimate(16 * MB, int(1.2 * (720 + 12 * model.scale**2)))
         return MemoryEstimate(32 * MB, 6 * KB)
 
     def local_forward(self, model, x, placement):

@@ -197,8 +197,8 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
     Scratch buffers are shared by stage, to keep the working set small (at 128 x 128 the separate buffers
     added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed), and
     so is the memory a tile needs, which sets how large tiles may be: "r0" holds z, "r1" RCCA's t (on tiles
-    RCCA's output, z from then on), and v goes to whichever of the two RCCA left free; "cf" holds MVSA's conv_f
-    output (F columns). Four C-wide maps in all with c1's. The distillation's maps never reach memory
+    RCCA's output, z from then on), and v goes to whichever of the two RCCA left free; before RCCA, "r1" holds
+    MVSA's conv_f output and stride-2 maps. Four C-wide maps in all with c1's. The distillation's maps never reach memory
     (`distill_chain`), nor do the attention's q and k (`qkv_gram`), nor RCCA's t on tiles (`rcca_local`)."""
     p, c = u.shape
     dc = c // 2
@@ -241,12 +241,15 @@ def _kernel_attention(ops, bw: dict, attn: SparseAttention, z: torch.Tensor, n: 
 
 def _kernel_mvsa(ops, bw: dict, z: torch.Tensor, n: int, h: int, w: int, placement, ws: _Workspace) -> None:
     """MVSA in place on z (which still lacks c5's bias; the kernel adds it)."""
-    f = bw["cf_b"].shape[0]
+    (p, c), f = z.shape, bw["cf_b"].shape[0]
+    h2, w2 = (h + 1) // 2, (w + 1) // 2
+    # conv_f's output (F columns) and the stride-2 maps (4F at a quarter of the pixels) in the scratch map "r1",
+    # which RCCA writes only after MVSA (grown where the map is too small for both: a map of a few pixels)
+    free = ws("r1", 1, max(p * c, p * f + n * h2 * w2 * 4 * f))[0]
+    cf = free[: p * f].view(p, f)
+    s2 = free[p * f : p * f + n * h2 * w2 * 4 * f].view(n * h2 * w2, 4 * f)
     # [conv_f | conv2_1..conv2_4 pointwise] (conv1 folded in) and the branches' stride-2 depthwise conv in one
     # pass: conv_f's F columns go to `cf`, the other 4F only as three rows per thread
-    cf = ws("cf", z.shape[0], f)
-    h2, w2 = (h + 1) // 2, (w + 1) // 2
-    s2 = z.new_empty(n * h2 * w2, 4 * f)
     ops.mvsa_head(z, n, h, w, bw["mvsa_wt"], f, bw["s2_dw"], bw["s2_dwb"], cf, s2)
     # the coarse maps: pooling, local variance, two BSConvs and a GELU per branch, in one call
     g1 = z.new_empty(n, f, (h2 + 2 - 5) // 3 + 1, (w2 + 2 - 5) // 3 + 1)

@@ -435,7 +435,9 @@ struct DwArgs {
   const float* zero_row;
   int64_t H, W, Ho, Wo, C, G, CS, ldx, ldw, ldr, ldo, lds, ldso, stride, act, mode;
   bool reflect;
-  int64_t side_base = 0;  // pixel index at which `side` points (pw_dwconv: the start of the current row)
+  // the output columns to compute, [x_begin, x_end) (x_end -1: W); a column strip of a wider map computes its own
+  // columns only, with the strip's edges (which are not the map's) one column outside that range
+  int64_t x_begin = 0, x_end = -1;
 };
 
 // U output pixels of one row starting at column ox, finished (epilogue included). Everything it reads from
@@ -483,7 +485,7 @@ ALWAYS_INLINE void dw_pixels(const DwArgs& a, const float* const src[3], int64_t
       for (int u = 0; u < U; ++u)
         for (int64_t c = 0; c < CS; c += kLanes) {
           const int64_t n = std::min(kLanes, CS - c);
-          Vec s = load(side + (p0 + u - a.side_base) * lds + c, n);
+          Vec s = load(side + (p0 + u) * lds + c, n);
           if (side_b) s = s + load(side_b + c, n);
           store(gelu(s), side_o + (p0 + u) * ldso + c, n);
         }
@@ -593,8 +595,9 @@ void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
   for (int k = 0; k < 3; ++k) rows[k] = src[k] ? src[k] : a.zero_row;
   // blocks of kBlock pixels, all channel chunks of a block before the next: the block's three input rows
   // (kBlock x ldx floats each) stay in L1 across the chunks instead of streaming from L2 once per chunk
-  for (int64_t x0 = 0; x0 < W; x0 += kBlock) {
-    const int64_t x1 = std::min(W, x0 + kBlock);
+  const int64_t x_end = a.x_end < 0 ? W : a.x_end;
+  for (int64_t x0 = a.x_begin; x0 < x_end; x0 += kBlock) {
+    const int64_t x1 = std::min(x_end, x0 + kBlock);
     if (a.mode == 0) {
       for (int64_t c = 0; c < a.C; c += kW) with_lanes(a.C - c, [&](const auto& ln) __attribute__((always_inline)) {
         const V bias = a.b ? ln.load(a.b + c) : Simd::zero();
@@ -662,8 +665,8 @@ void dw_row_s1(const DwArgs& a, const float* const src[3], int64_t row) {
     }
   }  // pixel blocks
   if (a.side) {  // side_out = GELU(side_in + side_bias), pointwise
-    for (int64_t x = 0; x < W; ++x) {
-      const float* in = a.side + (p0 + x - a.side_base) * a.lds;
+    for (int64_t x = a.x_begin; x < x_end; ++x) {
+      const float* in = a.side + (p0 + x) * a.lds;
       float* out = a.side_o + (p0 + x) * a.ldso;
       for (int64_t c = 0; c < a.CS; c += kW) {
         const Lanes<false> ln{Simd::mask(a.CS - c)};
@@ -899,9 +902,10 @@ ALWAYS_INLINE void dw_one_row(const DwArgs& args, const float* const src[3], int
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   dw_row_s1(args, src, row);
 #else
-  int64_t ox = 0;
-  for (; ox + 4 <= args.W; ox += 4) dw_pixels<4>(args, src, row, ox);
-  for (; ox < args.W; ++ox) dw_pixels<1>(args, src, row, ox);
+  const int64_t x_end = args.x_end < 0 ? args.W : args.x_end;
+  int64_t ox = args.x_begin;
+  for (; ox + 4 <= x_end; ox += 4) dw_pixels<4>(args, src, row, ox);
+  for (; ox < x_end; ++ox) dw_pixels<1>(args, src, row, ox);
 #endif
 }
 
@@ -913,26 +917,42 @@ struct GemmRowRing {
   RowNorm norm;
   std::vector<float> rows, normed;
   int64_t held[3] = {-1, -1, -1};  // which image row each slot holds
+  int64_t x0 = 0, Wc;              // the columns the rows hold: [x0, x0 + Wc) (a strip), pixels Cm floats apart
   GemmRowRing(const float* xp, int64_t ldx, int64_t H, int64_t W, int64_t Cin, const float* wp, int64_t Cm,
               const RowNorm& norm)
-      : xp(xp), wp(wp), ldx(ldx), H(H), W(W), Cin(Cin), Cm(Cm), norm(norm), rows(3 * W * Cm + kLanes, 0.0f) {
+      : xp(xp), wp(wp), ldx(ldx), H(H), W(W), Cin(Cin), Cm(Cm), norm(norm), rows(3 * W * Cm + kLanes, 0.0f), Wc(W) {
     if (norm) normed.assign(W * Cin, 0.0f);
+  }
+  // hold columns [first, first + width) of the rows from now on (what is held of other columns is dropped)
+  void columns(int64_t first, int64_t width) {
+    if (first == x0 && width == Wc) return;
+    x0 = first, Wc = width;
+    std::fill(held, held + 3, -1);
   }
   const float* row(int64_t img, int64_t iy) {
     const int64_t key = img * H + iy, slot = iy % 3;
-    float* dst = rows.data() + slot * W * Cm;
-    if (held[slot] != key) {  // y row = x row (W x Cin) @ wpw (Cin x Cm)
+    float* dst = rows.data() + slot * Wc * Cm;
+    if (held[slot] != key) {  // y row = x row (Wc x Cin) @ wpw (Cin x Cm)
+      const float* src = xp + (key * W + x0) * ldx;
       if (norm) {
-        norm.apply(xp + key * W * ldx, ldx, W, Cin, normed.data());
-        gemm_block(normed.data(), Cin, W, wp, Cm, Cin, dst, Cm, Cm, false);
+        norm.apply(src, ldx, Wc, Cin, normed.data());
+        gemm_block(normed.data(), Cin, Wc, wp, Cm, Cin, dst, Cm, Cm, false);
       } else {
-        gemm_block(xp + key * W * ldx, ldx, W, wp, Cm, Cin, dst, Cm, Cm, false);
+        gemm_block(src, ldx, Wc, wp, Cm, Cin, dst, Cm, Cm, false);
       }
       held[slot] = key;
     }
     return dst;
   }
 };
+
+// Column strips of a wide map for the row-ring passes (pw_dwconv, distill_chain): a full row's rings outgrow the
+// L2 cache on a photo's tile (pw_dwconv, AGDN's FFN: 136 ns/px at 768 columns, 119 at 176). Strip i of n holds
+// columns [W i / n, W (i + 1) / n); one strip where the map is narrow enough.
+constexpr int64_t kStripColumns = 176;
+inline int64_t column_strips(int64_t W, int64_t target, int64_t halo) {
+  return W <= target + 2 * halo ? 1 : (W + target - 1) / target;
+}
 
 void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tensor& wpw, int64_t conv_off,
                const Tensor& weight, const std::optional<Tensor>& bias, bool reflect,
@@ -985,26 +1005,39 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
   struct Buffers {  // a thread's row buffers besides its ring
     std::vector<float> zero_row, out_row;
   };
-  parallel_rows(images * H, [&] {
+  // a wide map in column strips (`column_strips`), each computed over one more column on each inner side (the
+  // depthwise conv's reach): tasks strip-major, so that a thread's consecutive rows share their ring's rows
+  const int64_t strips = column_strips(W, kStripColumns, 1), rows_all = images * H;
+  parallel_rows(strips * rows_all, [&] {
     auto ring = std::make_shared<GemmRowRing>(xp, ldx, H, W, Cin, wp, Cm, norm);
     auto buf = std::make_shared<Buffers>();
     buf->zero_row.assign((W + 2) * Cm + kLanes, 0.0f);
     if (epi) buf->out_row.assign(W * Co + kLanes, 0.0f);
-    return [&, ring, buf](int64_t row) {
-      const int64_t img = row / H, oy = row % H;
+    return [&, ring, buf](int64_t task) {
+      const int64_t strip = task / rows_all, row = task % rows_all, img = row / H, oy = row % H;
+      // output columns [x0, x1), from the ring's columns [xs, xs + Ws): a map of Ws columns from here on
+      const int64_t x0 = W * strip / strips, x1 = W * (strip + 1) / strips;
+      const int64_t xs = std::max<int64_t>(0, x0 - 1), Ws = std::min(W, x1 + 1) - xs;
+      ring->columns(xs, Ws);
       const float* src[3];
       for (int k = 0; k < 3; ++k) {
         const int64_t iy = tap_index(oy, k, 1, H, reflect);
         src[k] = iy < 0 ? nullptr : ring->row(img, iy) + conv_off;
       }
       DwArgs args = base;
+      args.W = args.Wo = Ws;
+      args.x_begin = x0 - xs, args.x_end = x1 - xs;
       args.zero_row = buf->zero_row.data();
-      args.side = ring->row(img, oy);  // columns [0, side_c) of this row of y
-      args.side_base = row * W;
-      int64_t at = row;  // the output row's index in args.op
-      if (epi) args.op = buf->out_row.data(), args.ldo = Co, at = 0;
-      dw_one_row(args, src, at);
-      if (epi) gemm_block(buf->out_row.data(), Co, W, ew, Cm2, Co, eo + row * W * lde, lde, Ce, true);
+      const int64_t first = row * W + xs;  // the map's pixel at the strip's column 0
+      args.side = ring->row(img, oy);      // columns [0, side_c) of this row of y
+      if (args.side_o) args.side_o += first * args.ldso;
+      if (args.res) args.res += first * args.ldr;
+      if (epi) args.op = buf->out_row.data(), args.ldo = Co;
+      else args.op += first * args.ldo;
+      dw_one_row(args, src, 0);
+      if (epi)
+        gemm_block(buf->out_row.data() + (x0 - xs) * Co, Co, x1 - x0, ew, Cm2, Co, eo + (row * W + x0) * lde, lde,
+                   Ce, true);
     };
   });
 }
@@ -1020,12 +1053,12 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
 // stage k's row t - k + 1 as stage 1 makes row t, each stage's rows in a ring of four and its GEMM rows in a
 // ring of three, `distilled` rows in a ring of four; the first rows of a share are recomputed from three rows
 // above it (reflect at the image's edges, as the separate passes).
-// A wide map runs as column strips of about `strip` columns (0: kDistillStrip), one after the other: the rings
+// A wide map runs as column strips of about `strip` columns (0: kStripColumns), one after the other: the rings
 // of a full row of a photo's tile (5.6 KB a column) outgrow the L2 cache, and the pass ran 1.21x slower per pixel
 // at 688 columns than at 128. Each strip computes kDistillHalo more columns on each side that is not the map's
 // edge: its four 3x3 convs in a row (r_1..r_3, c4) see a false edge there and spread its error one column each,
 // so the halo's last column is exact again, and only the strip's own columns of z are written.
-constexpr int64_t kDistillStrip = 176, kDistillHalo = 4;
+constexpr int64_t kDistillHalo = 4;
 
 void distill_chain(const Tensor& u, int64_t images, int64_t H, int64_t W, std::vector<Tensor> wpw, int64_t dc,
                    std::vector<Tensor> taps, std::vector<Tensor> dw_bias, std::vector<Tensor> side_bias,
@@ -1052,8 +1085,7 @@ void distill_chain(const Tensor& u, int64_t images, int64_t H, int64_t W, std::v
   float* zp = z.data_ptr<float>();
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
   // strips of equal width: one where the map is narrow enough that a strip would be mostly halo
-  const int64_t target = strip > 0 ? strip : kDistillStrip;
-  const int64_t strips = W <= target + 2 * kDistillHalo ? 1 : (W + target - 1) / target;
+  const int64_t strips = column_strips(W, strip > 0 ? strip : kStripColumns, kDistillHalo);
   const int64_t Wmax = std::min(W, (W + strips - 1) / strips + 2 * kDistillHalo);
   at::parallel_for(0, images * threads, 1, [&](int64_t first, int64_t last) {
     std::vector<float> gemm_rows(3 * 3 * Wmax * Cm + kLanes, 0.0f);  // per stage: three rows of y
