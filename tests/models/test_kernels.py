@@ -787,7 +787,7 @@ def test_distill_chain_gives_the_bits_of_its_separate_passes(c, threads):
 def test_qkv_gram_gives_the_bits_of_pw_dwconv_then_cell_gram(c, heads, threads):
     # q|k|v made and summed unit by unit in a thread's buffer: against the qkv map of pw_dwconv and cell_gram
     # on it, bit for bit, with and without the LayerNorm, on 1-3 images, maps narrower and shorter than a cell
-    # or a unit (16 rows), and a photo tile's cells (placement)
+    # or a unit (16 rows), wider than a column strip, and a photo tile's cells (placement)
     g = torch.Generator().manual_seed(c * threads)
     wm = kernels.pad_columns(torch.randn(c, 3 * c, generator=g) / c**0.5)
     taps = kernels.depthwise_taps(torch.randn(3 * c, 1, 3, 3, generator=g) / 3)
@@ -796,7 +796,9 @@ def test_qkv_gram_gives_the_bits_of_pw_dwconv_then_cell_gram(c, heads, threads):
     torch.set_num_threads(threads)
     try:
         for n, h, w, placement in [(1, 1, 5, None), (1, 3, 17, None), (2, 17, 9, None), (3, 40, 33, None),
-                                   (1, 50, 61, None), (2, 70, 8, None), (1, 64, 56, Placement((300, 200), (48, 96)))]:
+                                   (1, 50, 61, None), (2, 70, 8, None), (1, 64, 56, Placement((300, 200), (48, 96))),
+                                   # wider than a column strip (176): cut where a cell ends
+                                   (2, 9, 190, None), (1, 20, 400, None), (1, 18, 700, Placement((300, 1400), (48, 96)))]:
             x = torch.randn(n * h * w, c, generator=g)
             ry, row_seg, cx, col_seg, _, _ = fast._cell_layout(48, h, w, placement)
             cells = (n, len(ry), len(cx))

@@ -2126,10 +2126,11 @@ struct GramUnits {
     partial = buffer.data();  // (the worker threads must not name the thread_local)
   }
   int64_t count() const { return static_cast<int64_t>(first_row.size()) - 1; }
-  // unit u's sums, zeroed
-  float* fresh(int64_t u) const {
+  // unit u's sums, zeroed (only cells [first_cell, end_cell) of its band: a column strip's)
+  float* fresh(int64_t u, int64_t first_cell = 0, int64_t end_cell = -1) const {
     float* band = partial + u * band_size;
-    std::fill_n(band, band_size, 0.0f);
+    if (end_cell < 0) end_cell = nx;
+    std::fill(band + first_cell * cell_size, band + end_cell * cell_size, 0.0f);
     return band;
   }
   // per cell, the sums of its band's units in unit order (a fixed order of the additions) into gram (cells, C,
@@ -2226,19 +2227,35 @@ void qkv_gram(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tenso
                        2 * C, C, 0, Cm, weight.size(1), 0, 2 * C, Cm, 0, 1, kNone, 0, false};
   DwArgs v_args = qk_args;
   v_args.wp = taps + 2 * C, v_args.C = C, v_args.G = C / 2, v_args.op = vp, v_args.ldo = ldv;
-  struct Buffers {  // a thread's zero row (padding) and its unit's q|k rows
+  // a wide map in column strips (as pw_dwconv) cut where a cell ends, so that each cell's sums are made as over
+  // the whole row, in the same blocks and order; tasks strip-major, so that a thread's consecutive units share
+  // their ring's rows
+  std::vector<int64_t> cuts{0};
+  if (column_strips(W, kStripColumns, 1) > 1)
+    for (int64_t x = 1; x < W; ++x)
+      if (cs[x] != cs[x - 1] && x - cuts.back() >= kStripColumns && W - x >= kStripColumns / 2) cuts.push_back(x);
+  cuts.push_back(W);
+  const int64_t strips = static_cast<int64_t>(cuts.size()) - 1, unit_count = units.count();
+  struct Buffers {  // a thread's zero row (padding) and its unit's q|k rows (one pixel of slack before them)
     std::vector<float> zero_row, unit;
   };
-  parallel_rows(units.count(), [&] {
+  parallel_rows(strips * unit_count, [&] {
     auto ring = std::make_shared<GemmRowRing>(xp, ldx, H, W, Cin, wp, Cm, norm);
     auto buf = std::make_shared<Buffers>();
     buf->zero_row.assign((W + 2) * Cm + kLanes, 0.0f);
-    buf->unit.assign(GramUnits::kUnitRows * W * 2 * C + kLanes, 0.0f);
-    return [&, ring, buf](int64_t u) {
+    buf->unit.assign(GramUnits::kUnitRows * W * 2 * C + 2 * C + kLanes, 0.0f);
+    return [&, ring, buf](int64_t task) {
+      const int64_t strip = task / unit_count, u = task % unit_count;
       const int64_t first = units.first_row[u], rows = units.first_row[u + 1] - first;
+      // columns [xa, xb), from the ring's [xs, xs + Ws); the unit's q|k rows (xb - xa pixels each) at `unit`
+      const int64_t xa = cuts[strip], xb = cuts[strip + 1];
+      const int64_t xs = std::max<int64_t>(0, xa - 1), Ws = std::min(W, xb + 1) - xs;
+      ring->columns(xs, Ws);
+      float* unit = buf->unit.data() + 2 * C;
       DwArgs qk = qk_args, v = v_args;
       qk.zero_row = v.zero_row = buf->zero_row.data();
-      qk.op = buf->unit.data();
+      qk.W = qk.Wo = v.W = v.Wo = Ws;
+      qk.x_begin = v.x_begin = xa - xs, qk.x_end = v.x_end = xb - xs;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t img = (first + r) / H, oy = (first + r) % H;
         const float *src[3], *v_src[3];
@@ -2247,12 +2264,14 @@ void qkv_gram(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tenso
           src[k] = iy < 0 ? nullptr : ring->row(img, iy);
           v_src[k] = src[k] ? src[k] + 2 * C : nullptr;
         }
-        dw_one_row(qk, src, r);
-        dw_one_row(v, v_src, first + r);
+        qk.op = unit + (r * (xb - xa) - (xa - xs)) * 2 * C;  // the strip's column xa at the row's start
+        v.op = vp + ((first + r) * W + xs) * ldv;
+        dw_one_row(qk, src, 0);
+        dw_one_row(v, v_src, 0);
       }
       // the unit's rows as a map of `rows` rows starting at its first: gram_rows' blocks and order as cell_gram's
-      gram_rows(buf->unit.data(), 2 * C, CellLayout{rows, W, 0}, C, units.Cp, heads, cs, units.cell_size,
-                units.fresh(u), 0, rows);
+      gram_rows(unit, 2 * C, CellLayout{rows, xb - xa, 0}, C, units.Cp, heads, cs + xa, units.cell_size,
+                units.fresh(u, cs[xa], cs[xb - 1] + 1), 0, rows);
     };
   });
   units.reduce(images * ny * nx, gram.data_ptr<float>(), sq.data_ptr<float>());
