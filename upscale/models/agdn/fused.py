@@ -243,18 +243,20 @@ def _kernel_mvsa(ops, bw: dict, z: torch.Tensor, n: int, h: int, w: int, placeme
     """MVSA in place on z (which still lacks c5's bias; the kernel adds it)."""
     (p, c), f = z.shape, bw["cf_b"].shape[0]
     h2, w2 = (h + 1) // 2, (w + 1) // 2
-    # conv_f's output (F columns) and the stride-2 maps (4F at a quarter of the pixels) in the scratch map "r1",
-    # which RCCA writes only after MVSA (grown where the map is too small for both: a map of a few pixels)
-    free = ws("r1", 1, max(p * c, p * f + n * h2 * w2 * 4 * f))[0]
+    # conv_f's output (F columns), the stride-2 maps (4F at a quarter of the pixels) and their planes for the
+    # coarse branch in the scratch map "r1", which RCCA writes only after MVSA (grown where the map is too small
+    # for them: a map of a few pixels)
+    p2 = n * h2 * w2 * 4 * f
+    free = ws("r1", 1, max(p * c, p * f + 2 * p2))[0]
     cf = free[: p * f].view(p, f)
-    s2 = free[p * f : p * f + n * h2 * w2 * 4 * f].view(n * h2 * w2, 4 * f)
+    s2 = free[p * f : p * f + p2].view(n * h2 * w2, 4 * f)
     # [conv_f | conv2_1..conv2_4 pointwise] (conv1 folded in) and the branches' stride-2 depthwise conv in one
     # pass: conv_f's F columns go to `cf`, the other 4F only as three rows per thread
     ops.mvsa_head(z, n, h, w, bw["mvsa_wt"], f, bw["s2_dw"], bw["s2_dwb"], cf, s2)
     # the coarse maps: pooling, local variance, two BSConvs and a GELU per branch, in one call
     g1 = z.new_empty(n, f, (h2 + 2 - 5) // 3 + 1, (w2 + 2 - 5) // 3 + 1)
     g2 = z.new_empty(n, f, (h2 + 2 - 7) // 3 + 1, (w2 + 2 - 7) // 3 + 1)
-    ops.mvsa_coarse(s2, n, h2, w2, bw["coarse"], g1, g2)
+    ops.mvsa_coarse(s2, n, h2, w2, bw["coarse"], g1, g2, free[p * f + p2 : p * f + 2 * p2])
     index, lam = _mvsa_sampling(h, w, (tuple(g1.shape[-2:]), tuple(g2.shape[-2:])), placement)
     ops.mvsa_tail(z, n, h, w, cf, bw["cf_b"], g1, g2, index, lam, bw["w4"], bw["b4"], bw["z_bias"])
 
