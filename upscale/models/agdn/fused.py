@@ -147,7 +147,7 @@ def _kernel_forward(model: nn.Module, ops, x: torch.Tensor, placement: Placement
     ops.bias_act(acc, kw["c1_b"], 1, acc)
     t, pw = ws("r1", p, c), ws("r0", p, c)
     ops.gemm(acc, kw["c2_wt"], pw, False)
-    # again (cheaper than keeping a map through the blocks), into c1's map, which that GEMM was its last reader
+    # again (cheaper than keeping a map through the blocks), into c1's map: that GEMM was its last reader
     f0 = _kernel_head(ops, kw, x, acc)
     ops.dwconv3x3(pw, n, h, w, kw["c2_dw"], kw["c2_dwb"], 1, True, f0, 0, 0, t)
     return _kernel_tail(model, ops, kw, t, n, h, w)
@@ -198,8 +198,9 @@ def _kernel_block(ops, bw: dict, blk: "AGDB", u: torch.Tensor, n: int, h: int, w
     added up to 73 MB, more than the caches hold, and every op ran from main memory at about half speed), and
     so is the memory a tile needs, which sets how large tiles may be: "r0" holds z, "r1" RCCA's t (on tiles
     RCCA's output, z from then on), and v goes to whichever of the two RCCA left free; before RCCA, "r1" holds
-    MVSA's conv_f output and stride-2 maps. Four C-wide maps in all with c1's. The distillation's maps never reach memory
-    (`distill_chain`), nor do the attention's q and k (`qkv_gram`), nor RCCA's t on tiles (`rcca_local`)."""
+    MVSA's conv_f output and stride-2 maps. Four C-wide maps in all with c1's. The distillation's maps never
+    reach memory (`distill_chain`), nor do the attention's q and k (`qkv_gram`), nor RCCA's t on tiles
+    (`rcca_local`)."""
     p, c = u.shape
     dc = c // 2
     # per k, one GEMM for [c{k}_d | c{k}_r pointwise]; r_k = GELU(dw(pw) + bias + r_{k-1}) and d_k = GELU(c{k}_d +
