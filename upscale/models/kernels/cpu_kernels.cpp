@@ -953,6 +953,17 @@ constexpr int64_t kStripColumns = 176;
 inline int64_t column_strips(int64_t W, int64_t target, int64_t halo) {
   return W <= target + 2 * halo ? 1 : (W + target - 1) / target;
 }
+// A strip's columns [x0, x1) of a map W wide, and the columns it is computed over: [xs, xs + Ws), `halo` more on
+// each side that is not the map's edge
+struct ColumnSpan {
+  int64_t x0, x1, xs, Ws;
+  ColumnSpan(int64_t x0, int64_t x1, int64_t W, int64_t halo)
+      : x0(x0), x1(x1), xs(std::max<int64_t>(0, x0 - halo)), Ws(std::min(W, x1 + halo) - xs) {}
+  // strip i of n equal ones
+  static ColumnSpan nth(int64_t i, int64_t n, int64_t W, int64_t halo) {
+    return ColumnSpan(W * i / n, W * (i + 1) / n, W, halo);
+  }
+};
 
 void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tensor& wpw, int64_t conv_off,
                const Tensor& weight, const std::optional<Tensor>& bias, bool reflect,
@@ -1016,8 +1027,8 @@ void pw_dwconv(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tens
     return [&, ring, buf](int64_t task) {
       const int64_t strip = task / rows_all, row = task % rows_all, img = row / H, oy = row % H;
       // output columns [x0, x1), from the ring's columns [xs, xs + Ws): a map of Ws columns from here on
-      const int64_t x0 = W * strip / strips, x1 = W * (strip + 1) / strips;
-      const int64_t xs = std::max<int64_t>(0, x0 - 1), Ws = std::min(W, x1 + 1) - xs;
+      const ColumnSpan span = ColumnSpan::nth(strip, strips, W, 1);
+      const int64_t x0 = span.x0, x1 = span.x1, xs = span.xs, Ws = span.Ws;
       ring->columns(xs, Ws);
       const float* src[3];
       for (int k = 0; k < 3; ++k) {
@@ -1098,8 +1109,8 @@ void distill_chain(const Tensor& u, int64_t images, int64_t H, int64_t W, std::v
       if (a >= b) continue;
       for (int64_t strip_i = 0; strip_i < strips; ++strip_i) {
         // z's columns [x0, x1), computed over [xs, xs + Ws): the strip is a map of Ws columns from here on
-        const int64_t x0 = W * strip_i / strips, x1 = W * (strip_i + 1) / strips;
-        const int64_t xs = std::max<int64_t>(0, x0 - kDistillHalo), Ws = std::min(W, x1 + kDistillHalo) - xs;
+        const ColumnSpan span = ColumnSpan::nth(strip_i, strips, W, kDistillHalo);
+        const int64_t x0 = span.x0, x1 = span.x1, xs = span.xs, Ws = span.Ws;
         int64_t y_held[3][3], r_held[3][4];
         for (auto& s : y_held) std::fill(s, s + 3, -1);
         for (auto& s : r_held) std::fill(s, s + 4, -1);
@@ -2248,8 +2259,8 @@ void qkv_gram(const Tensor& x, int64_t images, int64_t H, int64_t W, const Tenso
       const int64_t strip = task / unit_count, u = task % unit_count;
       const int64_t first = units.first_row[u], rows = units.first_row[u + 1] - first;
       // columns [xa, xb), from the ring's [xs, xs + Ws); the unit's q|k rows (xb - xa pixels each) at `unit`
-      const int64_t xa = cuts[strip], xb = cuts[strip + 1];
-      const int64_t xs = std::max<int64_t>(0, xa - 1), Ws = std::min(W, xb + 1) - xs;
+      const ColumnSpan span(cuts[strip], cuts[strip + 1], W, 1);
+      const int64_t xa = span.x0, xb = span.x1, xs = span.xs, Ws = span.Ws;
       ring->columns(xs, Ws);
       float* unit = buf->unit.data() + 2 * C;
       DwArgs qk = qk_args, v = v_args;
